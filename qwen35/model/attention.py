@@ -1,0 +1,48 @@
+"""Gated full attention: GQA softmax attention with per-head q/k RMSNorm, partial M-RoPE and an output gate.
+
+q_proj produces, per head, [query | gate] side by side (2 · head_dim rows per head); the attention output is
+multiplied by sigmoid(gate) before o_proj.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import TextConfig
+from .context import ForwardContext
+from .norm import RMSNorm
+from .rope import apply_rotary
+
+
+class GatedAttention(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        h, bias = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim * 2, bias=bias)
+        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=bias)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, gate = self.q_proj(x).view(B, T, self.n_heads, 2 * self.head_dim).chunk(2, dim=-1)
+        q = self.q_norm(q)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.head_dim))
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+        cos, sin = ctx.rope
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, d]
+        if ctx.cache is not None:
+            k, v = ctx.cache.append_kv(self.layer_idx, k, v)
+        mask = ctx.attention_mask(k.shape[2])
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           scale=self.head_dim ** -0.5, enable_gqa=self.n_kv != self.n_heads)
+        o = o.transpose(1, 2).reshape(B, T, -1)
+        return self.o_proj(o * torch.sigmoid(gate.reshape(B, T, -1)))

@@ -1,0 +1,85 @@
+"""The Gated DeltaNet layer: projections, short causal convolution, gates, the delta rule, gated norm.
+
+    [q|k|v] = SiLU(causal depthwise conv1d(in_proj_qkv x))      (kernel 4, no bias)
+    z = in_proj_z x,   β = sigmoid(in_proj_b x),   g = −exp(A_log) · softplus(in_proj_a x + dt_bias)   (fp32)
+    o = gated delta rule(q, k, v, g, β)                            (q, k L2-normalised inside)
+    y = out_proj( w ⊙ RMSNorm(o) ⊙ SiLU(z) )                       (per value head)
+
+The layer keeps no state: the conv window (last K−1 pre-activation inputs) and the fp32 recurrent state
+come from and go back to the cache.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import TextConfig
+from .context import ForwardContext
+from .gated_delta_rule import gated_delta_rule_chunked, gated_delta_rule_recurrent
+from .norm import GatedRMSNorm
+
+
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, window: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Depthwise causal conv + SiLU. x [B, C, T], weight [C, 1, K], window [B, C, K-1] (None = zeros).
+
+    Returns the activations [B, C, T] and the new window (the last K-1 inputs, history included).
+    """
+    K = weight.shape[-1]
+    if window is None:
+        window = x.new_zeros(x.shape[0], x.shape[1], K - 1)
+    full = torch.cat([window.to(x.dtype), x], dim=-1)
+    if x.shape[-1] == 1:  # decode: one dot product per channel beats conv1d's setup cost
+        y = (full * weight[:, 0, :]).sum(-1, keepdim=True)
+    else:
+        y = F.conv1d(full, weight, groups=x.shape[1])
+    return F.silu(y), full[..., full.shape[-1] - (K - 1):]
+
+
+class GatedDeltaNet(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_k, self.n_v = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+        self.dk, self.dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        self.key_dim, self.value_dim = cfg.linear_key_dim, cfg.linear_value_dim
+        conv_dim = cfg.linear_conv_dim
+        h = cfg.hidden_size
+        self.in_proj_qkv = nn.Linear(h, conv_dim, bias=False)
+        self.in_proj_z = nn.Linear(h, self.value_dim, bias=False)
+        self.in_proj_b = nn.Linear(h, self.n_v, bias=False)
+        self.in_proj_a = nn.Linear(h, self.n_v, bias=False)
+        self.conv1d = nn.Conv1d(conv_dim, conv_dim, cfg.linear_conv_kernel_dim, groups=conv_dim, bias=False,
+                                padding=cfg.linear_conv_kernel_dim - 1)
+        self.A_log = nn.Parameter(torch.log(torch.empty(self.n_v).uniform_(0.01, 16)))
+        self.dt_bias = nn.Parameter(torch.ones(self.n_v))
+        self.norm = GatedRMSNorm(self.dv, cfg.rms_norm_eps)
+        self.out_proj = nn.Linear(self.value_dim, h, bias=False)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        B, T, _ = x.shape
+        valid = ctx.token_mask  # [B, T] or None; padded steps must neither write nor decay the state
+        if valid is not None:
+            x = x * valid[..., None].to(x.dtype)
+        window, state = ctx.cache.linear_state(self.layer_idx) if ctx.cache is not None else (None, None)
+
+        qkv, window = causal_conv1d(self.in_proj_qkv(x).transpose(1, 2), self.conv1d.weight, window)
+        q, k, v = qkv.transpose(1, 2).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        q = q.reshape(B, T, self.n_k, self.dk)
+        k = k.reshape(B, T, self.n_k, self.dk)
+        v = v.reshape(B, T, self.n_v, self.dv)
+        beta = torch.sigmoid(self.in_proj_b(x)).float()
+        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias.float())
+        if valid is not None:
+            beta, g = beta * valid[..., None], g * valid[..., None]
+
+        rule = gated_delta_rule_recurrent if T == 1 else gated_delta_rule_chunked
+        o, state = rule(q, k, v, g, beta, state)
+        if ctx.cache is not None:
+            ctx.cache.set_linear_state(self.layer_idx, window, state)
+
+        z = self.in_proj_z(x).view(B, T, self.n_v, self.dv)
+        o = self.norm(o, z).reshape(B, T, self.value_dim)
+        return self.out_proj(o)

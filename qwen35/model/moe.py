@@ -1,0 +1,94 @@
+"""Feed-forward blocks: the dense SwiGLU MLP and the sparse mixture of experts.
+
+MoE: router logits x Wᵀ, softmax over *all* experts in fp32, top-k, renormalised over the k; each chosen
+expert is a SwiGLU; a shared SwiGLU expert is added, scaled by sigmoid(shared_expert_gate x).  Experts are
+stored fused as in official checkpoints: gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I].
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import TextConfig
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Routing(NamedTuple):
+    logits: torch.Tensor  # [N, E] router logits (activation dtype), kept for the balance loss
+    weights: torch.Tensor  # [N, k] renormalised top-k probabilities, activation dtype
+    experts: torch.Tensor  # [N, k] expert ids
+
+
+class Router(nn.Module):
+    def __init__(self, hidden: int, n_experts: int, top_k: int) -> None:
+        super().__init__()
+        self.top_k = top_k
+        self.weight = nn.Parameter(torch.zeros(n_experts, hidden))
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        logits = F.linear(x, self.weight)
+        probs = torch.softmax(logits.float(), dim=-1)
+        top, idx = probs.topk(self.top_k, dim=-1)
+        top = top / top.sum(-1, keepdim=True)
+        return Routing(logits, top.to(logits.dtype), idx)
+
+
+class Experts(nn.Module):
+    def __init__(self, n_experts: int, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.n_experts, self.intermediate = n_experts, intermediate
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * intermediate, hidden))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, intermediate))
+        nn.init.normal_(self.gate_up_proj, std=0.02)
+        nn.init.normal_(self.down_proj, std=0.02)
+
+    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """x [N, H]. Tokens are grouped by expert so each chosen expert runs one matmul over its tokens."""
+        out = torch.zeros_like(x)
+        flat = routing.experts.reshape(-1)
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
+        token_of = order // routing.experts.shape[1]
+        weight_of = routing.weights.reshape(-1)[order]
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            tok = token_of[start:start + n]
+            gate, up = F.linear(x[tok], self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.down_proj[e]) * weight_of[start:start + n, None]
+            out.index_add_(0, tok, y.to(out.dtype))
+            start += n
+        return out
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        h = cfg.hidden_size
+        self.gate = Router(h, cfg.num_experts, cfg.num_experts_per_tok)
+        self.experts = Experts(cfg.num_experts, h, cfg.moe_intermediate_size)
+        self.shared_expert = MLP(h, cfg.shared_expert_intermediate_size)
+        self.shared_expert_gate = nn.Linear(h, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the output and the router logits [N, E] (for the load-balancing loss)."""
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        routing = self.gate(x)
+        y = self.experts(x, routing) + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return y.reshape(shape), routing.logits
