@@ -13,13 +13,14 @@ into its final place in the target dtype, so loading never holds two full copies
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import ConfigError, ModelConfig, load_config
@@ -37,6 +38,107 @@ PROGRESS_BYTES = 256 * 1024 ** 2
 
 class CheckpointError(ValueError):
     """A checkpoint folder that cannot be loaded; the message names the file or tensor."""
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+class SafetensorsFile:
+    """A memory-mapped .safetensors file whose pages are given back after each tensor is copied out.
+
+    The safetensors library keeps every page it touched resident until the file is closed, so a load would
+    peak at (file + weights).  Here each tensor is a zero-copy view of the mapping, and ``release`` drops its
+    pages once it has been copied into the model, so the peak stays near the weights alone.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: too short to be a safetensors file (truncated?)")
+            n = int.from_bytes(head, "little")
+            if n <= 0 or 8 + n > size:
+                raise CheckpointError(f"{path}: header length {n} does not fit a {size}-byte file; the file is "
+                                      "truncated or not safetensors")
+            try:
+                header = json.loads(f.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{path}: unreadable safetensors header ({e})") from None
+        header.pop("__metadata__", None)
+        self.base = 8 + n
+        self.entries: dict[str, tuple[str, list[int], int, int]] = {}
+        for name, e in header.items():
+            try:
+                dtype, shape, (start, end) = e["dtype"], list(e["shape"]), e["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{path}: malformed header entry for tensor {name}") from None
+            if dtype not in _ST_DTYPES:
+                raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype}")
+            if self.base + end > size:
+                raise CheckpointError(f"{path}: tensor {name} ends at byte {self.base + end} but the file has "
+                                      f"{size} bytes; the file is truncated")
+            self.entries[name] = (dtype, shape, start, end)
+        self._map = None
+        if size:
+            fd = os.open(path, os.O_RDONLY)
+            try:  # a private mapping is writable for torch.frombuffer, and nothing is ever written to it
+                self._map = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+            finally:
+                os.close(fd)
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, name: str) -> list[int]:
+        return self.entries[name][1]
+
+    def nbytes(self, name: str) -> int:
+        _, _, start, end = self.entries[name]
+        return end - start
+
+    def is_float8(self, name: str) -> bool:
+        return self.entries[name][0].startswith("F8")
+
+    def tensor(self, name: str) -> torch.Tensor:
+        dtype, shape, start, end = self.entries[name]
+        if end == start:
+            return torch.empty(shape, dtype=_ST_DTYPES[dtype])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            flat = torch.frombuffer(self._map, dtype=_ST_DTYPES[dtype], count=(end - start) // _ST_DTYPES[dtype].itemsize,
+                                    offset=self.base + start)
+        return flat.view(shape)
+
+    def copy_into(self, name: str, dst: torch.Tensor, src: torch.Tensor, step_bytes: int = 32 * 1024 ** 2) -> None:
+        """dst.copy_(src) in slabs of leading rows, giving each slab's file pages back once copied, so that a
+        large tensor (the embedding) never sits in memory twice.  ``src`` is this file's view of ``name`` or a
+        tensor derived from it (dequantised FP8), in which case it is copied whole."""
+        _, _, start, end = self.entries[name]
+        if src.dim() == 0 or src.data_ptr() != self.tensor(name).data_ptr():
+            dst.copy_(src)
+            self._release(start, end)
+            return
+        rows = src.shape[0]
+        row_bytes = max(1, (end - start) // max(rows, 1))
+        step = max(1, step_bytes // row_bytes)
+        for r in range(0, rows, step):
+            r1 = min(rows, r + step)
+            dst[r:r1].copy_(src[r:r1])
+            self._release(start + r * row_bytes, start + r1 * row_bytes)
+
+    def _release(self, start: int, end: int) -> None:
+        """Give pages of the byte range back to the OS (they are re-read from disk if touched again)."""
+        if self._map is None or not hasattr(self._map, "madvise"):
+            return
+        page = mmap.PAGESIZE
+        lo = (self.base + start) // page * page
+        hi = (self.base + end) // page * page  # a partial last page may still hold the next tensor's bytes
+        if hi > lo:
+            self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, default: torch.dtype = torch.bfloat16) -> torch.dtype:
@@ -77,17 +179,9 @@ def weight_files(folder: Path) -> dict[str, Path]:
         raise CheckpointError(f"{folder}: no model.safetensors, no model.safetensors.index.json")
     files: dict[str, Path] = {}
     for shard in shards:
-        for name in _open(shard).keys():
+        for name in SafetensorsFile(shard).keys():
             files[name] = shard
     return files
-
-
-def _open(path: Path):
-    try:
-        return safe_open(str(path), framework="pt")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot be read as safetensors ({e}); the file may be truncated or "
-                              "corrupt") from None
 
 
 def canonical_name(name: str) -> str:
@@ -148,13 +242,13 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype | None = "auto"
         block = tuple(quant.weight_block_size)
 
     files = weight_files(folder)
-    handles = {f: _open(f) for f in sorted(set(files.values()))}
-    stored = {name: handles[f].get_slice(name) for name, f in files.items() if name in set(handles[f].keys())}
+    handles = {f: SafetensorsFile(f) for f in sorted(set(files.values()))}
     for name, f in files.items():
-        if name not in stored:
+        if name not in handles[f].entries:
             raise CheckpointError(f"tensor {name} is listed in the index but missing from {f.name}")
+    stored = {name: handles[f] for name, f in files.items()}
 
-    on_disk = {s.get_dtype() for s in stored.values()}
+    on_disk = {h.entries[n][0] for n, h in stored.items()}
     auto = torch.float32 if on_disk <= {"F32", "F64"} else torch.bfloat16
     target = resolve_dtype(dtype, auto)
 
@@ -168,8 +262,6 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype | None = "auto"
         p.requires_grad_(False)
         if name.endswith(KEEP_FP32):
             p.data = p.data.float()
-    model.to_empty(device=device)
-    expected = _expected_params(model)  # to_empty made new parameter objects
 
     # plan: checkpoint name -> (param name, expert index or None, part)
     plan: dict[str, tuple[str, int | None, str]] = {}
@@ -239,13 +331,13 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype | None = "auto"
     I, H = cfg.moe_intermediate_size, cfg.hidden_size
     part_shape = {"gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
     for name, (pname, e, part) in plan.items():
-        shape = tuple(stored[name].get_shape())
+        shape = tuple(stored[name].shape(name))
         want = tuple(expected[pname].shape) if e is None else part_shape[part]
         if shape != want:
             raise CheckpointError(f"tensor {name} in {files[name].name} has shape {list(shape)}, expected "
                                   f"{list(want)} from config.json")
 
-    total = sum(_nbytes(stored[n]) for n in plan)
+    total = sum(stored[n].nbytes(n) for n in plan)
     show = progress if progress is not None else total >= PROGRESS_BYTES
     bar = None
     if show:
@@ -253,47 +345,42 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype | None = "auto"
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {folder.name}", leave=False)
     with torch.no_grad():
         for name, (pname, e, part) in plan.items():
-            t = _read(handles[files[name]], name, files[name])
-            if name in scales or _scale_name(name) in stored:
-                sname = _scale_name(name)
-                t = dequantize_block_fp8(t, _read(handles[files[sname]], sname, files[sname]), block, target)
+            t = stored[name].tensor(name)
+            sname = name + "_scale_inv"
+            if sname in stored:
+                t = dequantize_block_fp8(t, stored[sname].tensor(sname), block, target)
+            elif stored[name].is_float8(name):
+                raise CheckpointError(f"tensor {name} is float8 but has no {sname}")
             dst = expected[pname]
-            if e is None:
-                dst.copy_(t)
-            elif part == "gate_proj":
-                dst[e, :I].copy_(t)
-            elif part == "up_proj":
-                dst[e, I:].copy_(t)
-            else:
-                dst[e].copy_(t)
+            if dst.is_meta:  # first tensor for this parameter: give it memory, filled exactly once below
+                dst = _materialize(model, pname, dst, device)
+                expected[pname] = dst
+            if e is not None:
+                dst = dst[e, :I] if part == "gate_proj" else dst[e, I:] if part == "up_proj" else dst[e]
+            stored[name].copy_into(name, dst, t)
             if bar is not None:
-                bar.update(_nbytes(stored[name]))
-        model.extra_tensors = {n: _read(handles[files[n]], n, files[n]) for n in extras}
+                bar.update(stored[name].nbytes(name))
+        model.extra_tensors = {n: stored[n].tensor(n).clone() for n in extras}
     if bar is not None:
         bar.close()
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.eval()
+    leftover = [n for n, p in model.named_parameters() if p.is_meta]
+    if leftover:  # cannot happen when the coverage check above passed; guard against silent garbage
+        raise CheckpointError(f"{folder}: no data was loaded for {', '.join(leftover[:5])}")
     return model
 
 
-def _scale_name(name: str) -> str:
-    return name + "_scale_inv"
 
 
-def _nbytes(sl) -> int:
-    n = 1
-    for s in sl.get_shape():
-        n *= s
-    size = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "F16": 2, "BF16": 2}.get(sl.get_dtype(), 1)
-    return n * size
-
-
-def _read(handle, name: str, file: Path) -> torch.Tensor:
-    try:
-        return handle.get_tensor(name)
-    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        raise CheckpointError(f"tensor {name} in {file}: cannot be read ({e}); the file may be truncated") from None
+def _materialize(model: torch.nn.Module, pname: str, meta: torch.Tensor, device: str) -> torch.Tensor:
+    """Swap a storage-less parameter for an uninitialised real one (no pages touched until written)."""
+    owner_name, _, attr = pname.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    p = torch.nn.Parameter(torch.empty(meta.shape, dtype=meta.dtype, device=device), requires_grad=False)
+    setattr(owner, attr, p)
+    return p
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ def build_hf(moe: bool, multimodal: bool, tie: bool = False, seed: int = 0, **ov
         kw = text_kwargs(**{**dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
                                    shared_expert_intermediate_size=48), **over})
     else:
-        kw = text_kwargs(intermediate_size=96, **over)
+        kw = text_kwargs(**{"intermediate_size": 96, **over})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if multimodal:
