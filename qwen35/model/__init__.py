@@ -1,6 +1,6 @@
 """The Qwen3.5 model, one file per mechanism (see transformer.py for the stack)."""
 
-from .context import ForwardContext, SequenceCache
+from .context import DenseContext, ForwardContext, SequenceCache
 from .transformer import CausalLMOutput, Qwen35ForCausalLM
 
-__all__ = ["Qwen35ForCausalLM", "CausalLMOutput", "SequenceCache", "ForwardContext"]
+__all__ = ["Qwen35ForCausalLM", "CausalLMOutput", "SequenceCache", "ForwardContext", "DenseContext"]

@@ -7,7 +7,6 @@ multiplied by sigmoid(gate) before o_proj.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import TextConfig
@@ -37,12 +36,5 @@ class GatedAttention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
         cos, sin = ctx.rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, d]
-        if ctx.cache is not None:
-            k, v = ctx.cache.append_kv(self.layer_idx, k, v)
-        mask = ctx.attention_mask(k.shape[2])
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           scale=self.head_dim ** -0.5, enable_gqa=self.n_kv != self.n_heads)
-        o = o.transpose(1, 2).reshape(B, T, -1)
+        o = ctx.attend(self.layer_idx, q, k, v).reshape(B, T, -1)
         return self.o_proj(o * torch.sigmoid(gate.reshape(B, T, -1)))

@@ -1,25 +1,47 @@
 """What one forward pass knows besides the weights: positions, padding, and where state lives.
 
-The model holds no request state.  ``ForwardContext`` carries the per-call inputs (RoPE tables, which tokens
-are padding) and a cache object that owns the state.  ``SequenceCache`` is the simple contiguous cache of
-the model API (a batch of sequences processed in lock-step); the engine supplies its own paged cache with
-the same three methods.
+The model holds no request state.  Each layer computes its projections over every token of the call, then
+hands the sequence-mixing step to the context:
+
+* ``attend(layer, q, k, v)`` — store this call's keys/values and attend over everything cached;
+* ``linear_mix(layer, mix, qkv, g, beta)`` — run the DeltaNet conv + delta rule ``mix`` from each sequence's
+  saved (conv window, recurrent state) and save the new ones.
+
+``DenseContext`` serves the model API: a [B, T] batch in lock-step, optionally left-padded, with a contiguous
+``SequenceCache``.  The engine provides a paged context with the same two methods.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
-from ..config import TextConfig
+# mix(qkv [b, t, C], g [b, t, Hv], beta [b, t, Hv], window | None, state | None) -> (o [b, t, Hv, dv], window, state)
+LinearMix = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
-class StateCache(Protocol):
-    def append_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
-    def linear_state(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]: ...
-    def set_linear_state(self, layer: int, window: torch.Tensor, state: torch.Tensor) -> None: ...
+class ForwardContext(ABC):
+    rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin [B, T, rotary_dim]
+    token_mask: torch.Tensor | None = None  # [B, T] bool, False = padding
+
+    @abstractmethod
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [B, T, H, d], k/v [B, T, Hkv, d] (RoPE applied) -> o [B, T, H, d]."""
+
+    @abstractmethod
+    def linear_mix(self, layer: int, mix: LinearMix, qkv: torch.Tensor, g: torch.Tensor,
+                   beta: torch.Tensor) -> torch.Tensor:
+        """qkv [B, T, C] before the conv, g/beta [B, T, Hv] -> o [B, T, Hv, dv]; saves the new state."""
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+    """q [B, H, T, d], k/v [B, Hkv, L, d]; grouped-query attention with scale d^-1/2."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                          enable_gqa=k.shape[1] != q.shape[1])
 
 
 @dataclass
@@ -30,7 +52,7 @@ class SequenceCache:
     masking them out.
     """
 
-    keys: dict[int, torch.Tensor] = field(default_factory=dict)
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)  # [B, Hkv, L, d]
     values: dict[int, torch.Tensor] = field(default_factory=dict)
     windows: dict[int, torch.Tensor] = field(default_factory=dict)
     states: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -38,50 +60,43 @@ class SequenceCache:
     length: int = 0  # positions filled so far (including padding)
     next_position: torch.Tensor | None = None  # [B] RoPE position of each row's next token
 
-    def append_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if layer in self.keys:
-            k = torch.cat([self.keys[layer], k], dim=2)
-            v = torch.cat([self.values[layer], v], dim=2)
-        self.keys[layer], self.values[layer] = k, v
-        return k, v
-
-    def linear_state(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        return self.windows.get(layer), self.states.get(layer)
-
-    def set_linear_state(self, layer: int, window: torch.Tensor, state: torch.Tensor) -> None:
-        self.windows[layer], self.states[layer] = window, state
-
-    def reorder(self, rows: torch.Tensor) -> None:
-        """Keep only / reorder batch rows (e.g. after beam selection or dropping finished rows)."""
-        for d in (self.keys, self.values, self.windows, self.states):
-            for i in d:
-                d[i] = d[i].index_select(0, rows)
-        if self.valid is not None:
-            self.valid = self.valid.index_select(0, rows)
-        if self.next_position is not None:
-            self.next_position = self.next_position.index_select(0, rows)
-
 
 @dataclass
-class ForwardContext:
-    rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin [B, T, rotary_dim]
-    cache: StateCache | None = None
-    token_mask: torch.Tensor | None = None  # [B, T] bool, False = padding; None = no padding
-    key_mask: torch.Tensor | None = None  # [B, L_total] bool over past + new keys; None = all valid
-    past: int = 0  # keys before this call's tokens
+class DenseContext(ForwardContext):
+    rope: tuple[torch.Tensor, torch.Tensor]
+    cache: SequenceCache | None = None
+    token_mask: torch.Tensor | None = None
+    key_mask: torch.Tensor | None = None  # [B, past + T] bool over all keys; None = all valid
+    past: int = 0  # cached positions before this call's tokens
 
     def attention_mask(self, total: int) -> torch.Tensor | None:
         """Boolean [B, 1, T, total] mask, or None when plain causal attention is exact."""
-        if self.key_mask is None and self.past == 0:
+        if self.key_mask is None and (self.past == 0 or total - self.past == 1):
             return None
-        T = total - self.past
         device = self.rope[0].device
         qpos = torch.arange(self.past, total, device=device)[:, None]
         kpos = torch.arange(total, device=device)[None, :]
-        mask = (kpos <= qpos)[None]
+        mask = kpos <= qpos
         if self.key_mask is not None:
             # a padded query keeps its own key so its row is never all -inf (no NaN to leak through V later)
-            mask = (mask & self.key_mask[:, None, :]) | (kpos == qpos)[None]
-        elif T == 1:
-            return None  # one new token sees every cached key
-        return mask[:, None]
+            mask = (mask[None] & self.key_mask[:, None, :]) | (kpos == qpos)[None]
+        return mask[:, None] if mask.dim() == 3 else mask
+
+    def attend(self, layer, q, k, v):
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        c = self.cache
+        if c is not None:
+            if layer in c.keys:
+                k = torch.cat([c.keys[layer], k], dim=2)
+                v = torch.cat([c.values[layer], v], dim=2)
+            c.keys[layer], c.values[layer] = k, v
+        o = sdpa(q, k, v, self.attention_mask(k.shape[2]), causal=q.shape[2] > 1)
+        return o.transpose(1, 2)
+
+    def linear_mix(self, layer, mix, qkv, g, beta):
+        c = self.cache
+        window, state = (c.windows.get(layer), c.states.get(layer)) if c is not None else (None, None)
+        o, window, state = mix(qkv, g, beta, window, state)
+        if c is not None:
+            c.windows[layer], c.states[layer] = window, state
+        return o

@@ -63,23 +63,24 @@ class GatedDeltaNet(nn.Module):
         valid = ctx.token_mask  # [B, T] or None; padded steps must neither write nor decay the state
         if valid is not None:
             x = x * valid[..., None].to(x.dtype)
-        window, state = ctx.cache.linear_state(self.layer_idx) if ctx.cache is not None else (None, None)
-
-        qkv, window = causal_conv1d(self.in_proj_qkv(x).transpose(1, 2), self.conv1d.weight, window)
-        q, k, v = qkv.transpose(1, 2).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        q = q.reshape(B, T, self.n_k, self.dk)
-        k = k.reshape(B, T, self.n_k, self.dk)
-        v = v.reshape(B, T, self.n_v, self.dv)
+        qkv = self.in_proj_qkv(x)
         beta = torch.sigmoid(self.in_proj_b(x)).float()
         g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias.float())
         if valid is not None:
             beta, g = beta * valid[..., None], g * valid[..., None]
-
-        rule = gated_delta_rule_recurrent if T == 1 else gated_delta_rule_chunked
-        o, state = rule(q, k, v, g, beta, state)
-        if ctx.cache is not None:
-            ctx.cache.set_linear_state(self.layer_idx, window, state)
-
+        o = ctx.linear_mix(self.layer_idx, self.mix, qkv, g, beta)
         z = self.in_proj_z(x).view(B, T, self.n_v, self.dv)
-        o = self.norm(o, z).reshape(B, T, self.value_dim)
-        return self.out_proj(o)
+        return self.out_proj(self.norm(o, z).reshape(B, T, self.value_dim))
+
+    def mix(self, qkv: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, window: torch.Tensor | None,
+            state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The stateful part for sequences that share a batch: conv from ``window``, delta rule from ``state``."""
+        b, t, _ = qkv.shape
+        act, window = causal_conv1d(qkv.transpose(1, 2), self.conv1d.weight, window)
+        q, k, v = act.transpose(1, 2).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        q = q.reshape(b, t, self.n_k, self.dk)
+        k = k.reshape(b, t, self.n_k, self.dk)
+        v = v.reshape(b, t, self.n_v, self.dv)
+        rule = gated_delta_rule_recurrent if t == 1 else gated_delta_rule_chunked
+        o, state = rule(q, k, v, g, beta, state)
+        return o, window, state

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..config import ModelConfig, TextConfig
 from .attention import GatedAttention
-from .context import ForwardContext, SequenceCache, StateCache
+from .context import DenseContext, ForwardContext, SequenceCache
 from .deltanet import GatedDeltaNet
 from .moe import MLP, SparseMoE
 from .norm import RMSNorm
@@ -102,7 +102,7 @@ class Qwen35ForCausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        cache: StateCache | None = None,
+        cache: SequenceCache | None = None,
         position_ids: torch.Tensor | None = None,
         logits_to_keep: int = 0,
     ) -> CausalLMOutput:
@@ -117,7 +117,7 @@ class Qwen35ForCausalLM(nn.Module):
         vocab = self.config.text.vocab_size
         if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
             raise ValueError(f"input_ids hold ids outside [0, {vocab})")
-        seq = cache if isinstance(cache, SequenceCache) else None
+        seq = cache
         past = seq.length if seq is not None else 0
 
         token_mask = None
@@ -146,16 +146,21 @@ class Qwen35ForCausalLM(nn.Module):
         last_position = position_ids[..., -1] if position_ids.dim() == 2 else position_ids[0, :, -1]
 
         h = self.model.embed_tokens(input_ids)
-        ctx = ForwardContext(rope=self.model.rotary(position_ids, h.dtype), cache=cache, token_mask=token_mask,
-                             key_mask=key_mask, past=past)
-        router_logits = []
-        for layer in self.model.layers:
-            h, r = layer(h, ctx)
-            if r is not None:
-                router_logits.append(r)
+        ctx = DenseContext(rope=self.model.rotary(position_ids, h.dtype), cache=cache, token_mask=token_mask,
+                           key_mask=key_mask, past=past)
+        h, router_logits = self.run_layers(h, ctx)
         if seq is not None:
             seq.length = past + T
             seq.valid = key_mask
             seq.next_position = last_position + 1
         hn = self.model.norm(h if logits_to_keep <= 0 else h[:, -logits_to_keep:])
         return CausalLMOutput(self.lm_head(hn), h, router_logits)
+
+    def run_layers(self, h: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The decoder stack on embeddings h [B, T, H]; the context decides where state lives."""
+        router_logits = []
+        for layer in self.model.layers:
+            h, r = layer(h, ctx)
+            if r is not None:
+                router_logits.append(r)
+        return h, router_logits

@@ -22,6 +22,9 @@ CASES = {
                                                         linear_num_value_heads=3, linear_key_head_dim=24,
                                                         linear_value_head_dim=16, num_key_value_heads=4)),
     "moe-16experts-top4": (True, False, False, dict(num_experts=16, num_experts_per_tok=4, num_hidden_layers=5)),
+    "dense-yarn": (False, False, False, dict(rope_parameters=dict(
+        rope_type="yarn", rope_theta=10000.0, partial_rotary_factor=0.5, mrope_section=[3, 3, 2],
+        mrope_interleaved=True, factor=4.0, original_max_position_embeddings=64))),
 }
 
 
@@ -117,3 +120,20 @@ def test_save_roundtrip_loads_identically_in_both(pair, tmp_path):
         back = hf_cls.from_pretrained(tmp_path, dtype=torch.float32).eval()
         assert_close_logits(hf_logits(back, ids), a)
     assert set(again.extra_tensors) == set(ours.extra_tensors)
+
+
+def test_bfloat16_error_no_worse_than_transformers_bfloat16(pair):
+    """In bf16 both implementations round differently from the fp32 truth. Ours must stay within 1.5x the
+    reference's own bf16 error (plus 2% of the logit scale for noise): the same precision, not bit-equality."""
+    ref, _, path = pair
+    import transformers  # noqa: F401
+
+    ids = torch.randint(0, 160, (2, 65), generator=torch.Generator().manual_seed(6))
+    truth = hf_logits(ref, ids)
+    ours = qwen35.load_model(path, dtype="bfloat16")
+    ref_bf16 = type(ref).from_pretrained(path, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        ours_err = (ours(ids).logits.float() - truth).abs().max().item()
+    ref_err = (hf_logits(ref_bf16, ids).float() - truth).abs().max().item()
+    scale = truth.abs().max().item()
+    assert ours_err <= 1.5 * ref_err + 0.02 * scale, (ours_err, ref_err, scale)
