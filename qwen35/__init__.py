@@ -9,17 +9,22 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["load_model", "load_config", "ConfigError", "CheckpointError", "__version__"]
+__all__ = ["load_model", "load_config", "ConfigError", "CheckpointError", "LLM", "AsyncLLM", "SamplingParams",
+           "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .checkpoint import CheckpointError, load_model
     from .config import ConfigError, load_config
+    from .engine import LLM, AsyncLLM, SamplingParams
 
 
 def __getattr__(name: str) -> Any:
     if name in ("load_model", "CheckpointError"):
         from . import checkpoint
         return getattr(checkpoint, name)
+    if name in ("LLM", "AsyncLLM", "SamplingParams"):
+        from . import engine
+        return getattr(engine, name)
     if name in ("load_config", "ConfigError"):
         from . import config
         return getattr(config, name)

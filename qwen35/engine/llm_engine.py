@@ -1,0 +1,269 @@
+"""The engine loop: requests in, one scheduled forward per step, tokens and text deltas out.
+
+``LLMEngine`` is synchronous and single-threaded (``step()`` does one forward); ``LLM`` (llm.py) and the async
+engine drive it.  It owns the model, the cache, the scheduler and the sampler, and turns sampled tokens into
+text with an incremental detokenizer per sequence, so stop strings are found even when split across tokens.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from .cache import HybridCache
+from .params import SamplingParams
+from .runner import ModelRunner
+from .sampler import Sampler
+from .scheduler import Scheduler
+from .sequence import Sequence
+from .stop import StopStringMatcher
+
+GiB = 1024 ** 3
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 16  # sequences decoding at once (one DeltaNet state slot each)
+    max_num_batched_tokens: int = 512  # tokens per forward: decodes + prompt chunks
+    block_size: int = 16  # tokens per KV block
+    cache_memory: int | None = None  # bytes for KV blocks + state slots; None = enough for max_num_seqs × 4096
+    max_model_len: int | None = None  # cap on prompt + output; None = the model's context
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.cache_memory is not None and (not isinstance(self.cache_memory, int) or self.cache_memory < 1):
+            raise ValueError(f"cache_memory must be a positive number of bytes, got {self.cache_memory!r}")
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
+            raise ValueError(f"max_model_len must be an integer >= 2, got {self.max_model_len!r}")
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop", "length", "abort"
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    logprobs: list[float | None] | None = None
+    top_logprobs: list[list[tuple[int, float]] | None] | None = None
+    delta_text: str = ""  # new since the previous RequestOutput of this request
+    delta_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool = False
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    outputs: list[CompletionOutput]
+    decoders: list
+    matchers: list[StopStringMatcher | None]
+    emitted: list[int]  # tokens already reported per sequence
+
+
+class LLMEngine:
+    def __init__(self, model, tokenizer=None, config: EngineConfig | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config or EngineConfig()
+        cfg = model.config
+        ctx = cfg.text.max_context
+        c = self.config
+        self.max_model_len = min(c.max_model_len or ctx, ctx)
+        memory = c.cache_memory
+        if memory is None:
+            from ..memory import kv_bytes_per_token, state_bytes_per_sequence
+            name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[model.dtype]
+            memory = c.max_num_seqs * (state_bytes_per_sequence(cfg, name).total
+                                       + min(self.max_model_len, 4096) * kv_bytes_per_token(cfg, name))
+            memory = min(memory, 8 * GiB)
+        self.cache = HybridCache.from_budget(cfg, memory, c.max_num_seqs, c.block_size, model.dtype, str(model.device))
+        # a sequence can never outgrow the cache: lengths are capped at its capacity
+        self.max_model_len = min(self.max_model_len, self.cache.layout.max_tokens)
+        self.scheduler = Scheduler(self.cache, c.max_num_seqs, c.max_num_batched_tokens)
+        self.runner = ModelRunner(model, self.cache)
+        self.sampler = Sampler()
+        self.requests: dict[str, _Request] = {}
+        self._seq_owner: dict[int, _Request] = {}
+        self._counter = itertools.count()
+        self.vocab_limit = len(tokenizer) if tokenizer is not None else None
+        self.eos_ids: frozenset[int] = frozenset(tokenizer.stop_token_ids) if tokenizer is not None else frozenset(
+            _config_eos(cfg))
+
+    # -- requests -----------------------------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        request_id = request_id if request_id is not None else f"req-{next(self._counter)}"
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        text = None
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer; pass token ids or load a model with one")
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+                raise ValueError("prompt token ids must be integers")
+            vocab = self.model.config.text.vocab_size
+            bad = [i for i in ids if i < 0 or i >= vocab]
+            if bad:
+                raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens but the context holds {self.max_model_len} "
+                             f"(prompt + at least one generated token); shorten it or raise max_model_len / "
+                             "cache_memory")
+        seqs, decoders, matchers = [], [], []
+        for i in range(params.n):
+            seq = Sequence(request_id, ids, params, index=i)
+            if params.seed is not None:
+                seq.generator = torch.Generator().manual_seed(params.seed + i)
+            seqs.append(seq)
+            decoders.append(self.tokenizer.incremental_decoder(params.skip_special_tokens)
+                            if self.tokenizer is not None else None)
+            matchers.append(StopStringMatcher(params.stop, params.include_stop_str_in_output) if params.stop else None)
+        outputs = [CompletionOutput(index=i, logprobs=[] if params.logprobs is not None else None,
+                                    top_logprobs=[] if params.logprobs is not None else None) for i in range(params.n)]
+        req = _Request(request_id, text, ids, params, seqs, outputs, decoders, matchers, [0] * params.n)
+        for seq in seqs:
+            self.scheduler.add(seq)
+            self._seq_owner[seq.seq_id] = req
+        self.requests[request_id] = req
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its cache. False if it is unknown or already finished."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        for seq, out in zip(req.seqs, req.outputs):
+            if not seq.finished:
+                self.scheduler.finish(seq, "abort")
+                out.finish_reason = "abort"
+            self._seq_owner.pop(seq.seq_id, None)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # -- the step -----------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if batch.empty:
+            return []
+        seqs, logits = self.runner.run(batch)
+        touched: dict[str, _Request] = {}
+        if seqs:
+            result = self.sampler(logits, [s.params for s in seqs], [s.output_ids for s in seqs],
+                                  [s.generator for s in seqs], vocab_limit=self.vocab_limit,
+                                  min_tokens_mask_ids=[self._blocked(s) for s in seqs])
+            for i, seq in enumerate(seqs):
+                tok = result.token_ids[i]
+                seq.output_ids.append(tok)
+                seq.logprobs.append(result.logprobs[i])
+                seq.top_logprobs.append(result.top_logprobs[i])
+                req = self._seq_owner[seq.seq_id]
+                self._after_token(req, seq, tok)
+                touched[req.request_id] = req
+        return [self._report(req) for req in touched.values()]
+
+    def _blocked(self, seq: Sequence) -> set[int] | None:
+        p = seq.params
+        if len(seq.output_ids) >= p.min_tokens:
+            return None
+        return set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_ids))
+
+    def _after_token(self, req: _Request, seq: Sequence, tok: int) -> None:
+        p = seq.params
+        i = seq.index
+        out = req.outputs[i]
+        done_min = len(seq.output_ids) >= p.min_tokens
+        reason: str | None = None
+        stop_reason: int | str | None = None
+        if done_min and not p.ignore_eos and tok in self.eos_ids:
+            reason, stop_reason = "stop", tok
+        elif done_min and tok in p.stop_token_ids:
+            reason, stop_reason = "stop", tok
+        # text: eos / stop tokens are not part of the text
+        dec, matcher = req.decoders[i], req.matchers[i]
+        if dec is not None and reason is None:
+            delta = dec.step(tok)
+            if matcher is not None and done_min:  # stop strings count only once min_tokens are out
+                delta, hit = matcher.feed(delta)
+                if hit:
+                    reason, stop_reason = "stop", matcher.matched_stop
+            out.text += delta
+            out.delta_text += delta
+        if reason is None:
+            limit = p.max_tokens if p.max_tokens is not None else self.max_model_len
+            if len(seq.output_ids) >= limit or seq.length >= self.max_model_len:
+                reason = "length"
+        if reason is not None:
+            if dec is not None and reason == "length":
+                tail = dec.finish()
+                if matcher is not None and not matcher.stopped:
+                    tail, _ = matcher.feed(tail)
+                    tail += matcher.flush()
+                out.text += tail
+                out.delta_text += tail
+            out.finish_reason, out.stop_reason = reason, stop_reason
+            self.scheduler.finish(seq, reason)
+
+    def _report(self, req: _Request) -> RequestOutput:
+        for seq, out in zip(req.seqs, req.outputs):
+            new = seq.output_ids[req.emitted[seq.index]:]
+            out.delta_token_ids = list(new)
+            out.token_ids = list(seq.output_ids)
+            if out.logprobs is not None:
+                out.logprobs = list(seq.logprobs)
+                out.top_logprobs = list(seq.top_logprobs)
+            req.emitted[seq.index] = len(seq.output_ids)
+        finished = all(o.finished for o in req.outputs)
+        snapshot = RequestOutput(req.request_id, req.prompt, req.prompt_ids,
+                                 [_copy_output(o) for o in req.outputs], finished)
+        for o in req.outputs:
+            o.delta_text = ""
+        if finished:
+            self.requests.pop(req.request_id, None)
+            for seq in req.seqs:
+                self._seq_owner.pop(seq.seq_id, None)
+        return snapshot
+
+
+def _copy_output(o: CompletionOutput) -> CompletionOutput:
+    return CompletionOutput(o.index, o.text, list(o.token_ids), o.finish_reason, o.stop_reason,
+                            None if o.logprobs is None else list(o.logprobs),
+                            None if o.top_logprobs is None else list(o.top_logprobs), o.delta_text,
+                            list(o.delta_token_ids))
+
+
+def _config_eos(cfg) -> list[int]:
+    eos = cfg.text.eos_token_id
+    if eos is None:
+        return []
+    return list(eos) if isinstance(eos, tuple) else [eos]

@@ -1,0 +1,138 @@
+"""Per-request sampling parameters (the OpenAI / vLLM set), validated when built.
+
+Everything a request can get wrong is reported here, as a ``ValueError`` naming the parameter and
+the range it may take, so the engine and the server never meet a half-valid request.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+# Temperatures below this are treated as greedy: dividing logits by ~0 only overflows, and
+# argmax is the limit of sampling as the temperature goes to 0 anyway.
+GREEDY_TEMPERATURE = 1e-5
+
+MAX_LOGPROBS = 20
+
+
+def _is_int(value: Any) -> bool:
+    # bool is a subclass of int, but ``n=True`` is a mistake, not the number 1.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick the tokens of one request.
+
+    Frozen so that one instance can be shared by the ``n`` sequences of a request and by the
+    engine's bookkeeping without anyone changing it under the others; use
+    ``dataclasses.replace`` to derive a variant (it validates again).
+    """
+
+    n: int = 1
+    max_tokens: int | None = 16  # None: until the context is full
+    min_tokens: int = 0
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 0  # 0 or -1: off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # N: return the chosen token's logprob and the top N
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        self._check_int("n", minimum=1)
+        if self.max_tokens is not None:
+            self._check_int("max_tokens", minimum=1, none_allowed=True)
+        self._check_int("min_tokens", minimum=0)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}"
+            )
+
+        self._check_float("temperature", ">= 0", lambda v: v >= 0)
+        self._check_int("top_k", minimum=-1)
+        self._check_float("top_p", "in (0, 1]", lambda v: 0 < v <= 1)
+        self._check_float("min_p", "in [0, 1]", lambda v: 0 <= v <= 1)
+        self._check_float("repetition_penalty", "> 0", lambda v: v > 0)
+        self._check_float("presence_penalty", "in [-2, 2]", lambda v: -2 <= v <= 2)
+        self._check_float("frequency_penalty", "in [-2, 2]", lambda v: -2 <= v <= 2)
+
+        if self.seed is not None and not _is_int(self.seed):
+            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+        if self.logprobs is not None:
+            self._check_int("logprobs", minimum=0, maximum=MAX_LOGPROBS, none_allowed=True)
+
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+        object.__setattr__(self, "stop", _normalise_stop(self.stop))
+        object.__setattr__(self, "stop_token_ids", _normalise_stop_token_ids(self.stop_token_ids))
+
+    @property
+    def greedy(self) -> bool:
+        """Whether tokens are picked by argmax (temperature 0) rather than sampled."""
+        return self.temperature < GREEDY_TEMPERATURE
+
+    @property
+    def top_k_enabled(self) -> bool:
+        return self.top_k > 0
+
+    def _check_int(
+        self, name: str, minimum: int, maximum: int | None = None, none_allowed: bool = False
+    ) -> None:
+        value = getattr(self, name)
+        allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        kind = "an int or None" if none_allowed else "an int"
+        if not _is_int(value):
+            raise ValueError(f"{name} must be {kind} {allowed}, got {value!r}")
+        if value < minimum or (maximum is not None and value > maximum):
+            raise ValueError(f"{name} must be {allowed}, got {value}")
+
+    def _check_float(self, name: str, allowed: str, ok: Any) -> None:
+        value = getattr(self, name)
+        if not _is_number(value):
+            raise ValueError(f"{name} must be a finite number {allowed}, got {value!r}")
+        if not ok(value):
+            raise ValueError(f"{name} must be {allowed}, got {value}")
+
+
+def _normalise_stop(stop: Any) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = (stop,)
+    elif not isinstance(stop, Iterable) or isinstance(stop, (bytes, dict)):
+        raise ValueError(f"stop must be a str or a list of non-empty str, got {stop!r}")
+    stop = tuple(stop)
+    for s in stop:
+        if not isinstance(s, str) or not s:
+            raise ValueError(f"stop must be a str or a list of non-empty str, got element {s!r}")
+    return stop
+
+
+def _normalise_stop_token_ids(ids: Any) -> tuple[int, ...]:
+    if ids is None:
+        return ()
+    if isinstance(ids, (str, bytes, dict)) or not isinstance(ids, Iterable):
+        raise ValueError(f"stop_token_ids must be a list of ints >= 0, got {ids!r}")
+    ids = tuple(ids)
+    for i in ids:
+        if not _is_int(i) or i < 0:
+            raise ValueError(f"stop_token_ids must be a list of ints >= 0, got element {i!r}")
+    return ids

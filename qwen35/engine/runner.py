@@ -1,0 +1,121 @@
+"""Turns a scheduled batch into one model forward over the paged cache.
+
+All tokens of the step are packed into one row ([1, N]): decode tokens first, then each prompt chunk.  The
+projections and feed-forward blocks (nearly all of the FLOPs) run once over all N tokens; only the sequence
+mixing splits by sequence, in ``PagedContext``:
+
+* attention writes each token's K/V into its block row, then attends per sequence over its gathered rows;
+* DeltaNet steps every decode token together (their slot states gathered into one [B, ...] batch, one
+  recurrent step, scattered back) and runs each prompt chunk with the chunked rule from its slot's state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..model.context import ForwardContext, LinearMix, sdpa
+from .cache import HybridCache
+from .scheduler import ScheduledBatch
+from .sequence import Sequence
+
+
+@dataclass
+class Segment:
+    seq: Sequence
+    start: int  # offset in the packed row
+    length: int  # tokens this step
+    past: int  # tokens already in the cache for this sequence
+
+
+class PagedContext(ForwardContext):
+    def __init__(self, cache: HybridCache, segments: list[Segment], num_decodes: int,
+                 rope: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self.cache = cache
+        self.segments = segments
+        self.num_decodes = num_decodes  # the first num_decodes segments are single decode tokens
+        self.rope = rope
+        self.token_mask = None
+        ids = [s.seq.seq_id for s in segments]
+        # rows this step writes, and the rows each sequence reads (its whole history incl. this step)
+        self.write_rows = torch.cat([cache.token_rows(i, s.past, s.past + s.length) for i, s in zip(ids, segments)])
+        self.read_rows = [cache.token_rows(i, 0, s.past + s.length) for i, s in zip(ids, segments)]
+        self.slots = torch.tensor([cache.slot_of[i] for i in ids], dtype=torch.long)
+
+    def attend(self, layer, q, k, v):
+        kv = self.cache.kv
+        keys, values = kv.keys[layer], kv.values[layer]
+        keys.index_copy_(0, self.write_rows, k[0])
+        values.index_copy_(0, self.write_rows, v[0])
+        out = torch.empty_like(q)
+        for seg, rows in zip(self.segments, self.read_rows):
+            qs = q[:, seg.start:seg.start + seg.length].transpose(1, 2)  # [1, H, t, d]
+            ks = keys.index_select(0, rows).transpose(0, 1)[None]  # [1, Hkv, L, d]
+            vs = values.index_select(0, rows).transpose(0, 1)[None]
+            mask = None
+            if seg.length > 1 and seg.past > 0:  # causal, aligned to the end of the cached history
+                L = seg.past + seg.length
+                mask = torch.ones(seg.length, L, dtype=torch.bool).tril(seg.past)
+            o = sdpa(qs, ks, vs, mask, causal=seg.length > 1)
+            out[:, seg.start:seg.start + seg.length] = o.transpose(1, 2)
+        return out
+
+    def linear_mix(self, layer, mix: LinearMix, qkv, g, beta):
+        slots = self.cache.slots
+        windows, states = slots.windows[layer], slots.states[layer]
+        parts = []
+        nd = self.num_decodes
+        if nd:
+            idx = self.slots[:nd]
+            o, w, s = mix(qkv[0, :nd, None], g[0, :nd, None], beta[0, :nd, None], windows.index_select(0, idx),
+                          states.index_select(0, idx))
+            windows.index_copy_(0, idx, w.to(windows.dtype))
+            states.index_copy_(0, idx, s.to(states.dtype))
+            parts.append(o[:, 0][None])
+        for seg, slot in zip(self.segments[nd:], self.slots[nd:].tolist()):
+            sl = slice(seg.start, seg.start + seg.length)
+            fresh = seg.past == 0  # a new sequence starts from zero state, never from what the slot held
+            o, w, s = mix(qkv[:, sl], g[:, sl], beta[:, sl], None if fresh else windows[slot:slot + 1],
+                          None if fresh else states[slot:slot + 1])
+            windows[slot] = w[0].to(windows.dtype)
+            states[slot] = s[0].to(states.dtype)
+            parts.append(o)
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
+class ModelRunner:
+    """Runs the model on a scheduled batch; returns the logits of every sequence that samples this step."""
+
+    def __init__(self, model, cache: HybridCache) -> None:
+        self.model = model
+        self.cache = cache
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor | None]:
+        segments: list[Segment] = []
+        tokens: list[int] = []
+        positions: list[int] = []
+        work = [(s, 1) for s in batch.decodes] + batch.prefills
+        for seq, n in work:
+            ids = seq.all_ids[seq.num_computed:seq.num_computed + n]
+            segments.append(Segment(seq, len(tokens), n, seq.num_computed))
+            tokens.extend(ids)
+            positions.extend(range(seq.num_computed, seq.num_computed + n))
+        m = self.model
+        input_ids = torch.tensor([tokens], dtype=torch.long)
+        pos = torch.tensor([positions], dtype=torch.long)
+        h = m.model.embed_tokens(input_ids)
+        ctx = PagedContext(self.cache, segments, len(batch.decodes), m.model.rotary(pos, h.dtype))
+        h, _ = m.run_layers(h, ctx)
+        sampling: list[Sequence] = []
+        last_rows: list[int] = []
+        for seg in segments:
+            seg.seq.num_computed += seg.length
+            if seg.seq.remaining == 0:  # the whole sequence is in the cache: time to sample the next token
+                sampling.append(seg.seq)
+                last_rows.append(seg.start + seg.length - 1)
+        if not sampling:
+            return [], None
+        hn = m.model.norm(h[0, last_rows])
+        return sampling, m.lm_head(hn).float()
