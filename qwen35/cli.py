@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import sys
+import time
 from collections.abc import Callable, Sequence
 
 from . import __version__
@@ -118,10 +119,229 @@ def _run_info(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# generate and chat
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="PATH", help="checkpoint folder (config.json, safetensors, tokenizer.json); "
+                   "default: the embedded model (a random-weight demo model until the trained one ships)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
+                   help="weight and activation dtype (auto: bf16 for bf16/FP8 checkpoints, else as stored)")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--cache-memory", metavar="SIZE", help="memory for the KV blocks and DeltaNet state slots, "
+                   "e.g. 2GiB (default: enough for 16 sequences of 4096 tokens)")
+    p.add_argument("--max-model-len", type=int, metavar="N", help="cap on prompt + output tokens")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens to generate at most ({max_tokens})")
+    g.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's "
+                   "generation_config, else 0.7)")
+    g.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (0 = off)")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (1 = off)")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeating tokens")
+    g.add_argument("--presence-penalty", type=float, default=0.0, help="subtracted once per token already generated")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, help="subtracted per occurrence")
+    g.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+
+
+def _sampling_params(args: argparse.Namespace, tokenizer):
+    from .engine import SamplingParams
+
+    gen = getattr(tokenizer, "generation_config", None) or {}
+    temperature = args.temperature if args.temperature is not None else gen.get("temperature", 0.7)
+    top_k = args.top_k if args.top_k is not None else gen.get("top_k", 0)
+    top_p = args.top_p if args.top_p is not None else gen.get("top_p", 1.0)
+    try:
+        return SamplingParams(max_tokens=args.max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                              min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                              presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                              seed=args.seed, stop=tuple(args.stop))
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+
+
+def _load_llm(args: argparse.Namespace):
+    from .engine import LLM
+    from .checkpoint import CheckpointError
+
+    if args.model is None:
+        from .demo import embedded_model_path
+        if embedded_model_path() is None:
+            print("note: no trained embedded model in this build yet; using the random-weight demo model "
+                  "(its text is noise). Pass --model PATH for a real checkpoint.", file=sys.stderr)
+    try:
+        return LLM(args.model, dtype=args.dtype, threads=args.threads, cache_memory=args.cache_memory,
+                   max_model_len=args.max_model_len)
+    except (CheckpointError, ValueError) as e:
+        raise CommandError(str(e).splitlines()[0]) from None
+
+
+class _Timer:
+    """Prompt tokens/s up to the first generated token, decode tokens/s after it."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.first: float | None = None
+        self.tokens = 0
+
+    def token(self, n: int) -> None:
+        if n and self.first is None:
+            self.first = time.perf_counter()
+        self.tokens += n
+
+    def report(self, prompt_tokens: int) -> str:
+        end = time.perf_counter()
+        first = self.first or end
+        pp = prompt_tokens / max(first - self.start, 1e-9)
+        dec = (self.tokens - 1) / (end - first) if self.tokens > 1 and end > first else 0.0
+        return (f"prompt: {prompt_tokens} tokens, {pp:.1f} tok/s; decode: {self.tokens} tokens, "
+                f"{dec:.1f} tok/s")
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="complete a prompt, streaming the text to stdout",
+                       description="Complete PROMPT with the model and stream the text as it is generated. Ends "
+                                   "with prompt and decode speed on stderr. With --chat the prompt is sent as a "
+                                   "user message through the chat template (thinking on unless --no-think).")
+    p.add_argument("prompt", metavar="PROMPT", help="the text to complete ('-' reads stdin)")
+    p.add_argument("--chat", action="store_true", help="wrap PROMPT as a chat user message")
+    p.add_argument("--no-think", action="store_true", help="with --chat: thinking off (empty think block)")
+    _add_model_args(p)
+    _add_sampling_args(p, 128)
+    p.set_defaults(func=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    llm = _load_llm(args)
+    params = _sampling_params(args, llm.tokenizer)
+    if args.chat:
+        prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                   enable_thinking=not args.no_think)
+    timer = _Timer()
+    n_prompt = 0
+    try:
+        for out in llm.stream(prompt, params):
+            n_prompt = len(out.prompt_token_ids)
+            o = out.outputs[0]
+            timer.token(len(o.delta_token_ids))
+            sys.stdout.write(o.delta_text)
+            sys.stdout.flush()
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+    sys.stdout.write("\n")
+    print(timer.report(n_prompt), file=sys.stderr)
+    return 0
+
+
+def _add_chat(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("chat", help="chat in the terminal (thinking shown apart from the answer)",
+                       description="An interactive chat that streams the answer, shows the model's thinking set "
+                                   "apart (dimmed), and keeps the conversation history. Commands: /reset clears "
+                                   "the history, /think on|off switches thinking, /exit quits. With --message "
+                                   "it answers one message and exits.")
+    p.add_argument("--message", "-m", metavar="TEXT", help="answer this one message and exit")
+    p.add_argument("--system", metavar="TEXT", help="a system message")
+    p.add_argument("--no-think", action="store_true", help="start with thinking off")
+    _add_model_args(p)
+    _add_sampling_args(p, 1024)
+    p.set_defaults(func=_run_chat)
+
+
+def _chat_turn(llm, params, messages: list[dict], thinking: bool, out=sys.stdout) -> dict:
+    """Stream one assistant turn; returns the assistant message (with reasoning_content) for the history."""
+    from .chat.parsers import ReasoningStreamParser
+
+    prompt = llm.tokenizer.apply_chat_template(messages, enable_thinking=thinking)
+    parser = ReasoningStreamParser(thinking=thinking)
+    tty = out.isatty()
+    dim, reset = ("\033[2m", "\033[0m") if tty else ("", "")
+    reasoning, content = [], []
+    state = None
+    timer = _Timer()
+    n_prompt = 0
+
+    def show(kind: str, text: str) -> None:
+        nonlocal state
+        if not text:
+            return
+        if kind != state:
+            if kind == "reasoning":
+                out.write(f"{dim}[thinking]\n")
+            else:
+                out.write(f"{reset}\n[answer]\n" if state == "reasoning" else "")
+            state = kind
+        out.write(text)
+        out.flush()
+
+    for item in llm.stream(prompt, params):
+        n_prompt = len(item.prompt_token_ids)
+        o = item.outputs[0]
+        timer.token(len(o.delta_token_ids))
+        d = parser.feed(o.delta_text)
+        reasoning.append(d.reasoning)
+        content.append(d.content)
+        show("reasoning", d.reasoning)
+        show("content", d.content)
+    d = parser.finish()
+    reasoning.append(d.reasoning)
+    content.append(d.content)
+    show("reasoning", d.reasoning)
+    show("content", d.content)
+    out.write(f"{reset}\n")
+    print(f"({timer.report(n_prompt)})", file=sys.stderr)
+    msg = {"role": "assistant", "content": "".join(content).strip()}
+    if "".join(reasoning).strip():
+        msg["reasoning_content"] = "".join(reasoning).strip()
+    return msg
+
+
+def _run_chat(args: argparse.Namespace) -> int:
+    llm = _load_llm(args)
+    params = _sampling_params(args, llm.tokenizer)
+    thinking = not args.no_think
+    base = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(base)
+    if args.message is not None:
+        messages.append({"role": "user", "content": args.message})
+        _chat_turn(llm, params, messages, thinking)
+        return 0
+    print("qwen35 chat — /reset, /think on|off, /exit", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        cmd = line.strip()
+        if not cmd:
+            continue
+        if cmd in ("/exit", "/quit"):
+            return 0
+        if cmd == "/reset":
+            messages = list(base)
+            continue
+        if cmd.startswith("/think"):
+            thinking = cmd.split()[-1] != "off"
+            print(f"thinking {'on' if thinking else 'off'}", file=sys.stderr)
+            continue
+        messages.append({"role": "user", "content": line})
+        try:
+            messages.append(_chat_turn(llm, params, messages, thinking))
+        except KeyboardInterrupt:
+            print("\n(interrupted)", file=sys.stderr)
+            messages.pop()
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # the parser and the entry point
 
 # Adders of every subcommand, in the order `qwen35 --help` lists them.
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_info]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_info, _add_generate, _add_chat]
 
 
 def build_parser() -> argparse.ArgumentParser:
