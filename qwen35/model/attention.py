@@ -11,6 +11,7 @@ from torch import nn
 
 from ..config import TextConfig
 from .context import ForwardContext
+from .linear import Linear
 from .norm import RMSNorm
 from .rope import apply_rotary
 
@@ -21,10 +22,10 @@ class GatedAttention(nn.Module):
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         h, bias = cfg.hidden_size, cfg.attention_bias
-        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim * 2, bias=bias)
-        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=bias)
+        self.q_proj = Linear(h, self.n_heads * self.head_dim * 2, bias=bias)
+        self.k_proj = Linear(h, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = Linear(h, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.n_heads * self.head_dim, h, bias=bias)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 

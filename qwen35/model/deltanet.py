@@ -18,6 +18,7 @@ from torch import nn
 from ..config import TextConfig
 from .context import ForwardContext
 from .gated_delta_rule import gated_delta_rule_chunked, gated_delta_rule_recurrent
+from .linear import Linear
 from .norm import GatedRMSNorm
 
 
@@ -47,16 +48,16 @@ class GatedDeltaNet(nn.Module):
         self.key_dim, self.value_dim = cfg.linear_key_dim, cfg.linear_value_dim
         conv_dim = cfg.linear_conv_dim
         h = cfg.hidden_size
-        self.in_proj_qkv = nn.Linear(h, conv_dim, bias=False)
-        self.in_proj_z = nn.Linear(h, self.value_dim, bias=False)
-        self.in_proj_b = nn.Linear(h, self.n_v, bias=False)
-        self.in_proj_a = nn.Linear(h, self.n_v, bias=False)
+        self.in_proj_qkv = Linear(h, conv_dim, bias=False)
+        self.in_proj_z = Linear(h, self.value_dim, bias=False)
+        self.in_proj_b = Linear(h, self.n_v, bias=False)
+        self.in_proj_a = Linear(h, self.n_v, bias=False)
         self.conv1d = nn.Conv1d(conv_dim, conv_dim, cfg.linear_conv_kernel_dim, groups=conv_dim, bias=False,
                                 padding=cfg.linear_conv_kernel_dim - 1)
         self.A_log = nn.Parameter(torch.log(torch.empty(self.n_v).uniform_(0.01, 16)))
         self.dt_bias = nn.Parameter(torch.ones(self.n_v))
         self.norm = GatedRMSNorm(self.dv, cfg.rms_norm_eps)
-        self.out_proj = nn.Linear(self.value_dim, h, bias=False)
+        self.out_proj = Linear(self.value_dim, h, bias=False)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         B, T, _ = x.shape

@@ -68,6 +68,18 @@ def gated_delta_rule_recurrent(
     return o.transpose(1, 2).to(out_dtype), S
 
 
+def _to_chunks(x: torch.Tensor, heads: int, length: int) -> torch.Tensor:
+    """[B, T, h, d] (h divides heads) -> float32 [B·heads, length, d], zero-padded to ``length``.
+
+    One copy does the dtype change, the transpose, the padding and the broadcast of key heads to the value
+    heads they serve; every later per-chunk slice of the result is a strided view, never another copy."""
+    B, T, h, d = x.shape
+    out = torch.empty(B, h, heads // h, length, d, dtype=torch.float32, device=x.device)
+    out[:, :, :, :T].copy_(x.transpose(1, 2)[:, :, None])
+    out[:, :, :, T:].zero_()
+    return out.view(B * heads, length, d)
+
+
 def gated_delta_rule_chunked(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
     state: torch.Tensor | None = None, chunk_size: int = 64,
@@ -80,45 +92,59 @@ def gated_delta_rule_chunked(
     Zero padding to a multiple of C (β = 0, g = 0) leaves the state untouched.
     """
     out_dtype = v.dtype
-    B, T = v.shape[:2]
-    q, k, v, g, beta, S = _prepare(q, k, v, g, beta, state)
-    Hk, dk = k.shape[1], k.shape[-1]
-    Hv, dv = v.shape[1], v.shape[-1]
-    group = Hv // Hk
+    B, T, Hk, dk = k.shape
+    Hv, dv = v.shape[-2:]
+    if Hv % Hk:
+        raise ValueError(f"value heads ({Hv}) must be a multiple of key heads ({Hk})")
     C = chunk_size
-    pad = (-T) % C
-    if pad:
-        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
-        g, beta = (F.pad(x, (0, pad)) for x in (g, beta))
-    N = (T + pad) // C
-    # [B, H, N, C, d]; value-head tensors get a group axis so key-head tensors broadcast without copies
-    q = q.reshape(B, Hk, 1, N, C, dk)
-    k = k.reshape(B, Hk, 1, N, C, dk)
-    v = v.reshape(B, Hk, group, N, C, dv)
-    g = g.reshape(B, Hk, group, N, C)
-    beta = beta.reshape(B, Hk, group, N, C)
+    N = -(-T // C)
+    L = N * C
+    BH = B * Hv
+    if state is None:
+        S = torch.zeros(BH, dk, dv, dtype=torch.float32, device=v.device)
+    elif state.shape != (B, Hv, dk, dv):
+        raise ValueError(f"state has shape {tuple(state.shape)}, expected {(B, Hv, dk, dv)}")
+    else:
+        S = state.reshape(BH, dk, dv).float()
+
+    q = _to_chunks(q, Hv, L)
+    k = _to_chunks(k, Hv, L)
+    v = _to_chunks(v, Hv, L)
+    q.mul_(torch.rsqrt(torch.linalg.vector_norm(q, dim=-1, keepdim=True).square_() + L2_EPS) * dk ** -0.5)
+    k.mul_(torch.rsqrt(torch.linalg.vector_norm(k, dim=-1, keepdim=True).square_() + L2_EPS))
+    g = _to_chunks(g[..., None], Hv, L).view(BH, N, C)
+    beta = _to_chunks(beta[..., None], Hv, L).view(BH, N, C)
+    q, k, v = q.view(BH, N, C, dk), k.view(BH, N, C, dk), v.view(BH, N, C, dv)
 
     gamma = g.cumsum(-1)  # Γ
     causal = torch.ones(C, C, dtype=torch.bool, device=v.device).tril()
     # e^{Γ_i − Γ_j} on and below the diagonal; the upper triangle is masked before exp so it cannot overflow
-    decay = (gamma[..., :, None] - gamma[..., None, :]).masked_fill(~causal, float("-inf")).exp()
-    kk = k @ k.transpose(-1, -2)  # shared by the value heads of a group
-    qk = q @ k.transpose(-1, -2)
-    A = (beta[..., None] * kk * decay).tril(-1)
-    eye = torch.eye(C, dtype=A.dtype, device=A.device)
-    rhs = torch.cat([(beta * gamma.exp())[..., None] * k, beta[..., None] * v], dim=-1)
-    WU = torch.linalg.solve_triangular(A + eye, rhs, upper=False, unitriangular=True)
-    W, U = WU[..., :dk], WU[..., dk:]
-    attn = qk * decay  # intra-chunk, causal incl. diagonal
-    q_decayed = q * gamma.exp()[..., None]
-    k_to_end = k * (gamma[..., -1:] - gamma).exp()[..., None]
-    chunk_decay = gamma[..., -1].exp()[..., None, None]
+    decay = (gamma[..., :, None] - gamma[..., None, :]).masked_fill_(~causal, float("-inf")).exp_()
+    kt = k.transpose(-1, -2)
+    # the triangular solve wants column-major operands: build Aᵀ (K Kᵀ is symmetric) and the right-hand side
+    # transposed, so that their transposed views are column-major and LAPACK gets them without copies
+    At = (k @ kt).mul_(decay.transpose(-1, -2)).mul_(beta[..., None, :]).triu_(1)
+    A = At.transpose(-1, -2)
+    e_gamma = gamma.exp()
+    rhs_t = torch.empty(BH, N, dk + dv, C, dtype=torch.float32, device=v.device)
+    torch.mul(kt, (beta * e_gamma)[..., None, :], out=rhs_t[..., :dk, :])
+    torch.mul(v.transpose(-1, -2), beta[..., None, :], out=rhs_t[..., dk:, :])
+    WU = torch.linalg.solve_triangular(A, rhs_t.transpose(-1, -2), upper=False, unitriangular=True)
+    attn = (q @ kt).mul_(decay)  # intra-chunk, causal incl. diagonal
+    # rows [W; Q e^Γ] both read the incoming state: one matmul per chunk serves both
+    reads = torch.empty(BH, N, 2 * C, dk, dtype=torch.float32, device=v.device)
+    reads[:, :, :C] = WU[..., :dk]
+    torch.mul(q, e_gamma[..., None], out=reads[:, :, C:])
+    U = WU[..., dk:]
+    k_to_end = k.mul_((gamma[..., -1:] - gamma).exp_()[..., None]).transpose(-1, -2)  # [BH, N, dk, C]
+    chunk_decay = gamma[..., -1].exp()[..., None, None]  # [BH, N, 1, 1]
 
-    S = S.reshape(B, Hk, group, dk, dv)
-    out = torch.empty(B, Hk, group, N, C, dv, dtype=torch.float32, device=v.device)
+    outs = []
     for n in range(N):
-        v_new = U[:, :, :, n] - W[:, :, :, n] @ S
-        out[:, :, :, n] = q_decayed[:, :, :, n] @ S + attn[:, :, :, n] @ v_new
-        S = S * chunk_decay[:, :, :, n] + k_to_end[:, :, :, n].transpose(-1, -2) @ v_new
-    out = out.reshape(B, Hv, N * C, dv)[:, :, :T]
-    return out.transpose(1, 2).to(out_dtype), S.reshape(B, Hv, dk, dv)
+        read = reads[:, n] @ S  # [BH, 2C, dv]
+        v_new = U[:, n] - read[:, :C]
+        outs.append(torch.baddbmm(read[:, C:], attn[:, n], v_new))
+        S = torch.baddbmm(S * chunk_decay[:, n], k_to_end[:, n], v_new)
+    out = torch.stack(outs, dim=1) if N > 1 else outs[0][:, None]  # [BH, N, C, dv]
+    o = out.view(B, Hv, L, dv)[:, :, :T].transpose(1, 2).to(out_dtype)
+    return o, S.view(B, Hv, dk, dv)

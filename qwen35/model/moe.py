@@ -14,14 +14,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TextConfig
+from .linear import Linear, linear
 
 
 class MLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_proj = Linear(hidden, intermediate, bias=False)
+        self.up_proj = Linear(hidden, intermediate, bias=False)
+        self.down_proj = Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -69,8 +70,8 @@ class Experts(nn.Module):
             if n == 0:
                 continue
             tok = token_of[start:start + n]
-            gate, up = F.linear(x[tok], self.gate_up_proj[e]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.down_proj[e]) * weight_of[start:start + n, None]
+            gate, up = linear(x[tok], self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = linear(F.silu(gate) * up, self.down_proj[e]) * weight_of[start:start + n, None]
             out.index_add_(0, tok, y.to(out.dtype))
             start += n
         return out
@@ -83,7 +84,7 @@ class SparseMoE(nn.Module):
         self.gate = Router(h, cfg.num_experts, cfg.num_experts_per_tok)
         self.experts = Experts(cfg.num_experts, h, cfg.moe_intermediate_size)
         self.shared_expert = MLP(h, cfg.shared_expert_intermediate_size)
-        self.shared_expert_gate = nn.Linear(h, 1, bias=False)
+        self.shared_expert_gate = Linear(h, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the output and the router logits [N, E] (for the load-balancing loss)."""

@@ -20,6 +20,7 @@ from .attention import GatedAttention
 from .context import DenseContext, ForwardContext, SequenceCache
 from .deltanet import GatedDeltaNet
 from .moe import MLP, SparseMoE
+from .linear import Linear
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
 
@@ -75,7 +76,7 @@ class Qwen35ForCausalLM(nn.Module):
         self.config = config
         cfg = config.text
         self.model = TextModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.extra_tensors: dict[str, torch.Tensor] = {}  # checkpoint tensors kept aside (vision, MTP)
