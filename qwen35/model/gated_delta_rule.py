@@ -107,11 +107,12 @@ def gated_delta_rule_chunked(
     else:
         S = state.reshape(BH, dk, dv).float()
 
+    # out-of-place throughout: training differentiates through this function
     q = _to_chunks(q, Hv, L)
     k = _to_chunks(k, Hv, L)
     v = _to_chunks(v, Hv, L)
-    q.mul_(torch.rsqrt(torch.linalg.vector_norm(q, dim=-1, keepdim=True).square_() + L2_EPS) * dk ** -0.5)
-    k.mul_(torch.rsqrt(torch.linalg.vector_norm(k, dim=-1, keepdim=True).square_() + L2_EPS))
+    q = q * (torch.rsqrt(q.square().sum(-1, keepdim=True) + L2_EPS) * dk ** -0.5)
+    k = k * torch.rsqrt(k.square().sum(-1, keepdim=True) + L2_EPS)
     g = _to_chunks(g[..., None], Hv, L).view(BH, N, C)
     beta = _to_chunks(beta[..., None], Hv, L).view(BH, N, C)
     q, k, v = q.view(BH, N, C, dk), k.view(BH, N, C, dk), v.view(BH, N, C, dv)
@@ -119,24 +120,20 @@ def gated_delta_rule_chunked(
     gamma = g.cumsum(-1)  # Γ
     causal = torch.ones(C, C, dtype=torch.bool, device=v.device).tril()
     # e^{Γ_i − Γ_j} on and below the diagonal; the upper triangle is masked before exp so it cannot overflow
-    decay = (gamma[..., :, None] - gamma[..., None, :]).masked_fill_(~causal, float("-inf")).exp_()
+    decay = (gamma[..., :, None] - gamma[..., None, :]).masked_fill(~causal, float("-inf")).exp()
     kt = k.transpose(-1, -2)
     # the triangular solve wants column-major operands: build Aᵀ (K Kᵀ is symmetric) and the right-hand side
-    # transposed, so that their transposed views are column-major and LAPACK gets them without copies
-    At = (k @ kt).mul_(decay.transpose(-1, -2)).mul_(beta[..., None, :]).triu_(1)
-    A = At.transpose(-1, -2)
+    # transposed, so that their transposed views are column-major and LAPACK takes them without copies
+    At = ((k @ kt) * decay.transpose(-1, -2) * beta[..., None, :]).triu(1)
     e_gamma = gamma.exp()
-    rhs_t = torch.empty(BH, N, dk + dv, C, dtype=torch.float32, device=v.device)
-    torch.mul(kt, (beta * e_gamma)[..., None, :], out=rhs_t[..., :dk, :])
-    torch.mul(v.transpose(-1, -2), beta[..., None, :], out=rhs_t[..., dk:, :])
-    WU = torch.linalg.solve_triangular(A, rhs_t.transpose(-1, -2), upper=False, unitriangular=True)
-    attn = (q @ kt).mul_(decay)  # intra-chunk, causal incl. diagonal
+    rhs_t = torch.cat([kt * (beta * e_gamma)[..., None, :], v.transpose(-1, -2) * beta[..., None, :]], dim=-2)
+    WU = torch.linalg.solve_triangular(At.transpose(-1, -2), rhs_t.transpose(-1, -2), upper=False,
+                                       unitriangular=True)
+    attn = (q @ kt) * decay  # intra-chunk, causal incl. diagonal
     # rows [W; Q e^Γ] both read the incoming state: one matmul per chunk serves both
-    reads = torch.empty(BH, N, 2 * C, dk, dtype=torch.float32, device=v.device)
-    reads[:, :, :C] = WU[..., :dk]
-    torch.mul(q, e_gamma[..., None], out=reads[:, :, C:])
+    reads = torch.cat([WU[..., :dk], q * e_gamma[..., None]], dim=-2)  # [BH, N, 2C, dk]
     U = WU[..., dk:]
-    k_to_end = k.mul_((gamma[..., -1:] - gamma).exp_()[..., None]).transpose(-1, -2)  # [BH, N, dk, C]
+    k_to_end = (k * (gamma[..., -1:] - gamma).exp()[..., None]).transpose(-1, -2)  # [BH, N, dk, C]
     chunk_decay = gamma[..., -1].exp()[..., None, None]  # [BH, N, 1, 1]
 
     outs = []
@@ -145,6 +142,6 @@ def gated_delta_rule_chunked(
         v_new = U[:, n] - read[:, :C]
         outs.append(torch.baddbmm(read[:, C:], attn[:, n], v_new))
         S = torch.baddbmm(S * chunk_decay[:, n], k_to_end[:, n], v_new)
-    out = torch.stack(outs, dim=1) if N > 1 else outs[0][:, None]  # [BH, N, C, dv]
+    out = torch.stack(outs, dim=1)  # [BH, N, C, dv]
     o = out.view(B, Hv, L, dv)[:, :, :T].transpose(1, 2).to(out_dtype)
     return o, S.view(B, Hv, dk, dv)

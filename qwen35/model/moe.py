@@ -57,24 +57,32 @@ class Experts(nn.Module):
         nn.init.normal_(self.gate_up_proj, std=0.02)
         nn.init.normal_(self.down_proj, std=0.02)
 
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+        return linear(F.silu(gate) * up, self.down_proj[e])
+
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """x [N, H]. Tokens are grouped by expert so each chosen expert runs one matmul over its tokens."""
-        out = torch.zeros_like(x)
-        flat = routing.experts.reshape(-1)
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
-        token_of = order // routing.experts.shape[1]
-        weight_of = routing.weights.reshape(-1)[order]
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            tok = token_of[start:start + n]
-            gate, up = linear(x[tok], self.gate_up_proj[e]).chunk(2, dim=-1)
-            y = linear(F.silu(gate) * up, self.down_proj[e]) * weight_of[start:start + n, None]
-            out.index_add_(0, tok, y.to(out.dtype))
-            start += n
-        return out
+        return grouped_experts(x, routing, self.n_experts, self.expert)
+
+
+def grouped_experts(x: torch.Tensor, routing: Routing, n_experts: int, expert) -> torch.Tensor:
+    """x [N, H]. Tokens are grouped by expert so each chosen expert runs once over all of its tokens;
+    ``expert(e, tokens)`` computes one expert's SwiGLU."""
+    out = torch.zeros_like(x)
+    flat = routing.experts.reshape(-1)
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=n_experts).tolist()
+    token_of = order // routing.experts.shape[1]
+    weight_of = routing.weights.reshape(-1)[order]
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        tok = token_of[start:start + n]
+        y = expert(e, x[tok]) * weight_of[start:start + n, None]
+        out.index_add_(0, tok, y.to(out.dtype))
+        start += n
+    return out
 
 
 class SparseMoE(nn.Module):
