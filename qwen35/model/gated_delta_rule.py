@@ -68,13 +68,13 @@ def gated_delta_rule_recurrent(
     return o.transpose(1, 2).to(out_dtype), S
 
 
-def _to_chunks(x: torch.Tensor, heads: int, length: int) -> torch.Tensor:
+def _to_chunks(x: torch.Tensor, heads: int, length: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """[B, T, h, d] (h divides heads) -> float32 [B·heads, length, d], zero-padded to ``length``.
 
     One copy does the dtype change, the transpose, the padding and the broadcast of key heads to the value
     heads they serve; every later per-chunk slice of the result is a strided view, never another copy."""
     B, T, h, d = x.shape
-    out = torch.empty(B, h, heads // h, length, d, dtype=torch.float32, device=x.device)
+    out = torch.empty(B, h, heads // h, length, d, dtype=dtype, device=x.device)
     out[:, :, :, :T].copy_(x.transpose(1, 2)[:, :, None])
     out[:, :, :, T:].zero_()
     return out.view(B * heads, length, d)
@@ -100,21 +100,23 @@ def gated_delta_rule_chunked(
     N = -(-T // C)
     L = N * C
     BH = B * Hv
+    # float32 (the state's dtype); float64 inputs stay float64 so gradients can be checked in float64
+    dt = torch.float64 if v.dtype == torch.float64 else torch.float32
     if state is None:
-        S = torch.zeros(BH, dk, dv, dtype=torch.float32, device=v.device)
+        S = torch.zeros(BH, dk, dv, dtype=dt, device=v.device)
     elif state.shape != (B, Hv, dk, dv):
         raise ValueError(f"state has shape {tuple(state.shape)}, expected {(B, Hv, dk, dv)}")
     else:
-        S = state.reshape(BH, dk, dv).float()
+        S = state.reshape(BH, dk, dv).to(dt)
 
     # out-of-place throughout: training differentiates through this function
-    q = _to_chunks(q, Hv, L)
-    k = _to_chunks(k, Hv, L)
-    v = _to_chunks(v, Hv, L)
+    q = _to_chunks(q, Hv, L, dt)
+    k = _to_chunks(k, Hv, L, dt)
+    v = _to_chunks(v, Hv, L, dt)
     q = q * (torch.rsqrt(q.square().sum(-1, keepdim=True) + L2_EPS) * dk ** -0.5)
     k = k * torch.rsqrt(k.square().sum(-1, keepdim=True) + L2_EPS)
-    g = _to_chunks(g[..., None], Hv, L).view(BH, N, C)
-    beta = _to_chunks(beta[..., None], Hv, L).view(BH, N, C)
+    g = _to_chunks(g[..., None], Hv, L, dt).view(BH, N, C)
+    beta = _to_chunks(beta[..., None], Hv, L, dt).view(BH, N, C)
     q, k, v = q.view(BH, N, C, dk), k.view(BH, N, C, dk), v.view(BH, N, C, dv)
 
     gamma = g.cumsum(-1)  # Γ
@@ -136,12 +138,15 @@ def gated_delta_rule_chunked(
     k_to_end = (k * (gamma[..., -1:] - gamma).exp()[..., None]).transpose(-1, -2)  # [BH, N, dk, C]
     chunk_decay = gamma[..., -1].exp()[..., None, None]  # [BH, N, 1, 1]
 
+    # unbind, not reads[:, n]: under autograd each indexing op's backward allocates and zeroes a gradient of the
+    # whole tensor, N times per call (quadratic in the chunk count); unbind's backward is one stack
     outs = []
-    for n in range(N):
-        read = reads[:, n] @ S  # [BH, 2C, dv]
-        v_new = U[:, n] - read[:, :C]
-        outs.append(torch.baddbmm(read[:, C:], attn[:, n], v_new))
-        S = torch.baddbmm(S * chunk_decay[:, n], k_to_end[:, n], v_new)
+    for read_n, u_n, attn_n, k_n, decay_n in zip(reads.unbind(1), U.unbind(1), attn.unbind(1),
+                                                 k_to_end.unbind(1), chunk_decay.unbind(1)):
+        read = read_n @ S  # [BH, 2C, dv]
+        v_new = u_n - read[:, :C]
+        outs.append(torch.baddbmm(read[:, C:], attn_n, v_new))
+        S = torch.baddbmm(S * decay_n, k_n, v_new)
     out = torch.stack(outs, dim=1)  # [BH, N, C, dv]
     o = out.view(B, Hv, L, dv)[:, :, :T].transpose(1, 2).to(out_dtype)
     return o, S.view(B, Hv, dk, dv)

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwen35.config import ModelConfig, config_from_dict
+from qwen35.config import config_from_dict
 from qwen35.model import Qwen35ForCausalLM
 from qwen35.model.mtp import DEFAULT_HIDDEN_SOURCE, MTPHead
 from qwen35.model.norm import GatedRMSNorm, RMSNorm
