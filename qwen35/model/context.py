@@ -100,3 +100,50 @@ class DenseContext(ForwardContext):
         if c is not None:
             c.windows[layer], c.states[layer] = window, state
         return o
+
+
+RopeFn = Callable[[torch.Tensor, torch.dtype], tuple[torch.Tensor, torch.Tensor]]
+
+
+def dense_context(rope: RopeFn, x: torch.Tensor, cache: SequenceCache | None,
+                  position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None):
+    """The DenseContext of a [B, T, H] call (the main model's or the MTP head's), and a function that advances
+    the cache's bookkeeping once the layers ran.
+
+    Positions follow the mask: a left-padded row's first real token is at position 0 (or the cache's next
+    position), so each row of a padded batch sees exactly what it would see alone."""
+    B, T = x.shape[:2]
+    past = cache.length if cache is not None else 0
+    token_mask = None
+    if attention_mask is not None:
+        if attention_mask.shape[0] != B or attention_mask.shape[-1] not in (T, past + T):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected [{B}, {T}] or "
+                             f"[{B}, {past + T}]")
+        token_mask = attention_mask[:, -T:].bool()
+        if bool(token_mask.all()):
+            token_mask = None
+    key_mask = None
+    if cache is not None and (cache.valid is not None or token_mask is not None):
+        old = cache.valid if cache.valid is not None else torch.ones(B, past, dtype=torch.bool, device=x.device)
+        new = token_mask if token_mask is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
+        key_mask = torch.cat([old.to(new.device), new], dim=1)
+    elif token_mask is not None:
+        key_mask = token_mask
+    if position_ids is None:
+        start = cache.next_position if cache is not None and cache.next_position is not None else \
+            torch.zeros(B, dtype=torch.long, device=x.device)
+        if token_mask is None:
+            position_ids = start[:, None] + torch.arange(T, device=x.device)
+        else:
+            position_ids = start[:, None] + (token_mask.long().cumsum(1) - 1).clamp(min=0)
+    last_position = position_ids[..., -1] if position_ids.dim() == 2 else position_ids[0, :, -1]
+    ctx = DenseContext(rope=rope(position_ids, x.dtype), cache=cache, token_mask=token_mask, key_mask=key_mask,
+                       past=past)
+
+    def finish() -> None:
+        if cache is not None:
+            cache.length = past + T
+            cache.valid = key_mask
+            cache.next_position = last_position + 1
+
+    return ctx, finish

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..config import TextConfig
-from .context import DenseContext, SequenceCache
+from .context import SequenceCache, dense_context
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
 from .transformer import DecoderLayer
@@ -226,47 +226,6 @@ class MTPHead(nn.Module):
         self.load_state_dict({k: v.to(own[k].dtype) for k, v in fused.items()})
 
 
-def dense_context(rope: RotaryEmbedding, x: torch.Tensor, cache: SequenceCache | None,
-                  position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None):
-    """A DenseContext for a [B, T, H] call, derived as ``Qwen35ForCausalLM.forward`` derives it, and a function
-    that advances the cache bookkeeping once the layers ran."""
-    B, T = x.shape[:2]
-    past = cache.length if cache is not None else 0
-    token_mask = None
-    if attention_mask is not None:
-        if attention_mask.shape[0] != B or attention_mask.shape[-1] not in (T, past + T):
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected [{B}, {T}] or "
-                             f"[{B}, {past + T}]")
-        token_mask = attention_mask[:, -T:].bool()
-        if bool(token_mask.all()):
-            token_mask = None
-    key_mask = None
-    if cache is not None and (cache.valid is not None or token_mask is not None):
-        old = cache.valid if cache.valid is not None else torch.ones(B, past, dtype=torch.bool, device=x.device)
-        new = token_mask if token_mask is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
-        key_mask = torch.cat([old.to(new.device), new], dim=1)
-    elif token_mask is not None:
-        key_mask = token_mask
-    if position_ids is None:
-        start = cache.next_position if cache is not None and cache.next_position is not None else \
-            torch.zeros(B, dtype=torch.long, device=x.device)
-        if token_mask is None:
-            position_ids = start[:, None] + torch.arange(T, device=x.device)
-        else:
-            position_ids = start[:, None] + (token_mask.long().cumsum(1) - 1).clamp(min=0)
-    last_position = position_ids[..., -1] if position_ids.dim() == 2 else position_ids[0, :, -1]
-    ctx = DenseContext(rope=rope(position_ids, x.dtype), cache=cache, token_mask=token_mask, key_mask=key_mask,
-                       past=past)
-
-    def finish() -> None:
-        if cache is not None:
-            cache.length = past + T
-            cache.valid = key_mask
-            cache.next_position = last_position + 1
-
-    return ctx, finish
-
-
 def load_mtp(model: Qwen35ForCausalLM, hidden_source: str = DEFAULT_HIDDEN_SOURCE) -> MTPHead | None:
     """The MTP head stored in a loaded model's ``extra_tensors`` (None when the checkpoint has none)."""
     if not any(k.startswith(PREFIX) for k in model.extra_tensors):
@@ -277,4 +236,4 @@ def load_mtp(model: Qwen35ForCausalLM, hidden_source: str = DEFAULT_HIDDEN_SOURC
     return head.eval()
 
 
-__all__ = ["MTPHead", "HIDDEN_SOURCES", "DEFAULT_HIDDEN_SOURCE", "mtp_text_config", "load_mtp", "dense_context"]
+__all__ = ["MTPHead", "HIDDEN_SOURCES", "DEFAULT_HIDDEN_SOURCE", "mtp_text_config", "load_mtp"]

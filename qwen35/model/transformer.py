@@ -17,7 +17,7 @@ from torch import nn
 
 from ..config import ModelConfig, TextConfig
 from .attention import GatedAttention
-from .context import DenseContext, ForwardContext, SequenceCache
+from .context import ForwardContext, SequenceCache, dense_context
 from .deltanet import GatedDeltaNet
 from .moe import MLP, SparseMoE
 from .linear import Linear
@@ -118,42 +118,10 @@ class Qwen35ForCausalLM(nn.Module):
         vocab = self.config.text.vocab_size
         if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
             raise ValueError(f"input_ids hold ids outside [0, {vocab})")
-        seq = cache
-        past = seq.length if seq is not None else 0
-
-        token_mask = None
-        if attention_mask is not None:
-            if attention_mask.shape[0] != B or attention_mask.shape[-1] not in (T, past + T):
-                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
-                                 f"[{B}, {T}] or [{B}, {past + T}]")
-            token_mask = attention_mask[:, -T:].bool()
-            if bool(token_mask.all()):
-                token_mask = None
-        key_mask = None
-        if seq is not None and (seq.valid is not None or token_mask is not None):
-            old = seq.valid if seq.valid is not None else torch.ones(B, past, dtype=torch.bool)
-            new = token_mask if token_mask is not None else torch.ones(B, T, dtype=torch.bool)
-            key_mask = torch.cat([old.to(new.device), new], dim=1)
-        elif token_mask is not None:
-            key_mask = token_mask
-
-        if position_ids is None:
-            start = seq.next_position if seq is not None and seq.next_position is not None else \
-                torch.zeros(B, dtype=torch.long, device=input_ids.device)
-            if token_mask is None:
-                position_ids = start[:, None] + torch.arange(T, device=input_ids.device)
-            else:
-                position_ids = start[:, None] + (token_mask.long().cumsum(1) - 1).clamp(min=0)
-        last_position = position_ids[..., -1] if position_ids.dim() == 2 else position_ids[0, :, -1]
-
         h = self.model.embed_tokens(input_ids)
-        ctx = DenseContext(rope=self.model.rotary(position_ids, h.dtype), cache=cache, token_mask=token_mask,
-                           key_mask=key_mask, past=past)
+        ctx, advance_cache = dense_context(self.model.rotary, h, cache, position_ids, attention_mask)
         h, router_logits = self.run_layers(h, ctx)
-        if seq is not None:
-            seq.length = past + T
-            seq.valid = key_mask
-            seq.next_position = last_position + 1
+        advance_cache()
         hn = self.model.norm(h if logits_to_keep <= 0 else h[:, -logits_to_keep:])
         return CausalLMOutput(self.lm_head(hn), h, router_logits)
 
