@@ -131,6 +131,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-memory", metavar="SIZE", help="memory for the KV blocks and DeltaNet state slots, "
                    "e.g. 2GiB (default: enough for 16 sequences of 4096 tokens)")
     p.add_argument("--max-model-len", type=int, metavar="N", help="cap on prompt + output tokens")
+    p.add_argument("--quantization", choices=["int8"], default=None,
+                   help="int8: weight-only int8 with per-row scales (half the weight memory; several times faster "
+                        "decoding on CPUs without native bf16)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -175,7 +178,7 @@ def _load_llm(args: argparse.Namespace):
                   "(its text is noise). Pass --model PATH for a real checkpoint.", file=sys.stderr)
     try:
         return LLM(args.model, dtype=args.dtype, threads=args.threads, cache_memory=args.cache_memory,
-                   max_model_len=args.max_model_len)
+                   max_model_len=args.max_model_len, quantization=args.quantization)
     except (CheckpointError, ValueError) as e:
         raise CommandError(str(e).splitlines()[0]) from None
 
@@ -338,10 +341,115 @@ def _run_chat(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# serve
+
+_SERVE_DESCRIPTION = """\
+Serve a model over HTTP with an OpenAI-compatible API: POST /v1/chat/completions (reasoning_content, tools,
+streaming), POST /v1/completions, GET /v1/models, GET /health and GET /metrics (Prometheus).
+Listens on 127.0.0.1 (this machine only) unless --host says otherwise; set --api-key before exposing it.
+"""
+
+_SERVE_EPILOG = """\
+examples:
+  qwen35 serve --model ~/models/Qwen3.5-0.8B --port 8000
+  qwen35 serve --model ~/models/Qwen3.5-27B --host 0.0.0.0 --api-key $KEY --max-num-seqs 32 --cache-memory 20GiB
+
+  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' -d '{
+    "model": "Qwen3.5-0.8B", "messages": [{"role": "user", "content": "Hi"}],
+    "chat_template_kwargs": {"enable_thinking": false}}'
+
+  from openai import OpenAI
+  client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
+
+requests:
+  thinking is on by default; switch it per request with "chat_template_kwargs": {"enable_thinking": false}.
+  The reasoning comes back as message.reasoning_content (and .reasoning), tool calls as message.tool_calls.
+  tool_choice "required" or a named function is forced by prefilling the start of the call (no grammar).
+  Sampling parameters a request leaves out come from the checkpoint's generation_config.json.
+"""
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, tools, streaming, metrics)",
+                       description=_SERVE_DESCRIPTION, epilog=_SERVE_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(p)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
+                   "only; 0.0.0.0 for every interface)")
+    g.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    g.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1/* requests")
+    g.add_argument("--served-model-name", metavar="NAME", help="the model name clients send and /v1/models lists "
+                   "(default: the checkpoint folder's name)")
+    g.add_argument("--max-num-seqs", type=int, default=16, metavar="N",
+                   help="sequences decoded at once; more requests wait in a queue (default: 16)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=512, metavar="N",
+                   help="tokens per forward pass, decodes plus prompt chunks (default: 512)")
+    g.add_argument("--max-tokens-cap", type=int, metavar="N", help="largest max_tokens a request may ask for, and "
+                   "what it gets when it sets none (default: the context length)")
+    g.add_argument("--max-body-size", metavar="SIZE", default="16MiB",
+                   help="largest request body; larger ones get 413 (default: 16MiB)")
+    g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (default: info)")
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    try:
+        from .serve import serve
+    except ImportError as e:
+        raise CommandError(f"the server needs the 'serve' extra (pip install 'qwen35[serve]'): {e}") from None
+    from .checkpoint import CheckpointError
+    from .engine.llm import parse_bytes
+
+    if not 0 < args.port < 65536:
+        raise CommandError(f"--port must be in 1..65535, got {args.port}")
+    for name in ("max_num_seqs", "max_num_batched_tokens", "max_tokens_cap"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise CommandError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    try:
+        max_body = parse_bytes(args.max_body_size)
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+    if args.model is None:
+        from .demo import embedded_model_path
+        if embedded_model_path() is None:
+            print("note: no trained embedded model in this build yet; serving the random-weight demo model "
+                  "(its text is noise). Pass --model PATH for a real checkpoint.", file=sys.stderr)
+    try:
+        serve(args.model, host=args.host, port=args.port, api_key=args.api_key,
+              served_model_name=args.served_model_name, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens, cache_memory=args.cache_memory,
+              max_model_len=args.max_model_len, threads=args.threads, max_tokens_cap=args.max_tokens_cap,
+              max_body_bytes=max_body, quantization=getattr(args, "quantization", None),
+              log_level=args.log_level)
+    except (CheckpointError, ValueError) as e:
+        raise CommandError(str(e).splitlines()[0]) from None
+    return 0
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from .train.cli import DESCRIPTION, EPILOG, add_train_arguments
+
+    p = sub.add_parser("train", help="train a small Qwen3.5 (+ MTP head) on synthetic chat data",
+                       description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_train_arguments(p)
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .train.cli import run_train
+
+    return run_train(args)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # the parser and the entry point
 
 # Adders of every subcommand, in the order `qwen35 --help` lists them.
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_info, _add_generate, _add_chat]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_info, _add_generate, _add_chat,
+                                                                    _add_serve, _add_train]
 
 
 def build_parser() -> argparse.ArgumentParser:

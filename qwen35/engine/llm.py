@@ -11,6 +11,7 @@ import asyncio
 import os
 import queue
 import threading
+import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
@@ -53,7 +54,7 @@ class LLM:
     def __init__(self, model: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto", *,
                  max_num_seqs: int = 16, max_num_batched_tokens: int = 512, block_size: int = 16,
                  cache_memory: int | str | None = None, max_model_len: int | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, quantization: str | None = None) -> None:
         from ..chat.tokenizer import Tokenizer
         from ..checkpoint import load_model
 
@@ -63,7 +64,12 @@ class LLM:
             torch.set_num_threads(threads)
         path = Path(model) if model is not None else default_model_path()
         self.model_path = path
+        if quantization not in (None, "int8"):
+            raise ValueError(f"quantization must be None or 'int8', got {quantization!r}")
         self.model = load_model(path, dtype=dtype)
+        if quantization == "int8":
+            from ..quant import quantize_int8
+            quantize_int8(self.model)
         self.tokenizer = Tokenizer(path)
         config = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                               block_size=block_size, cache_memory=parse_bytes(cache_memory),
@@ -103,6 +109,26 @@ class LLM:
             if bar is not None:
                 bar.close()
         return [done[r] for r in ids]
+
+    # -- chat -----------------------------------------------------------------------------------------------
+    def chat(self, messages, params: SamplingParams | None = None, tools=None, tool_choice="auto",
+             enable_thinking: bool | None = None, chat_template_kwargs=None, parallel_tool_calls: bool = True,
+             use_tqdm: bool = False):
+        """Answer a conversation (OpenAI-style messages) through the chat template.
+
+        Returns a :class:`~qwen35.chat.completion.ChatResult`: ``reasoning`` (the thinking), ``content``,
+        ``tool_calls`` (parsed from Qwen's XML calls, arguments as JSON text), ``finish_reason``, ``token_ids``,
+        ``usage``, ``message`` (to append to the history), and ``choices`` for ``params.n > 1``.  A list of
+        conversations gives a list of results, generated as one batch.  ``tool_choice`` is "auto", "none",
+        "required" or ``{"type": "function", "function": {"name": ...}}``; "required" and a named function are
+        forced by prefilling the start of a call (see qwen35/chat/completion.py).  Thinking is on unless
+        ``enable_thinking=False`` (or ``chat_template_kwargs={"enable_thinking": False}``).
+        """
+        from ..chat.completion import chat
+
+        return chat(self, messages, params, tools=tools, tool_choice=tool_choice, enable_thinking=enable_thinking,
+                    chat_template_kwargs=chat_template_kwargs, parallel_tool_calls=parallel_tool_calls,
+                    use_tqdm=use_tqdm)
 
     # -- streaming ------------------------------------------------------------------------------------------
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
@@ -148,9 +174,15 @@ class AsyncLLM:
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         done = loop.create_future()
+        # The id is fixed here, not by the engine, so that a caller cancelled before admission can still abort.
+        request_id = request_id if request_id is not None else f"async-{uuid.uuid4().hex}"
         self._inbox.put(("add", prompt, params, request_id, loop, q, done))
         self._wake.set()
-        rid = await done  # raises the engine's ValueError for a bad request
+        try:
+            rid = await done  # raises the engine's ValueError for a bad request
+        except asyncio.CancelledError:
+            self.abort(request_id)  # queued after the add, so it finds the request admitted (or unknown)
+            raise
         finished = False
         try:
             while not finished:

@@ -1,0 +1,44 @@
+"""Load a model and serve it over HTTP with uvicorn (what ``qwen35 serve`` runs)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from .app import DEFAULT_MAX_BODY_BYTES, create_app
+
+log = logging.getLogger("qwen35.serve")
+
+
+def serve(model: str | os.PathLike | None = None, *, host: str = "127.0.0.1", port: int = 8000,
+          api_key: str | None = None, served_model_name: str | None = None, dtype: str = "auto",
+          max_num_seqs: int = 16, max_num_batched_tokens: int = 512, cache_memory: int | str | None = None,
+          max_model_len: int | None = None, threads: int | None = None, max_tokens_cap: int | None = None,
+          max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, quantization: str | None = None,
+          log_level: str = "info") -> None:
+    """Load ``model`` (default: the embedded / demo model) and serve it until interrupted.
+
+    Binds to the loopback interface unless ``host`` says otherwise: exposing a model to the network is a decision
+    to make explicitly (with ``api_key`` set).  The model is served as ``served_model_name`` (default: the
+    checkpoint folder's name); requests naming another model get 404.
+    """
+    import uvicorn
+
+    from ..engine import LLM, AsyncLLM
+
+    extra = {"quantization": quantization} if quantization else {}  # e.g. "int8" weights
+    llm = LLM(model, dtype=dtype, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+              cache_memory=cache_memory, max_model_len=max_model_len, threads=threads, **extra)
+    name = served_model_name or Path(llm.model_path).name
+    engine = AsyncLLM(llm.engine)
+    try:
+        app = create_app(engine, name, api_key=api_key, max_body_bytes=max_body_bytes, max_tokens_cap=max_tokens_cap)
+        if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+            log.warning("serving on %s without an API key: anyone who can reach this address can use the model",
+                        host)
+        print(f"qwen35: serving '{name}' at http://{host}:{port}/v1 (context {llm.engine.max_model_len} tokens, "
+              f"{max_num_seqs} sequences at once)", flush=True)
+        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    finally:
+        engine.shutdown()
