@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import queue
 import threading
@@ -21,6 +22,7 @@ from .llm_engine import EngineConfig, LLMEngine, RequestOutput
 from .params import SamplingParams
 
 Prompt = str | list[int]
+logger = logging.getLogger("qwen35.engine")
 
 
 def parse_bytes(value: int | str | None) -> int | None:
@@ -222,10 +224,12 @@ class AsyncLLM:
                 try:
                     rid = self.engine.add_request(prompt, params, rid)
                 except (ValueError, TypeError) as e:
-                    loop.call_soon_threadsafe(_settle, done, None, e)
+                    _notify(loop, _settle, done, None, e)
                     continue
                 self._streams[rid] = (loop, q)
-                loop.call_soon_threadsafe(_settle, done, rid, None)
+                if not _notify(loop, _settle, done, rid, None):  # the caller's loop is gone: nobody listens
+                    self.engine.abort(rid)
+                    self._streams.pop(rid, None)
             else:
                 rid = msg[1]
                 self.engine.abort(rid)
@@ -242,9 +246,10 @@ class AsyncLLM:
                 outputs = self.engine.step()
             except Exception as e:  # a bug must not kill the server: fail the running requests, keep serving
                 self.errors += 1
+                logger.exception("engine step failed; failing the running requests")
                 for rid, (loop, q) in list(self._streams.items()):
                     self.engine.abort(rid)
-                    loop.call_soon_threadsafe(q.put_nowait, RuntimeError(f"engine step failed: {e!r}"))
+                    _notify(loop, q.put_nowait, RuntimeError(f"engine step failed: {e!r}"))
                 self._streams.clear()
                 continue
             for out in outputs:
@@ -252,9 +257,20 @@ class AsyncLLM:
                 if target is None:
                     continue
                 loop, q = target
-                loop.call_soon_threadsafe(q.put_nowait, out)
-                if out.finished:
+                if not _notify(loop, q.put_nowait, out):
+                    self.engine.abort(out.request_id)
                     self._streams.pop(out.request_id, None)
+                elif out.finished:
+                    self._streams.pop(out.request_id, None)
+
+
+def _notify(loop: asyncio.AbstractEventLoop, fn, *args) -> bool:
+    """Hand a callback to a caller's event loop; False if that loop has closed (the engine thread lives on)."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+        return True
+    except RuntimeError:
+        return False
 
 
 def _settle(fut: asyncio.Future, value, error) -> None:
