@@ -42,6 +42,19 @@ class PagedContext(ForwardContext):
         self.write_rows = torch.cat([cache.token_rows(i, s.past, s.past + s.length) for i, s in zip(ids, segments)])
         self.read_rows = [cache.token_rows(i, 0, s.past + s.length) for i, s in zip(ids, segments)]
         self.slots = torch.tensor([cache.slot_of[i] for i in ids], dtype=torch.long)
+        # decode tokens attend together: their histories gathered into one zero-padded [nd, Lmax] batch
+        self.decode_rows = self.decode_mask = None
+        if num_decodes > 1:
+            lengths = [len(r) for r in self.read_rows[:num_decodes]]
+            longest = max(lengths)
+            self.decode_rows = torch.zeros(num_decodes, longest, dtype=torch.long)
+            self.decode_mask = torch.zeros(num_decodes, 1, 1, longest, dtype=torch.bool)
+            for i, rows in enumerate(self.read_rows[:num_decodes]):
+                # padding repeats the sequence's own first row: masked out, but never uninitialised memory
+                # (a NaN there would survive a zero attention weight)
+                self.decode_rows[i] = rows[0]
+                self.decode_rows[i, :lengths[i]] = rows
+                self.decode_mask[i, ..., :lengths[i]] = True
 
     def attend(self, layer, q, k, v):
         kv = self.cache.kv
@@ -49,7 +62,15 @@ class PagedContext(ForwardContext):
         keys.index_copy_(0, self.write_rows, k[0])
         values.index_copy_(0, self.write_rows, v[0])
         out = torch.empty_like(q)
-        for seg, rows in zip(self.segments, self.read_rows):
+        first = 0
+        if self.decode_rows is not None:
+            nd = self.num_decodes
+            qs = q[0, :nd, :, None]  # [nd, H, 1, d]
+            ks = keys[self.decode_rows].transpose(1, 2)  # [nd, Hkv, Lmax, d]
+            vs = values[self.decode_rows].transpose(1, 2)
+            out[0, :nd] = sdpa(qs, ks, vs, self.decode_mask, causal=False)[:, :, 0]
+            first = nd
+        for seg, rows in zip(self.segments[first:], self.read_rows[first:]):
             qs = q[:, seg.start:seg.start + seg.length].transpose(1, 2)  # [1, H, t, d]
             ks = keys.index_select(0, rows).transpose(0, 1)[None]  # [1, Hkv, L, d]
             vs = values.index_select(0, rows).transpose(0, 1)[None]
