@@ -270,12 +270,15 @@ def validate_tools(tools: Any) -> list[dict[str, Any]] | None:
 def render_chat(
     messages: Sequence[Mapping[str, Any]],
     tools: Sequence[Mapping[str, Any]] | None = None,
-    enable_thinking: bool = True,
+    enable_thinking: bool | None = True,
     add_generation_prompt: bool = True,
     template: str | None = None,
     **kwargs: Any,
 ) -> str:
     """Render a conversation to prompt text.
+
+    ``enable_thinking=None`` leaves the variable undefined, so the template's own default applies (the
+    official 0.8B / 2B templates think only when it is true; the larger ones unless it is false).
 
     ``template`` is jinja source text; ``None`` uses the Qwen3.5 template shipped with the
     package.  Extra keyword arguments (e.g. ``add_vision_id``) are passed to the template as
@@ -291,7 +294,7 @@ def render_chat(
             messages=canonical_messages,
             tools=canonical_tools,
             add_generation_prompt=bool(add_generation_prompt),
-            enable_thinking=bool(enable_thinking),
+            **({} if enable_thinking is None else {"enable_thinking": bool(enable_thinking)}),
             **variables,
         )
     except _RaisedByTemplate as exc:

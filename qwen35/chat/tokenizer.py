@@ -219,7 +219,7 @@ class Tokenizer:
         self,
         messages: Sequence[dict[str, Any]],
         tools: Sequence[dict[str, Any]] | None = None,
-        enable_thinking: bool = True,
+        enable_thinking: bool | None = True,
         add_generation_prompt: bool = True,
         **kwargs: Any,
     ) -> str:
