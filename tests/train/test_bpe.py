@@ -3,7 +3,6 @@ saving and loading back."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -148,8 +147,6 @@ def test_transformers_loads_it(saved: tuple[Tokenizer, Path], corpus: list[str])
     assert hf.decode(hf(call)["input_ids"], skip_special_tokens=True) == call.removesuffix("<|im_end|>")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("qwen35.chat.template") is None,
-                    reason="qwen35.chat.template not available yet")
 def test_rendered_examples(saved: tuple[Tokenizer, Path]) -> None:
     tok, _ = saved
     for ex in D.generate_examples(200, seed=9):

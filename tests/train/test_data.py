@@ -4,7 +4,6 @@ well-formed tool calls, a held-out split that never leaks into train, and render
 from __future__ import annotations
 
 import ast
-import importlib.util
 import operator
 import re
 from collections import Counter
@@ -373,11 +372,6 @@ def test_extract_answer() -> None:
 # Rendering (needs the chat template: qwen35.chat.template.render_chat)
 
 
-needs_template = pytest.mark.skipif(importlib.util.find_spec("qwen35.chat.template") is None,
-                                    reason="qwen35.chat.template not available yet")
-
-
-@needs_template
 def test_render_examples() -> None:
     from qwen35.chat.template import render_chat
 
