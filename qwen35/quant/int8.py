@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# up to this many rows per call the int8 kernel wins; above it, widen to float32 and use the matmul kernel
-INT8_KERNEL_MAX_ROWS = 32
+# up to this many rows per call the int8 kernel wins (1 thread: 7x faster than bf16 at 1 row, 2.9x at 16, on par
+# with widening at ~48); above it, widen to float32 and use the matmul kernel
+INT8_KERNEL_MAX_ROWS = 48
 
 # tiny projections whose outputs steer everything downstream (decay, write strength, routing): kept exact
 KEEP = ("linear_attn.in_proj_a", "linear_attn.in_proj_b", "mlp.gate", "shared_expert_gate")
