@@ -12,3 +12,5 @@ if [[ "${1:-}" == "--test" ]]; then
 else
   pip install -q -e '.[serve]'
 fi
+# build the native CPU kernels now rather than on the first request (PyTorch is used where they cannot build)
+python -c "import qwen35.kernels as k; n = k.native(); print('native kernels:', n.isa if n else 'unavailable, using PyTorch')"

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model.context import ForwardContext, LinearMix, sdpa
+from ..model.context import ForwardContext, LinearMixer, sdpa
 from .cache import HybridCache
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
@@ -82,23 +82,19 @@ class PagedContext(ForwardContext):
             out[:, seg.start:seg.start + seg.length] = o.transpose(1, 2)
         return out
 
-    def linear_mix(self, layer, mix: LinearMix, qkv, g, beta):
+    def linear_mix(self, layer, mixer: LinearMixer, qkv, g, beta):
         slots = self.cache.slots
         windows, states = slots.windows[layer], slots.states[layer]
         parts = []
         nd = self.num_decodes
-        if nd:
-            idx = self.slots[:nd]
-            o, w, s = mix(qkv[0, :nd, None], g[0, :nd, None], beta[0, :nd, None], windows.index_select(0, idx),
-                          states.index_select(0, idx))
-            windows.index_copy_(0, idx, w.to(windows.dtype))
-            states.index_copy_(0, idx, s.to(states.dtype))
-            parts.append(o[:, 0][None])
+        if nd:  # every decode token in one in-place step on the pools
+            parts.append(mixer.mix_step_(qkv[0, :nd], g[0, :nd], beta[0, :nd], windows, states,
+                                         self.slots[:nd])[None])
         for seg, slot in zip(self.segments[nd:], self.slots[nd:].tolist()):
             sl = slice(seg.start, seg.start + seg.length)
             fresh = seg.past == 0  # a new sequence starts from zero state, never from what the slot held
-            o, w, s = mix(qkv[:, sl], g[:, sl], beta[:, sl], None if fresh else windows[slot:slot + 1],
-                          None if fresh else states[slot:slot + 1])
+            o, w, s = mixer.mix(qkv[:, sl], g[:, sl], beta[:, sl], None if fresh else windows[slot:slot + 1],
+                                None if fresh else states[slot:slot + 1])
             windows[slot] = w[0].to(windows.dtype)
             states[slot] = s[0].to(states.dtype)
             parts.append(o)

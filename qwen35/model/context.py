@@ -4,8 +4,9 @@ The model holds no request state.  Each layer computes its projections over ever
 hands the sequence-mixing step to the context:
 
 * ``attend(layer, q, k, v)`` — store this call's keys/values and attend over everything cached;
-* ``linear_mix(layer, mix, qkv, g, beta)`` — run the DeltaNet conv + delta rule ``mix`` from each sequence's
-  saved (conv window, recurrent state) and save the new ones.
+* ``linear_mix(layer, mixer, qkv, g, beta)`` — run the DeltaNet conv + delta rule (``mixer.mix``) from each
+  sequence's saved (conv window, recurrent state) and save the new ones; a context whose states live in a pool
+  may instead let ``mixer.mix_step_`` update one decode token in place.
 
 ``DenseContext`` serves the model API: a [B, T] batch in lock-step, optionally left-padded, with a contiguous
 ``SequenceCache``.  The engine provides a paged context with the same two methods.
@@ -14,14 +15,27 @@ hands the sequence-mixing step to the context:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-# mix(qkv [b, t, C], g [b, t, Hv], beta [b, t, Hv], window | None, state | None) -> (o [b, t, Hv, dv], window, state)
-LinearMix = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+class LinearMixer(Protocol):
+    """The stateful half of a DeltaNet layer (qwen35.model.deltanet.GatedDeltaNet implements it)."""
+
+    def mix(self, qkv: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, window: torch.Tensor | None,
+            state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """qkv [b, t, C], g/beta [b, t, Hv], window/state or None (zeros) -> (o [b, t, Hv, dv], window, state)."""
+        ...
+
+    def mix_step_(self, qkv: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, windows: torch.Tensor,
+                  states: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """One token for n sequences whose windows/states are rows ``slots`` of pools, updated in place:
+        qkv [n, C], g/beta [n, Hv] -> o [n, Hv, dv]."""
+        ...
 
 
 class ForwardContext(ABC):
@@ -33,7 +47,7 @@ class ForwardContext(ABC):
         """q [B, T, H, d], k/v [B, T, Hkv, d] (RoPE applied) -> o [B, T, H, d]."""
 
     @abstractmethod
-    def linear_mix(self, layer: int, mix: LinearMix, qkv: torch.Tensor, g: torch.Tensor,
+    def linear_mix(self, layer: int, mixer: LinearMixer, qkv: torch.Tensor, g: torch.Tensor,
                    beta: torch.Tensor) -> torch.Tensor:
         """qkv [B, T, C] before the conv, g/beta [B, T, Hv] -> o [B, T, Hv, dv]; saves the new state."""
 
@@ -93,10 +107,10 @@ class DenseContext(ForwardContext):
         o = sdpa(q, k, v, self.attention_mask(k.shape[2]), causal=q.shape[2] > 1)
         return o.transpose(1, 2)
 
-    def linear_mix(self, layer, mix, qkv, g, beta):
+    def linear_mix(self, layer, mixer, qkv, g, beta):
         c = self.cache
         window, state = (c.windows.get(layer), c.states.get(layer)) if c is not None else (None, None)
-        o, window, state = mix(qkv, g, beta, window, state)
+        o, window, state = mixer.mix(qkv, g, beta, window, state)
         if c is not None:
             c.windows[layer], c.states[layer] = window, state
         return o

@@ -15,9 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwen35.kernels import native
+
 from ..config import TextConfig
 from .context import ForwardContext
-from .gated_delta_rule import gated_delta_rule_chunked, gated_delta_rule_recurrent
+from .gated_delta_rule import (
+    gated_delta_rule_chunked,
+    gated_delta_rule_recurrent,
+    l2_normalize,
+)
 from .linear import Linear
 from .norm import GatedRMSNorm
 
@@ -69,7 +75,7 @@ class GatedDeltaNet(nn.Module):
         g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias.float())
         if valid is not None:
             beta, g = beta * valid[..., None], g * valid[..., None]
-        o = ctx.linear_mix(self.layer_idx, self.mix, qkv, g, beta)
+        o = ctx.linear_mix(self.layer_idx, self, qkv, g, beta)
         z = self.in_proj_z(x).view(B, T, self.n_v, self.dv)
         return self.out_proj(self.norm(o, z).reshape(B, T, self.value_dim))
 
@@ -85,3 +91,25 @@ class GatedDeltaNet(nn.Module):
         rule = gated_delta_rule_recurrent if t == 1 else gated_delta_rule_chunked
         o, state = rule(q, k, v, g, beta, state)
         return o, window, state
+
+    def mix_step_(self, qkv: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, windows: torch.Tensor,
+                  states: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """One decode token for n sequences whose conv windows and recurrent states are rows ``slots`` of the
+        pools ``windows`` [P, C, K-1] and ``states`` [P, Hv, dk, dv], updated in place.  qkv [n, C],
+        g/beta [n, Hv] -> o [n, Hv, dv].  The same arithmetic as :meth:`mix` with t = 1."""
+        kernels = native() if states.device.type == "cpu" and states.dtype == torch.float32 \
+            and states.is_contiguous() and not torch.is_grad_enabled() else None
+        if kernels is None:  # gather, step, scatter
+            o, w, s = self.mix(qkv[:, None], g[:, None], beta[:, None], windows.index_select(0, slots),
+                               states.index_select(0, slots))
+            windows.index_copy_(0, slots, w.to(windows.dtype))
+            states.index_copy_(0, slots, s.to(states.dtype))
+            return o[:, 0]
+        n = qkv.shape[0]
+        act, w = causal_conv1d(qkv[:, :, None], self.conv1d.weight, windows.index_select(0, slots))
+        windows.index_copy_(0, slots, w.to(windows.dtype))
+        q, k, v = act[:, :, 0].split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        q = l2_normalize(q.float().reshape(n, self.n_k, self.dk)) * self.dk ** -0.5
+        k = l2_normalize(k.float().reshape(n, self.n_k, self.dk))
+        o = kernels.gated_delta_step_(states, slots, q, k, v.reshape(n, self.n_v, self.dv), g, beta)
+        return o.to(qkv.dtype)

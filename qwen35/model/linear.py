@@ -1,10 +1,16 @@
 """Linear layers that pick the fastest exact-enough CPU path for bf16 weights.
 
-On x86 CPUs without native bf16 arithmetic (no AVX512-BF16 / AMX), PyTorch emulates bf16 matmuls at about a
-third of its float32 speed.  For a matrix-matrix product (a prompt chunk, a batch of decodes) it is then
-faster to widen the weight to float32 on the fly (one pass over the weight) and multiply in float32 — which is
-also more accurate.  A matrix-vector product (one decode token) is bound by reading the weight, so it stays in
-bf16.  The decision is per call, by the number of rows.
+On x86 CPUs without native bf16 arithmetic (no AVX512-BF16 / AMX), PyTorch emulates bf16 matmuls at a fraction
+of its float32 speed.  Three regimes, chosen per call by the number of activation rows:
+
+* few rows (decode steps, small batches): the native kernel (qwen35.kernels, built at first use) streams the
+  bf16 weight once, widens it in registers and multiplies in float32 — memory-bound at one row, 2-5x PyTorch;
+* many rows (prompt chunks): widen the whole weight to float32 once and use PyTorch's float32 matmul, whose
+  cost is then dominated by the arithmetic it does well;
+* no native kernel: PyTorch's bf16 matmul below ``UPCAST_MIN_ROWS`` rows, widening above.
+
+Both widened paths accumulate in float32, so they are at least as accurate as the bf16 matmul they replace.
+Gradients never take the native path (it has no backward).
 """
 
 from __future__ import annotations
@@ -16,9 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# rows at and above which widening to float32 beats an emulated bf16 matmul (measured on 2-core AVX-512
-# machines, 1 thread: bf16 wins below ~24 rows, widening is 1.8x faster at 64 rows and 3x at 256)
+from qwen35.kernels import native
+
+# rows at and above which widening to float32 beats an emulated bf16 matmul (2-core AVX-512 machine, 1 thread:
+# bf16 wins below ~24 rows, widening is 1.8x faster at 64 rows and 3x at 256)
 UPCAST_MIN_ROWS = 32
+# rows below which the native kernel beats widening (same machine; see benchmarks/RESULTS.md)
+NATIVE_MAX_ROWS = 48
 
 
 @functools.cache
@@ -33,9 +43,18 @@ def cpu_has_native_bf16() -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    if (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() >= UPCAST_MIN_ROWS * x.shape[-1]
-            and not cpu_has_native_bf16()):
-        return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+    if weight.dtype == torch.bfloat16 and x.device.type == "cpu" and not cpu_has_native_bf16():
+        rows = x.numel() // max(x.shape[-1], 1)
+        if rows < NATIVE_MAX_ROWS and weight.is_contiguous() and not (
+                torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+            kernels = native()
+            if kernels is not None:
+                y = kernels.linear_bf16(x, weight)
+                if bias is not None:
+                    y += bias
+                return y.to(x.dtype)
+        if x.dtype == torch.bfloat16 and rows >= UPCAST_MIN_ROWS:
+            return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
     return F.linear(x, weight, bias)
 
 

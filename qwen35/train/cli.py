@@ -73,6 +73,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bf16", action="store_true", dest="bf16_autocast",
                    help="bf16 autocast (slower on CPUs without bf16 matrix units)")
     p.add_argument("--threads", type=int, help="torch threads")
+    p.add_argument("--device", help="where to train: cpu (default), cuda, cuda:N")
     p.add_argument("--save-dtype", choices=["float32", "bfloat16"], help="dtype of the final checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--eval", action="store_true",
@@ -81,7 +82,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 _OVERRIDES = ("steps", "batch_size", "grad_accum", "seq_len", "lr", "min_lr", "warmup_steps", "weight_decay",
               "grad_clip", "mtp_loss_weight", "hidden_source", "eval_every", "eval_batches", "save_every", "seed",
-              "n_train", "n_held_out", "vocab_size", "threads", "save_dtype")
+              "n_train", "n_held_out", "vocab_size", "threads", "save_dtype", "device")
 
 
 def config_from_args(args: argparse.Namespace):

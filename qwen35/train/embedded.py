@@ -84,7 +84,7 @@ EMBEDDED_MIX: dict[str, float] = {
     "story": 0.4, "chat": 0.3, "text": 0.4,
 }
 
-DEFAULT_STEPS = 1800
+DEFAULT_STEPS = 2400
 
 
 def recipe_config(out_dir: str | Path, steps: int = DEFAULT_STEPS, threads: int | None = 2, **overrides: Any
@@ -111,7 +111,7 @@ def run_recipe(out_dir: str | Path, steps: int = DEFAULT_STEPS, threads: int | N
     report: dict[str, Any] = {"train_seconds": result.seconds, "tokens_per_second": result.tokens_per_second,
                               "final_eval_loss": result.evals[-1] if result.evals else None}
     if evaluate_after and result.model_dir is not None:
-        report.update(evaluate(result.model_dir, per_task=eval_per_task))
+        report.update(evaluate(result.model_dir, per_task=eval_per_task, device=cfg.device))
     (Path(out_dir) / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
@@ -130,7 +130,8 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], stop_ids: Sequence[
     a :class:`SequenceCache` (each row gets the tokens it would get alone)."""
     from qwen35.model import SequenceCache
 
-    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long)
+    device = next(model.parameters()).device
+    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[list[int]] = [[] for _ in prompts]
     for b in range(0, len(order), batch_size):
@@ -143,14 +144,15 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], stop_ids: Sequence[
             ids[r, L - len(p):] = p
             mask[r, L - len(p):] = 1
         cache = SequenceCache()
-        out = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)
-        done = torch.zeros(len(rows), dtype=torch.bool)
+        out = model(ids.to(device), attention_mask=mask.to(device), cache=cache, logits_to_keep=1)
+        done = torch.zeros(len(rows), dtype=torch.bool, device=device)
         gen: list[list[int]] = [[] for _ in rows]
         for _ in range(max_new_tokens):
             nxt = out.logits[:, -1].argmax(-1)
+            picked, finished = nxt.tolist(), done.tolist()
             for r in range(len(rows)):
-                if not done[r]:
-                    gen[r].append(int(nxt[r]))
+                if not finished[r]:
+                    gen[r].append(picked[r])
             done |= torch.isin(nxt, stop)
             if bool(done.all()):
                 break
@@ -160,18 +162,22 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], stop_ids: Sequence[
     return results
 
 
-def _held_out(task: str, n: int) -> list[dict[str, Any]]:
-    """n held-out examples of one task, one per problem (thinking mode is set by the caller)."""
-    from qwen35.train.data import generate_split
+def _held_out(task: str, n: int, max_rounds: int = 200) -> list[dict[str, Any]]:
+    """Up to n held-out examples of one task, one per problem (thinking mode is set by the caller).  Tasks
+    with few distinct problems (a word list of a few hundred entries) may hold out fewer than n: the
+    evaluation then uses all of them and reports the count."""
+    from qwen35.train.data import generate_examples, is_held_out
 
-    _, held = generate_split(0, 2 * n, EVAL_SEED, {task: 1.0})
     seen, out = set(), []
-    for ex in held:
-        key = tuple(ex["keys"])
-        if key not in seen:
-            seen.add(key)
-            out.append(ex)
-    return out[:n]
+    for round_ in range(max_rounds):
+        for ex in generate_examples(256, EVAL_SEED * 1_000_003 + round_, {task: 1.0}):
+            key = tuple(ex["keys"])
+            if is_held_out(ex) and key not in seen:
+                seen.add(key)
+                out.append(ex)
+                if len(out) == n:
+                    return out
+    return out
 
 
 def check_tool_calls(calls, tools: Sequence[Mapping[str, Any]]) -> bool:
@@ -208,7 +214,7 @@ def _expected_calls(message: Mapping[str, Any]) -> list[tuple[str, dict[str, Any
 
 def evaluate(model_dir: str | Path, per_task: int = 50, tasks: Sequence[str] | None = None,
              max_new_tokens: int = 384, mtp_examples: int = 200, batch_size: int = 32,
-             hidden_source: str | None = None) -> dict[str, Any]:
+             hidden_source: str | None = None, device: str = "cpu") -> dict[str, Any]:
     """Held-out evaluation of a trained checkpoint folder (see the module docstring for the metrics).
 
     Returns ``{"exact_match": {task: rate}, "exact_match_mean": ..., "tool_calls": {...}, "mtp": {...},
@@ -220,7 +226,7 @@ def evaluate(model_dir: str | Path, per_task: int = 50, tasks: Sequence[str] | N
 
     t0 = time.perf_counter()
     model_dir = Path(model_dir)
-    model = qwen35.load_model(model_dir, dtype="float32").eval()
+    model = qwen35.load_model(model_dir, dtype="float32").eval().to(device)
     tok = Tokenizer(model_dir)
     raw_tok = _raw_tokenizer(model_dir)
     stop = sorted(tok.stop_token_ids)
@@ -257,6 +263,7 @@ def evaluate(model_dir: str | Path, per_task: int = 50, tasks: Sequence[str] | N
             got = [(c.name, json.loads(c.arguments)) for c in calls]
             exact_calls.setdefault(task, []).append(got == _expected_calls(first))
     report["exact_match"] = {t: sum(v) / len(v) for t, v in hits.items()}
+    report["problems"] = {t: len(v) for t, v in hits.items()}
     report["exact_match_mean"] = sum(report["exact_match"].values()) / max(len(report["exact_match"]), 1)
     report["tool_calls"] = {
         "well_formed": {t: sum(v) / len(v) for t, v in formed.items()},
@@ -264,6 +271,8 @@ def evaluate(model_dir: str | Path, per_task: int = 50, tasks: Sequence[str] | N
     }
     report["n_per_task"] = per_task
     head = load_mtp(model, hidden_source or _saved_hidden_source(model_dir))
+    if head is not None:
+        head.to(device)
     if head is not None and mtp_examples > 0:
         report["mtp"] = mtp_acceptance(model, head, raw_tok, mtp_examples)
     report["seconds"] = time.perf_counter() - t0
@@ -312,13 +321,13 @@ def mtp_acceptance(model, head, tok, n_examples: int = 200, examples: Sequence[d
         ids, mask = encode_with_mask(tok, text, spans)
         if len(ids) < 3:
             continue
-        x = torch.tensor([ids])
+        x = torch.tensor([ids], device=next(model.parameters()).device)
         out = model(x)
         logits2, _ = head.draft(model, out.hidden_states[:, :-2], x[:, 1:-1])
         draft = logits2[0].argmax(-1)  # predictions of tokens 2..T-1
         truth = x[0, 2:]
         main = out.logits[0, 1:-1].argmax(-1)  # the main model's prediction of the same tokens
-        m = torch.tensor(mask[2:], dtype=torch.bool)
+        m = torch.tensor(mask[2:], dtype=torch.bool, device=x.device)
         sums["truth"] += int((draft == truth).sum())
         sums["main"] += int((draft == main).sum())
         sums["truth_a"] += int(((draft == truth) & m).sum())
@@ -402,6 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True, metavar="DIR", help="run folder; the checkpoint goes to DIR/model")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"optimiser steps (default {DEFAULT_STEPS})")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--device", default="cpu", help="where to train and evaluate: cpu (default), cuda, cuda:N")
     p.add_argument("--resume", action="store_true", help="continue the run saved in DIR/checkpoint")
     p.add_argument("--no-eval", action="store_true", help="train only")
     p.add_argument("--eval-only", action="store_true", help="only evaluate DIR/model")
@@ -413,11 +423,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     if args.eval_only:
         torch.set_num_threads(args.threads)
-        report = evaluate(out / "model", per_task=args.per_task)
+        report = evaluate(out / "model", per_task=args.per_task, device=args.device)
         (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
     else:
         report = run_recipe(out, args.steps, args.threads, resume=args.resume, evaluate_after=not args.no_eval,
-                            eval_per_task=args.per_task)
+                            eval_per_task=args.per_task, device=args.device)
     if args.compare_mtp_sources:
         report["mtp_hidden_sources"] = compare_mtp_hidden_sources(out / "model", args.compare_mtp_sources,
                                                                   threads=args.threads)

@@ -133,12 +133,13 @@ class TrainConfig:
     think_prob: float = 0.5  # share of chat examples with thinking on
     init_std: float = 0.02
     threads: int | None = None  # torch.set_num_threads (resume-safe); None = leave as is
+    device: str = "cpu"  # where the model trains: "cpu", "cuda", "cuda:1", ... (resume-safe)
     save_dtype: str = "float32"  # dtype of the final checkpoint folder: float32 or bfloat16
     progress: bool = True  # tqdm bar (resume-safe)
 
     # fields that may differ between the run that saved a state and the one that resumes it
     RESUME_SAFE = ("steps", "eval_every", "save_every", "out_dir", "threads", "progress", "eval_batches",
-                   "save_dtype")
+                   "save_dtype", "device")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -169,6 +170,12 @@ class TrainConfig:
             raise ValueError(f"need 0 <= min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
         if self.save_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"save_dtype must be float32 or bfloat16, got {self.save_dtype!r}")
+        try:
+            dev = torch.device(self.device)
+        except RuntimeError as e:
+            raise ValueError(f"device {self.device!r} is not a torch device ({e})") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r}: this PyTorch build sees no CUDA GPU")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -252,6 +259,9 @@ class Batch:
     @property
     def tokens(self) -> int:
         return int(self.valid.sum())
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(self.ids.to(device), self.loss_mask.to(device), self.valid.to(device))
 
 
 def encode_examples(tok, examples: Sequence[dict[str, Any]], seq_len: int) -> TokenizedSet:
@@ -398,7 +408,7 @@ def forward_losses(model: Qwen35ForCausalLM, head: MTPHead | None, batch: Batch,
     logits at a fraction of the cost: chat data has a loss mask on about a third of the tokens."""
     cfg = model.text_config
     T = batch.ids.shape[1]
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast(batch.ids.device.type, dtype=torch.bfloat16, enabled=autocast):
         out = model(batch.ids, logits_to_keep=1)
         keep = batch.loss_mask[:, 1:]  # position t predicts token t+1
         main_sum, main_n, logits = selected_loss(out.hidden_states[:, :-1], keep, batch.ids[:, 1:],
@@ -537,6 +547,11 @@ class Trainer:
         self.head = MTPHead(self.model.text_config, cfg.hidden_source) if cfg.mtp_loss_weight > 0 else None
         if self.head is not None:
             init_weights(self.head, cfg.init_std)
+        # initialised on the CPU whatever the device, so a run starts from the same weights everywhere
+        self.device = torch.device(cfg.device)
+        self.model.to(self.device)
+        if self.head is not None:
+            self.head.to(self.device)
         self.model.train()
         if self.head is not None:
             self.head.train()
@@ -544,7 +559,8 @@ class Trainer:
         self.optimizer = make_optimizer(self.params, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, self.cfg))
         self.stream = BatchStream(self.data.train, cfg.batch_size, cfg.seed, self.data.pad_id)
-        self.eval_set = eval_batches(self.data.held_out, cfg.batch_size, cfg.eval_batches, self.data.pad_id)
+        self.eval_set = [b.to(self.device) for b in
+                         eval_batches(self.data.held_out, cfg.batch_size, cfg.eval_batches, self.data.pad_id)]
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.evals: list[dict[str, Any]] = []
@@ -564,7 +580,7 @@ class Trainer:
 
     def train_step(self) -> dict[str, Any]:
         cfg = self.cfg
-        batches = [self.stream[self.step * cfg.grad_accum + j] for j in range(cfg.grad_accum)]
+        batches = [self.stream[self.step * cfg.grad_accum + j].to(self.device) for j in range(cfg.grad_accum)]
         n_main = sum(int(b.loss_mask[:, 1:].sum()) for b in batches)
         n_mtp = sum(int(b.loss_mask[:, 2:].sum()) for b in batches)
         coef = cfg.router_aux_loss_coef if cfg.router_aux_loss_coef is not None else \
@@ -707,13 +723,13 @@ class Trainer:
             shutil.rmtree(folder)
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.cfg.save_dtype]
         model = self.model
-        if dtype != torch.float32:  # a copy: the training model stays float32
-            model = copy.deepcopy(model).to(dtype)
+        if dtype != torch.float32 or self.device.type != "cpu":  # a copy: the training model stays as it is
+            model = copy.deepcopy(model).to("cpu", dtype)
             from qwen35.checkpoint import KEEP_FP32
             for name, p in model.named_parameters():
                 if name.endswith(KEEP_FP32):  # decay rates stay float32, as official checkpoints store A_log
                     p.data = p.data.float()
-        model.extra_tensors = {k: v.to(dtype) for k, v in self.head.official_state_dict().items()} \
+        model.extra_tensors = {k: v.to("cpu", dtype) for k, v in self.head.official_state_dict().items()} \
             if self.head is not None else {}
         try:
             model.save_pretrained(folder)

@@ -14,6 +14,16 @@ from qwen35.memory import kv_bytes_per_token, state_bytes_per_sequence
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
+@pytest.fixture(params=["native", "torch"])
+def kernels_switch(request, monkeypatch):
+    """Run a test with the native kernels (the default where they build) and with PyTorch alone."""
+    import qwen35.kernels as kernels
+    monkeypatch.setenv(kernels.ENV_SWITCH, "1" if request.param == "native" else "0")
+    kernels.reset()
+    yield request.param
+    kernels.reset()
+
+
 def solo_greedy(model, prompt: list[int], n: int) -> list[int]:
     """Reference: the full forward over the whole sequence at every step (no cache at all)."""
     ids, out = list(prompt), []
@@ -45,7 +55,7 @@ def cache_bytes(model, blocks: int, block_size: int, seqs: int) -> int:
 
 
 @pytest.mark.parametrize("chunk", [7, 64])
-def test_batch_equals_solo_around_every_boundary(model, chunk):
+def test_batch_equals_solo_around_every_boundary(model, chunk, kernels_switch):
     # block size 8, chunk budget 7 or 64: lengths straddle 1, 2, chunk±1, block±1 and several chunks
     lengths = [1, 2, 6, 7, 8, 9, 15, 16, 17, 63, 65, 130]
     prompts = prompts_of(lengths)
@@ -89,7 +99,7 @@ def test_forced_preemption_recomputes_exactly(model):
     assert eng.cache.usage() == {"blocks_total": 14, "blocks_used": 0, "slots_total": 4, "slots_used": 0}
 
 
-def test_garbage_in_pools_never_leaks(model):
+def test_garbage_in_pools_never_leaks(model, kernels_switch):
     eng = LLMEngine(model, None, EngineConfig(max_num_seqs=2, max_num_batched_tokens=16, block_size=4))
     for pool in (eng.cache.kv.keys, eng.cache.kv.values, eng.cache.slots.windows, eng.cache.slots.states):
         for t in pool.values():

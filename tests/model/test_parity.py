@@ -137,3 +137,21 @@ def test_bfloat16_error_no_worse_than_transformers_bfloat16(pair):
     ref_err = (hf_logits(ref_bf16, ids).float() - truth).abs().max().item()
     scale = truth.abs().max().item()
     assert ours_err <= 1.5 * ref_err + 0.02 * scale, (ours_err, ref_err, scale)
+
+
+def test_bfloat16_decode_steps_error_no_worse_than_transformers_bfloat16(pair):
+    """One-token decode steps take the few-row bf16 path (the native kernel where it builds): their logits stay
+    as close to the fp32 truth as transformers' own bf16 forward of the same positions."""
+    ref, _, path = pair
+    ids = torch.randint(0, 160, (1, 40), generator=torch.Generator().manual_seed(7))
+    truth = hf_logits(ref, ids)[:, 32:]
+    ours = qwen35.load_model(path, dtype="bfloat16")
+    ref_bf16 = type(ref).from_pretrained(path, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        cache = SequenceCache()
+        ours(ids[:, :32], cache=cache)
+        steps = torch.cat([ours(ids[:, t:t + 1], cache=cache).logits for t in range(32, 40)], dim=1)
+    ours_err = (steps.float() - truth).abs().max().item()
+    ref_err = (hf_logits(ref_bf16, ids)[:, 32:].float() - truth).abs().max().item()
+    scale = truth.abs().max().item()
+    assert ours_err <= 1.5 * ref_err + 0.02 * scale, (ours_err, ref_err, scale)

@@ -1,0 +1,177 @@
+"""Native CPU kernels, compiled at first use with the host C compiler and called through ctypes.
+
+Only what PyTorch lacks on common CPUs lives here: a bf16-weight × float32-activation product for the few-row
+matmuls of decoding (gemm_bf16.c) and an in-place decode step of the gated delta rule on the slot pool
+(gated_delta_step.c); each source says why it exists.  The library is built once per source version and CPU into the
+cache folder (``$QWEN35_CACHE`` or ``~/.cache/qwen35``), then loaded.  Without a compiler, on a CPU it does not
+fit, or with ``QWEN35_NATIVE_KERNELS=0``, :func:`native` returns ``None`` and callers use PyTorch; nothing
+requires the kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCES = [Path(__file__).with_name(n) for n in ("gemm_bf16.c", "gated_delta_step.c")]
+ENV_SWITCH = "QWEN35_NATIVE_KERNELS"
+
+
+class NativeKernels:
+    """The loaded library with typed entry points."""
+
+    def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
+        self.path = path
+        lib.q35_isa.restype = ctypes.c_char_p
+        lib.q35_isa.argtypes = []
+        self.isa = lib.q35_isa().decode()
+        f = lib.q35_linear_bf16
+        f.restype = ctypes.c_int
+        f.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                      ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+        self._linear_bf16 = f
+        s = lib.q35_gated_delta_step
+        s.restype = ctypes.c_int
+        s.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 6 + [ctypes.c_int]
+        self._gated_delta_step = s
+
+    def linear_bf16(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``x @ weight.T`` in float32 for a bf16 ``weight`` [N, K] and any-float ``x`` [..., K]."""
+        if weight.dtype != torch.bfloat16 or weight.dim() != 2 or not weight.is_contiguous():
+            raise ValueError(f"linear_bf16 needs a contiguous 2-D bf16 weight, got {weight.dtype} "
+                             f"{tuple(weight.shape)} (contiguous={weight.is_contiguous()})")
+        N, K = weight.shape
+        if x.shape[-1] != K:
+            raise ValueError(f"linear_bf16: activation has {x.shape[-1]} features, weight expects {K}")
+        x2 = x.reshape(-1, K).to(torch.float32).contiguous()
+        M = x2.shape[0]
+        y = torch.empty(M, N, dtype=torch.float32)
+        if M:
+            rc = self._linear_bf16(x2.data_ptr(), K, weight.data_ptr(), y.data_ptr(), N, M, N, K,
+                                   torch.get_num_threads())
+            if rc != 0:
+                raise RuntimeError(f"q35_linear_bf16 rejected M={M} N={N} K={K}")
+        return y.reshape(*x.shape[:-1], N)
+
+
+    def gated_delta_step_(self, states: torch.Tensor, slots: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                          v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        """One token of the gated delta rule for n sequences, updating ``states[slots]`` in place.
+
+        states [P, Hv, dk, dv] float32 (a slot pool); slots [n] int64; q, k [n, Hk, dk] L2-normalised (q scaled
+        by dk^-1/2); v [n, Hv, dv]; g, beta [n, Hv].  Returns o [n, Hv, dv] float32."""
+        if states.dtype != torch.float32 or states.dim() != 4 or not states.is_contiguous():
+            raise ValueError("gated_delta_step_ needs a contiguous float32 state pool [P, Hv, dk, dv]")
+        P, Hv, dk, dv = states.shape
+        n, Hk = k.shape[0], k.shape[1]
+        if q.shape != (n, Hk, dk) or k.shape != (n, Hk, dk) or v.shape != (n, Hv, dv) or g.shape != (n, Hv) \
+                or beta.shape != (n, Hv) or slots.shape != (n,):
+            raise ValueError(f"gated_delta_step_: inconsistent shapes q {tuple(q.shape)} k {tuple(k.shape)} "
+                             f"v {tuple(v.shape)} g {tuple(g.shape)} beta {tuple(beta.shape)} slots "
+                             f"{tuple(slots.shape)} for states {tuple(states.shape)}")
+        slots = slots.to(torch.int64).contiguous()
+        if n and (int(slots.min()) < 0 or int(slots.max()) >= P):
+            raise ValueError(f"gated_delta_step_: slot index out of range 0..{P - 1}")
+        q, k, v, g, beta = (x.to(torch.float32).contiguous() for x in (q, k, v, g, beta))
+        out = torch.empty(n, Hv, dv, dtype=torch.float32)
+        if n:
+            rc = self._gated_delta_step(states.data_ptr(), slots.data_ptr(), n, Hk, Hv, dk, dv, q.data_ptr(),
+                                        k.data_ptr(), v.data_ptr(), g.data_ptr(), beta.data_ptr(), out.data_ptr(),
+                                        torch.get_num_threads())
+            if rc != 0:
+                raise RuntimeError(f"q35_gated_delta_step rejected Hk={Hk} Hv={Hv} dk={dk} dv={dv}")
+        return out
+
+
+_lock = threading.Lock()
+_loaded: NativeKernels | None = None
+_tried = False
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("QWEN35_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "qwen35"
+
+
+def _cpu_signature() -> str:
+    # -march=native output depends on the CPU: key the build on its model and flags
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        model = next((ln for ln in info.splitlines() if ln.startswith("model name")), "")
+        flags = next((ln for ln in info.splitlines() if ln.startswith("flags")), "")
+        return model + flags
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _compiler() -> str | None:
+    for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if cc and shutil.which(cc):
+            return cc
+    return None
+
+
+def build(force: bool = False) -> Path:
+    """Compile the library into the cache folder (atomically) and return its path; raises on failure."""
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
+    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join([cc, *flags]).encode()
+                         + _cpu_signature().encode())
+    out = cache_dir() / "kernels" / f"qwen35_kernels_{key.hexdigest()[:16]}.so"
+    if out.exists() and not force:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        tmp_out = Path(tmp) / out.name
+        proc = subprocess.run([cc, *flags, *map(str, SOURCES), "-o", str(tmp_out), "-lm"], capture_output=True, check=False,
+                              text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cc} failed to build the native kernels:\n{proc.stderr.strip()[-2000:]}")
+        os.replace(tmp_out, out)  # other processes see either no library or a whole one
+    return out
+
+
+def native() -> NativeKernels | None:
+    """The kernels, built and loaded on first call; ``None`` where they are off or cannot be built."""
+    global _loaded, _tried
+    if _tried:
+        return _loaded
+    with _lock:
+        if _tried:
+            return _loaded
+        if os.environ.get(ENV_SWITCH, "1") in ("0", "false", "off", "no"):
+            log.info("native kernels disabled by %s", ENV_SWITCH)
+        elif platform.machine() not in ("x86_64", "AMD64"):
+            log.info("native kernels are written for x86-64; using PyTorch on %s", platform.machine())
+        else:
+            try:
+                path = build()
+                _loaded = NativeKernels(ctypes.CDLL(str(path)), path)
+            except (RuntimeError, OSError) as e:
+                log.warning("native kernels unavailable, using PyTorch: %s", e)
+        _tried = True
+        return _loaded
+
+
+def reset() -> None:
+    """Forget the loaded state so the next :func:`native` call looks again (tests flip the switch)."""
+    global _loaded, _tried
+    with _lock:
+        _loaded, _tried = None, False
+
+
+__all__ = ["NativeKernels", "native", "build", "cache_dir", "reset", "ENV_SWITCH"]

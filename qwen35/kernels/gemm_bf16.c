@@ -1,0 +1,139 @@
+/* y = x · Wᵀ for bfloat16 weights and float32 activations, for the few-row products of decoding.
+ *
+ * Why this exists: on x86 CPUs without AVX512-BF16/AMX, PyTorch runs a bf16 matrix-vector product through an
+ * emulated path that reads the weight at roughly half the memory bandwidth, and a 2..32-row product (a batch of
+ * decodes) at a fraction of float32 speed.  Widening a bf16 value to float32 is one integer shift, so a kernel
+ * that streams the bf16 weight once, widens it in registers and multiplies in float32 is bound by memory at one
+ * row and by FMA throughput at sixteen.
+ *
+ * Layout: x [M, K] float32 (row stride ldx), w [N, K] bf16 (contiguous rows), y [M, N] float32 (row stride ldy).
+ * Threads split the weight rows; each thread walks its rows in blocks of NB and, for each block, the activation
+ * rows in blocks of up to MB, so the widened weight block is used MB times from registers.  Accumulation is in
+ * float32 in vector lanes, summed across lanes at the end of each dot product.
+ *
+ * Built at first use with the host compiler (-O3 -march=native); qwen35/kernels/__init__.py falls back to
+ * PyTorch when no compiler is present.
+ */
+#include <stdint.h>
+#include <string.h>
+#include <omp.h>
+#include <immintrin.h>
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define ISA "avx512"
+#define VL 16
+#define MB 8 /* 8 x 3 accumulators + 3 weight vectors + 1 activation vector = 28 of 32 registers */
+#define NB 3
+typedef __m512 vec;
+static inline vec vzero(void) { return _mm512_setzero_ps(); }
+static inline vec vload_x(const float *p) { return _mm512_loadu_ps(p); }
+static inline vec vload_w(const uint16_t *p) {
+    __m256i h = _mm256_loadu_si256((const __m256i *)p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+static inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
+#elif defined(__AVX2__) && defined(__FMA__)
+#define ISA "avx2"
+#define VL 8
+#define MB 4 /* 4 x 3 accumulators + 3 weight vectors + 1 activation vector = 16 registers */
+#define NB 3
+typedef __m256 vec;
+static inline vec vzero(void) { return _mm256_setzero_ps(); }
+static inline vec vload_x(const float *p) { return _mm256_loadu_ps(p); }
+static inline vec vload_w(const uint16_t *p) {
+    __m128i h = _mm_loadu_si128((const __m128i *)p);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline float vsum(vec v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#else
+#define ISA "scalar"
+#define VL 1
+#define MB 4
+#define NB 2
+typedef float vec;
+static inline vec vzero(void) { return 0.0f; }
+static inline vec vload_x(const float *p) { return *p; }
+static inline vec vload_w(const uint16_t *p) { return bf16_to_f32(*p); }
+static inline vec vfma(vec a, vec b, vec c) { return a * b + c; }
+static inline float vsum(vec v) { return v; }
+#endif
+
+/* One block: mb activation rows (<= MB) times nb weight rows (<= NB).  mb and nb are compile-time constants at
+ * every call site (see block()), so the accumulator array lives in registers. */
+static inline __attribute__((always_inline)) void micro(const int mb, const int nb, const float *x, int64_t ldx,
+                                                        const uint16_t *w, int64_t K, float *y, int64_t ldy) {
+    vec acc[MB][NB];
+#pragma GCC unroll 8
+    for (int i = 0; i < mb; i++)
+#pragma GCC unroll 4
+        for (int j = 0; j < nb; j++) acc[i][j] = vzero();
+    int64_t k = 0;
+    for (; k + VL <= K; k += VL) {
+        vec wv[NB];
+#pragma GCC unroll 4
+        for (int j = 0; j < nb; j++) wv[j] = vload_w(w + j * K + k);
+#pragma GCC unroll 8
+        for (int i = 0; i < mb; i++) {
+            vec xv = vload_x(x + i * ldx + k);
+#pragma GCC unroll 4
+            for (int j = 0; j < nb; j++) acc[i][j] = vfma(xv, wv[j], acc[i][j]);
+        }
+    }
+    for (int i = 0; i < mb; i++)
+        for (int j = 0; j < nb; j++) {
+            float s = vsum(acc[i][j]);
+            for (int64_t t = k; t < K; t++) s += x[i * ldx + t] * bf16_to_f32(w[j * K + t]);
+            y[i * ldy + j] = s;
+        }
+}
+
+#define CASE_NB(m, n) case n: micro(m, n, x, ldx, w, K, y, ldy); return;
+#define CASE_MB(m)                                     \
+    case m:                                            \
+        switch (nb) { CASE_NB(m, 1) CASE_NB(m, 2) CASE_NB(m, 3) } \
+        return;
+
+static void block(int mb, int nb, const float *x, int64_t ldx, const uint16_t *w, int64_t K, float *y,
+                  int64_t ldy) {
+    switch (mb) {
+        CASE_MB(1) CASE_MB(2) CASE_MB(3) CASE_MB(4)
+#if MB > 4
+        CASE_MB(5) CASE_MB(6) CASE_MB(7) CASE_MB(8)
+#endif
+    }
+}
+
+const char *q35_isa(void) { return ISA; }
+
+/* Returns 0 on success, -1 on arguments the kernel does not take (the caller checks them first). */
+int q35_linear_bf16(const float *x, int64_t ldx, const uint16_t *w, float *y, int64_t ldy, int64_t M,
+                    int64_t N, int64_t K, int threads) {
+    if (M <= 0 || N <= 0 || K <= 0 || ldx < K || ldy < N || NB > 3) return -1;
+    const int64_t nblocks = (N + NB - 1) / NB;
+    if (threads < 1) threads = 1;
+    if (threads > nblocks) threads = (int)nblocks;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < nblocks; b++) {
+        const int64_t n0 = b * NB;
+        const int nb = (int)(N - n0 < NB ? N - n0 : NB);
+        for (int64_t m0 = 0; m0 < M; m0 += MB) {
+            const int mb = (int)(M - m0 < MB ? M - m0 : MB);
+            block(mb, nb, x + m0 * ldx, ldx, w + n0 * K, K, y + m0 * ldy + n0, ldy);
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,108 @@
+"""The native bf16 kernel against a float64 product of the same bf16 weights, and the linear() dispatch."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+
+import pytest
+import torch
+
+import qwen35.kernels as kernels
+from qwen35.model import linear as linear_mod
+
+HAVE_TOOLCHAIN = platform.machine() in ("x86_64", "AMD64") and any(shutil.which(c) for c in ("cc", "gcc", "clang"))
+needs_native = pytest.mark.skipif(not HAVE_TOOLCHAIN, reason="native kernels need x86-64 and a C compiler")
+
+
+@pytest.fixture
+def native_kernels(monkeypatch):
+    monkeypatch.delenv(kernels.ENV_SWITCH, raising=False)
+    kernels.reset()
+    k = kernels.native()
+    assert k is not None, "an x86-64 machine with a C compiler must build the native kernels"
+    yield k
+    kernels.reset()
+
+
+def reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return x.double() @ w.double().T
+
+
+@needs_native
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 8, 9, 16, 17, 47])
+@pytest.mark.parametrize("N,K", [(1, 16), (2, 33), (3, 64), (7, 1), (37, 100), (64, 1024), (130, 257)])
+def test_linear_bf16_equals_float64_product(native_kernels, M, N, K):
+    g = torch.Generator().manual_seed(M * 1000 + N * 10 + K)
+    x = torch.randn(M, K, generator=g)
+    w = torch.randn(N, K, generator=g).bfloat16()
+    y = native_kernels.linear_bf16(x, w)
+    assert y.dtype == torch.float32 and y.shape == (M, N)
+    ref = reference(x, w)
+    # float32 accumulation of K products: error grows like sqrt(K) * eps * |x||w|
+    tol = 1e-6 * (K ** 0.5) * float(x.abs().max()) * float(w.float().abs().max()) * 4 + 1e-6
+    assert float((y.double() - ref).abs().max()) <= tol
+
+
+@needs_native
+def test_linear_bf16_batched_leading_dims_and_threads(native_kernels):
+    x = torch.randn(2, 3, 96).bfloat16()
+    w = torch.randn(50, 96).bfloat16()
+    old = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            outs.append(native_kernels.linear_bf16(x, w))
+    finally:
+        torch.set_num_threads(old)
+    assert outs[0].shape == (2, 3, 50)
+    assert torch.equal(outs[0], outs[1]), "splitting rows across threads must not change any result"
+    assert torch.allclose(outs[0].double(), reference(x.reshape(6, 96), w).reshape(2, 3, 50), atol=1e-4)
+
+
+@needs_native
+def test_linear_bf16_rejects_bad_arguments(native_kernels):
+    with pytest.raises(ValueError, match="bf16 weight"):
+        native_kernels.linear_bf16(torch.randn(1, 8), torch.randn(4, 8))
+    with pytest.raises(ValueError, match="features"):
+        native_kernels.linear_bf16(torch.randn(1, 9), torch.randn(4, 8).bfloat16())
+    with pytest.raises(ValueError, match="contiguous"):
+        native_kernels.linear_bf16(torch.randn(1, 8), torch.randn(8, 4).bfloat16().T)
+
+
+def test_switch_turns_the_kernels_off(monkeypatch):
+    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    kernels.reset()
+    try:
+        assert kernels.native() is None
+        x, w = torch.randn(2, 16).bfloat16(), torch.randn(4, 16).bfloat16()
+        # linear() still works, through PyTorch
+        assert torch.allclose(linear_mod.linear(x, w).float(), (x.float() @ w.float().T), atol=0.1)
+    finally:
+        kernels.reset()
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [1, 4, linear_mod.NATIVE_MAX_ROWS - 1, linear_mod.NATIVE_MAX_ROWS, 64])
+def test_linear_dispatch_matches_float32_on_every_path(native_kernels, monkeypatch, rows):
+    """Whatever path a row count takes (native, widened or PyTorch bf16), linear() of bf16 operands equals the
+    float32 product of the same bf16 values up to the final rounding to bf16."""
+    monkeypatch.setattr(linear_mod, "cpu_has_native_bf16", lambda: False)
+    x = torch.randn(rows, 256).bfloat16()
+    w = torch.randn(96, 256).bfloat16()
+    b = torch.randn(96).bfloat16()
+    y = linear_mod.linear(x, w, b)
+    ref = (x.double() @ w.double().T + b.double())
+    assert y.dtype == torch.bfloat16
+    # one bf16 rounding of the result (8 bits of mantissa) plus float32 accumulation
+    assert torch.allclose(y.double(), ref, rtol=2 ** -7, atol=1e-3)
+
+
+@needs_native
+def test_linear_with_gradients_never_takes_the_native_path(native_kernels, monkeypatch):
+    monkeypatch.setattr(linear_mod, "cpu_has_native_bf16", lambda: False)
+    w = torch.randn(8, 16, dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(1, 16, dtype=torch.bfloat16)
+    linear_mod.linear(x, w).float().sum().backward()
+    assert w.grad is not None and torch.allclose(w.grad.float(), x.float().expand(8, 16), atol=1e-2)
