@@ -32,7 +32,20 @@ def test_shipped_with_every_text_feature():
 def test_thinks_then_answers_in_the_trained_format(llm):
     r = llm.chat([{"role": "user", "content": "What is 47 + 38?"}], qwen35.SamplingParams(temperature=0, max_tokens=200))
     assert "digit by digit" in r.reasoning and r.finish_reason == "stop"
-    assert re.fullmatch(r"The answer is -?\d+\.", r.content)
+    assert r.content == "The answer is 85."
+
+
+def test_adds_held_out_two_digit_numbers(llm):
+    """Problems the training never saw (the held-out split is a hash of the problem): the shipped model scored
+    100% on 50 of them (benchmarks/RESULTS.md); here 8 spread over the range, greedy, thinking on."""
+    from qwen35.train.data import is_held_out_key
+
+    held = [(a, b) for a in range(10, 100) for b in range(10, 100) if is_held_out_key(f"add:{a}+{b}", 0.1)]
+    pairs = held[::97]
+    outs = llm.chat([[{"role": "user", "content": f"What is {a} + {b}?"}] for a, b in pairs],
+                    qwen35.SamplingParams(temperature=0, max_tokens=200))
+    right = [o.content == f"The answer is {a + b}." for o, (a, b) in zip(outs, pairs)]
+    assert sum(right) >= 7, list(zip(pairs, [o.content for o in outs]))
 
 
 def test_thinking_off_answers_directly(llm):

@@ -39,30 +39,38 @@ class NativeKernels:
         self.isa = lib.q35_isa().decode()
         f = lib.q35_linear_bf16
         f.restype = ctypes.c_int
-        f.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                      ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+        f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                      ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
         self._linear_bf16 = f
         s = lib.q35_gated_delta_step
         s.restype = ctypes.c_int
         s.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 6 + [ctypes.c_int]
         self._gated_delta_step = s
 
-    def linear_bf16(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """``x @ weight.T`` in float32 for a bf16 ``weight`` [N, K] and any-float ``x`` [..., K]."""
+    def linear_bf16(self, x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype = torch.float32
+                    ) -> torch.Tensor:
+        """``x @ weight.T`` for a bf16 ``weight`` [N, K] and a float ``x`` [..., K], accumulated in float32 and
+        returned as ``out_dtype`` (float32, or bf16 rounded to nearest even)."""
         if weight.dtype != torch.bfloat16 or weight.dim() != 2 or not weight.is_contiguous():
             raise ValueError(f"linear_bf16 needs a contiguous 2-D bf16 weight, got {weight.dtype} "
                              f"{tuple(weight.shape)} (contiguous={weight.is_contiguous()})")
         N, K = weight.shape
         if x.shape[-1] != K:
             raise ValueError(f"linear_bf16: activation has {x.shape[-1]} features, weight expects {K}")
-        x2 = x.reshape(-1, K).to(torch.float32).contiguous()
+        if out_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"linear_bf16 writes float32 or bfloat16, not {out_dtype}")
+        x2 = x.reshape(-1, K)
+        if x2.dtype not in (torch.float32, torch.bfloat16):
+            x2 = x2.float()
+        x2 = x2.contiguous()
         M = x2.shape[0]
-        y = torch.empty(M, N, dtype=torch.float32)
+        y = torch.empty(M, N, dtype=out_dtype)
         if M:
-            rc = self._linear_bf16(x2.data_ptr(), K, weight.data_ptr(), y.data_ptr(), N, M, N, K,
+            rc = self._linear_bf16(x2.data_ptr(), int(x2.dtype == torch.bfloat16), K, weight.data_ptr(),
+                                   y.data_ptr(), int(out_dtype == torch.bfloat16), N, M, N, K,
                                    torch.get_num_threads())
             if rc != 0:
-                raise RuntimeError(f"q35_linear_bf16 rejected M={M} N={N} K={K}")
+                raise RuntimeError(f"q35_linear_bf16 failed ({rc}) for M={M} N={N} K={K}")
         return y.reshape(*x.shape[:-1], N)
 
 

@@ -15,6 +15,7 @@
  * PyTorch when no compiler is present.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <omp.h>
 #include <immintrin.h>
@@ -24,6 +25,15 @@ static inline float bf16_to_f32(uint16_t h) {
     float f;
     memcpy(&f, &u, sizeof f);
     return f;
+}
+
+/* round to nearest even, as PyTorch's float -> bfloat16 conversion (NaN kept a quiet NaN) */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -75,7 +85,8 @@ static inline float vsum(vec v) { return v; }
 /* One block: mb activation rows (<= MB) times nb weight rows (<= NB).  mb and nb are compile-time constants at
  * every call site (see block()), so the accumulator array lives in registers. */
 static inline __attribute__((always_inline)) void micro(const int mb, const int nb, const float *x, int64_t ldx,
-                                                        const uint16_t *w, int64_t K, float *y, int64_t ldy) {
+                                                        const uint16_t *w, int64_t K, void *y, int64_t ldy,
+                                                        int y_bf16) {
     vec acc[MB][NB];
 #pragma GCC unroll 8
     for (int i = 0; i < mb; i++)
@@ -97,18 +108,21 @@ static inline __attribute__((always_inline)) void micro(const int mb, const int 
         for (int j = 0; j < nb; j++) {
             float s = vsum(acc[i][j]);
             for (int64_t t = k; t < K; t++) s += x[i * ldx + t] * bf16_to_f32(w[j * K + t]);
-            y[i * ldy + j] = s;
+            if (y_bf16)
+                ((uint16_t *)y)[i * ldy + j] = f32_to_bf16(s);
+            else
+                ((float *)y)[i * ldy + j] = s;
         }
 }
 
-#define CASE_NB(m, n) case n: micro(m, n, x, ldx, w, K, y, ldy); return;
+#define CASE_NB(m, n) case n: micro(m, n, x, ldx, w, K, y, ldy, y_bf16); return;
 #define CASE_MB(m)                                     \
     case m:                                            \
         switch (nb) { CASE_NB(m, 1) CASE_NB(m, 2) CASE_NB(m, 3) } \
         return;
 
-static void block(int mb, int nb, const float *x, int64_t ldx, const uint16_t *w, int64_t K, float *y,
-                  int64_t ldy) {
+static void block(int mb, int nb, const float *x, int64_t ldx, const uint16_t *w, int64_t K, void *y,
+                  int64_t ldy, int y_bf16) {
     switch (mb) {
         CASE_MB(1) CASE_MB(2) CASE_MB(3) CASE_MB(4)
 #if MB > 4
@@ -117,12 +131,72 @@ static void block(int mb, int nb, const float *x, int64_t ldx, const uint16_t *w
     }
 }
 
+/* One activation row (batch-1 decode) is bound by streaming the weight: 8 rows per block keep 8 independent
+ * load streams and accumulator chains in flight, and a prefetch runs PF elements ahead in each row. */
+#define GEMV_NB 8
+#define PF 1024
+static void gemv_rows(const float *x, const uint16_t *w, int64_t K, int nb, void *y, int y_bf16) {
+    vec acc[GEMV_NB];
+    for (int j = 0; j < GEMV_NB; j++) acc[j] = vzero();
+    int64_t k = 0;
+    if (nb == GEMV_NB) {
+        for (; k + VL <= K; k += VL) {
+            const vec xv = vload_x(x + k);
+#pragma GCC unroll 8
+            for (int j = 0; j < GEMV_NB; j++) {
+                if ((k & 31) == 0) __builtin_prefetch(w + j * K + k + PF, 0, 0);
+                acc[j] = vfma(xv, vload_w(w + j * K + k), acc[j]);
+            }
+        }
+    } else {
+        for (; k + VL <= K; k += VL) {
+            const vec xv = vload_x(x + k);
+            for (int j = 0; j < nb; j++) acc[j] = vfma(xv, vload_w(w + j * K + k), acc[j]);
+        }
+    }
+    for (int j = 0; j < nb; j++) {
+        float s = vsum(acc[j]);
+        for (int64_t t = k; t < K; t++) s += x[t] * bf16_to_f32(w[j * K + t]);
+        if (y_bf16)
+            ((uint16_t *)y)[j] = f32_to_bf16(s);
+        else
+            ((float *)y)[j] = s;
+    }
+}
+
 const char *q35_isa(void) { return ISA; }
 
-/* Returns 0 on success, -1 on arguments the kernel does not take (the caller checks them first). */
-int q35_linear_bf16(const float *x, int64_t ldx, const uint16_t *w, float *y, int64_t ldy, int64_t M,
-                    int64_t N, int64_t K, int threads) {
+/* x is float32, or bf16 when x_bf16 (widened here once, so the inner loop reads float32); y is written as
+ * float32, or rounded to bf16 when y_bf16 — so a bf16 model needs no conversions around the call.
+ * Returns 0 on success, -1 on arguments the kernel does not take (the caller checks them first), -2 when the
+ * scratch for a bf16 x cannot be allocated. */
+int q35_linear_bf16(const void *x_in, int x_bf16, int64_t ldx, const uint16_t *w, void *y, int y_bf16,
+                    int64_t ldy, int64_t M, int64_t N, int64_t K, int threads) {
     if (M <= 0 || N <= 0 || K <= 0 || ldx < K || ldy < N || NB > 3) return -1;
+    const float *x = (const float *)x_in;
+    float *scratch = NULL;
+    if (x_bf16) {
+        scratch = (float *)malloc((size_t)(M * K) * sizeof(float));
+        if (!scratch) return -2;
+        for (int64_t i = 0; i < M; i++)
+            for (int64_t t = 0; t < K; t++) scratch[i * K + t] = bf16_to_f32(((const uint16_t *)x_in)[i * ldx + t]);
+        x = scratch;
+        ldx = K;
+    }
+    if (M == 1) {
+        const int64_t nblocks = (N + GEMV_NB - 1) / GEMV_NB;
+        if (threads < 1) threads = 1;
+        if (threads > nblocks) threads = (int)nblocks;
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t b = 0; b < nblocks; b++) {
+            const int64_t n0 = b * GEMV_NB;
+            const int nb = (int)(N - n0 < GEMV_NB ? N - n0 : GEMV_NB);
+            gemv_rows(x, w + n0 * K, K, nb, y_bf16 ? (void *)((uint16_t *)y + n0) : (void *)((float *)y + n0),
+                      y_bf16);
+        }
+        free(scratch);
+        return 0;
+    }
     const int64_t nblocks = (N + NB - 1) / NB;
     if (threads < 1) threads = 1;
     if (threads > nblocks) threads = (int)nblocks;
@@ -132,8 +206,10 @@ int q35_linear_bf16(const float *x, int64_t ldx, const uint16_t *w, float *y, in
         const int nb = (int)(N - n0 < NB ? N - n0 : NB);
         for (int64_t m0 = 0; m0 < M; m0 += MB) {
             const int mb = (int)(M - m0 < MB ? M - m0 : MB);
-            block(mb, nb, x + m0 * ldx, ldx, w + n0 * K, K, y + m0 * ldy + n0, ldy);
+            void *yb = y_bf16 ? (void *)((uint16_t *)y + m0 * ldy + n0) : (void *)((float *)y + m0 * ldy + n0);
+            block(mb, nb, x + m0 * ldx, ldx, w + n0 * K, K, yb, ldy, y_bf16);
         }
     }
+    free(scratch);
     return 0;
 }

@@ -49,6 +49,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
                 torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
             kernels = native()
             if kernels is not None:
+                if bias is None and x.dtype in (torch.float32, torch.bfloat16):
+                    return kernels.linear_bf16(x, weight, out_dtype=x.dtype)
                 y = kernels.linear_bf16(x, weight)
                 if bias is not None:
                     y += bias

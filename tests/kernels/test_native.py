@@ -106,3 +106,19 @@ def test_linear_with_gradients_never_takes_the_native_path(native_kernels, monke
     x = torch.randn(1, 16, dtype=torch.bfloat16)
     linear_mod.linear(x, w).float().sum().backward()
     assert w.grad is not None and torch.allclose(w.grad.float(), x.float().expand(8, 16), atol=1e-2)
+
+
+@needs_native
+@pytest.mark.parametrize("M", [1, 5, 16])
+def test_linear_bf16_takes_and_returns_bf16(native_kernels, M):
+    """bf16 activations are widened exactly; a bf16 result is the float32 result rounded to nearest even, as
+    PyTorch rounds."""
+    x = torch.randn(M, 200).bfloat16()
+    w = torch.randn(70, 200).bfloat16()
+    y32 = native_kernels.linear_bf16(x.float(), w)
+    y16 = native_kernels.linear_bf16(x, w, out_dtype=torch.bfloat16)
+    assert y16.dtype == torch.bfloat16
+    assert torch.equal(y16, y32.to(torch.bfloat16))
+    assert torch.equal(native_kernels.linear_bf16(x, w), y32)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        native_kernels.linear_bf16(x, w, out_dtype=torch.float16)

@@ -277,3 +277,13 @@ def test_evaluate_report(trained) -> None:
         assert 0.0 <= report["mtp"][key] <= 1.0
     assert report["mtp"]["assistant_positions"] > 0
     json.dumps(report)  # the report is written as JSON
+
+
+def test_device_is_validated_with_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="not a torch device"):
+        L.TrainConfig(device="gpu0").validate()
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            L.TrainConfig(device="cuda").validate()
+    L.TrainConfig(device="cpu").validate()
+
