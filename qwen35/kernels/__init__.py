@@ -46,6 +46,11 @@ class NativeKernels:
         s.restype = ctypes.c_int
         s.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 6 + [ctypes.c_int]
         self._gated_delta_step = s
+        d = lib.q35_deltanet_decode
+        d.restype = ctypes.c_int
+        d.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p] + \
+            [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 3 + [ctypes.c_int]
+        self._deltanet_decode = d
 
     def linear_bf16(self, x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype = torch.float32
                     ) -> torch.Tensor:
@@ -100,6 +105,44 @@ class NativeKernels:
                                         torch.get_num_threads())
             if rc != 0:
                 raise RuntimeError(f"q35_gated_delta_step rejected Hk={Hk} Hv={Hv} dk={dk} dv={dv}")
+        return out
+
+
+    def deltanet_decode_(self, qkv: torch.Tensor, conv_weight: torch.Tensor, windows: torch.Tensor,
+                         states: torch.Tensor, slots: torch.Tensor, n_k: int, g: torch.Tensor, beta: torch.Tensor
+                         ) -> torch.Tensor:
+        """Conv (+ window update), L2 norms and the gated delta step of one decode token for n sequences, in
+        place on rows ``slots`` of the pools.  qkv [n, C]; conv_weight [C, 1, Kc]; windows [P, C, Kc-1] — all
+        three float32 or all bf16; states [P, Hv, dk, dv] float32; g, beta [n, Hv].  Returns o [n, Hv, dv]
+        float32."""
+        P, Hv, dk, dv = states.shape
+        n, C = qkv.shape
+        Kc = conv_weight.shape[-1]
+        dtypes = {qkv.dtype, conv_weight.dtype, windows.dtype}
+        if len(dtypes) != 1 or qkv.dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"deltanet_decode_: qkv, conv weight and windows must share float32 or bf16, got "
+                             f"{sorted(map(str, dtypes))}")
+        if states.dtype != torch.float32 or not (states.is_contiguous() and windows.is_contiguous()):
+            raise ValueError("deltanet_decode_ needs contiguous pools and float32 states")
+        if C != 2 * n_k * dk + Hv * dv or windows.shape != (P, C, Kc - 1) or conv_weight.numel() != C * Kc \
+                or g.shape != (n, Hv) or beta.shape != (n, Hv) or slots.shape != (n,) or not 1 <= Kc <= 16:
+            raise ValueError(f"deltanet_decode_: inconsistent shapes qkv {tuple(qkv.shape)} conv "
+                             f"{tuple(conv_weight.shape)} windows {tuple(windows.shape)} states "
+                             f"{tuple(states.shape)} g {tuple(g.shape)} beta {tuple(beta.shape)} slots "
+                             f"{tuple(slots.shape)} with {n_k} key heads")
+        slots = slots.to(torch.int64).contiguous()
+        if n and (int(slots.min()) < 0 or int(slots.max()) >= P):
+            raise ValueError(f"deltanet_decode_: slot index out of range 0..{P - 1}")
+        qkv, conv_weight = qkv.contiguous(), conv_weight.contiguous()
+        g, beta = g.to(torch.float32).contiguous(), beta.to(torch.float32).contiguous()
+        out = torch.empty(n, Hv, dv, dtype=torch.float32)
+        if n:
+            rc = self._deltanet_decode(qkv.data_ptr(), conv_weight.data_ptr(), windows.data_ptr(),
+                                       int(qkv.dtype == torch.bfloat16), Kc, states.data_ptr(), slots.data_ptr(),
+                                       n, n_k, Hv, dk, dv, g.data_ptr(), beta.data_ptr(), out.data_ptr(),
+                                       torch.get_num_threads())
+            if rc != 0:
+                raise RuntimeError(f"q35_deltanet_decode failed ({rc})")
         return out
 
 

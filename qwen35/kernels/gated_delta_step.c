@@ -15,6 +15,8 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 #include <omp.h>
 
 int q35_gated_delta_step(float *restrict states, const int64_t *restrict slots, int64_t n, int64_t Hk,
@@ -57,4 +59,100 @@ int q35_gated_delta_step(float *restrict states, const int64_t *restrict slots, 
         }
     }
     return 0;
+}
+
+static inline float ld(const void *p, int bf16, int64_t i) {
+    if (!bf16) return ((const float *)p)[i];
+    uint32_t u = (uint32_t)((const uint16_t *)p)[i] << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline float round_bf16(float f) {  /* round to nearest even, as a float32 -> bf16 -> float32 trip */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return f;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    u &= 0xffff0000u;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline void st(void *p, int bf16, int64_t i, float f) {
+    if (!bf16) {
+        ((float *)p)[i] = f;
+        return;
+    }
+    const float r = round_bf16(f);
+    uint32_t u;
+    memcpy(&u, &r, sizeof u);
+    ((uint16_t *)p)[i] = (uint16_t)(u >> 16);
+}
+
+/* The whole stateful half of a DeltaNet decode step for n sequences, in place on the pools:
+ *   conv:  act_c = SiLU(Σ_j [window_c | x_c]_j w_cj), window_c ← its last K−1 inputs     (per channel c)
+ *   split act into q | k | v, L2-normalise q and k per head (q also × dk^-1/2)
+ *   the gated delta step above on states[slots].
+ * qkv [n, C], conv weight [C, Kc] and the window pool [P, C, Kc−1] are float32 or bf16 (the model's dtype,
+ * flag `bf16`); in bf16 the activations are rounded to bf16 as PyTorch's bf16 conv would leave them.
+ * The state pool is float32; out [n, Hv, dv] float32. */
+int q35_deltanet_decode(const void *qkv, const void *conv_w, void *windows, int bf16, int64_t Kc,
+                        float *states, const int64_t *slots, int64_t n, int64_t Hk, int64_t Hv, int64_t dk,
+                        int64_t dv, const float *g, const float *beta, float *out, int threads) {
+    const int64_t key_dim = Hk * dk, C = 2 * key_dim + Hv * dv, W = Kc - 1;
+    if (n <= 0 || Kc < 1 || Kc > 16 || Hk <= 0 || Hv % Hk != 0 || dk <= 0 || dv <= 0 || dv > 4096) return -1;
+    float *act = (float *)malloc((size_t)(n * C) * sizeof(float));
+    if (!act) return -2;
+    if (threads < 1) threads = 1;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t c = 0; c < C; c++) {
+        float wc[16];
+        for (int64_t j = 0; j < Kc; j++) wc[j] = ld(conv_w, bf16, c * Kc + j);
+        for (int64_t i = 0; i < n; i++) {
+            const int64_t base = (slots[i] * C + c) * W;
+            const float x = ld(qkv, bf16, i * C + c);
+            float y = 0.0f;
+            for (int64_t j = 0; j < W; j++) {
+                const float prod = ld(windows, bf16, base + j) * wc[j];
+                y += bf16 ? round_bf16(prod) : prod;
+            }
+            const float last = x * wc[W];
+            y += bf16 ? round_bf16(last) : last;
+            if (bf16) y = round_bf16(y);
+            float a = y / (1.0f + expf(-y));
+            act[i * C + c] = bf16 ? round_bf16(a) : a;
+            for (int64_t j = 0; j + 1 < W; j++) st(windows, bf16, base + j, ld(windows, bf16, base + j + 1));
+            if (W > 0) st(windows, bf16, base + W - 1, x);
+        }
+    }
+    /* q and k in place: L2-normalise per head (eps 1e-6 inside the square root, as l2_normalize) */
+    const float scale = 1.0f / sqrtf((float)dk);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t t = 0; t < n * 2 * Hk; t++) {
+        const int64_t i = t / (2 * Hk), r = t % (2 * Hk);
+        float *h = act + i * C + r * dk;
+        float ss = 0.0f;
+        for (int64_t d = 0; d < dk; d++) ss += h[d] * h[d];
+        const float inv = 1.0f / sqrtf(ss + 1e-6f) * (r < Hk ? scale : 1.0f);
+        for (int64_t d = 0; d < dk; d++) h[d] *= inv;
+    }
+    /* gather q, k, v into the layout the step takes: rows of act are [q (Hk·dk) | k (Hk·dk) | v (Hv·dv)] */
+    float *q = (float *)malloc((size_t)(n * key_dim) * sizeof(float));
+    float *k = (float *)malloc((size_t)(n * key_dim) * sizeof(float));
+    float *v = (float *)malloc((size_t)(n * Hv * dv) * sizeof(float));
+    int rc = -2;
+    if (q && k && v) {
+        for (int64_t i = 0; i < n; i++) {
+            memcpy(q + i * key_dim, act + i * C, (size_t)key_dim * sizeof(float));
+            memcpy(k + i * key_dim, act + i * C + key_dim, (size_t)key_dim * sizeof(float));
+            memcpy(v + i * Hv * dv, act + i * C + 2 * key_dim, (size_t)(Hv * dv) * sizeof(float));
+        }
+        rc = q35_gated_delta_step(states, slots, n, Hk, Hv, dk, dv, q, k, v, g, beta, out, threads);
+    }
+    free(q);
+    free(k);
+    free(v);
+    free(act);
+    return rc;
 }

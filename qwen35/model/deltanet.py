@@ -105,6 +105,9 @@ class GatedDeltaNet(nn.Module):
             windows.index_copy_(0, slots, w.to(windows.dtype))
             states.index_copy_(0, slots, s.to(states.dtype))
             return o[:, 0]
+        if qkv.dtype == windows.dtype == self.conv1d.weight.dtype:  # conv, norms and step in one native call
+            o = kernels.deltanet_decode_(qkv, self.conv1d.weight, windows, states, slots, self.n_k, g, beta)
+            return o.to(qkv.dtype)
         n = qkv.shape[0]
         act, w = causal_conv1d(qkv[:, :, None], self.conv1d.weight, windows.index_select(0, slots))
         windows.index_copy_(0, slots, w.to(windows.dtype))

@@ -122,3 +122,74 @@ def test_linear_bf16_takes_and_returns_bf16(native_kernels, M):
     assert torch.equal(native_kernels.linear_bf16(x, w), y32)
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         native_kernels.linear_bf16(x, w, out_dtype=torch.float16)
+
+
+def _deltanet_case(dtype, seed=0, P=6, Hk=2, Hv=4, dk=16, dv=8, n=3, Kc=4):
+    g = torch.Generator().manual_seed(seed)
+    C = 2 * Hk * dk + Hv * dv
+    return dict(
+        qkv=torch.randn(n, C, generator=g).to(dtype), conv=(torch.randn(C, 1, Kc, generator=g) * 0.5).to(dtype),
+        windows=torch.randn(P, C, Kc - 1, generator=g).to(dtype), states=torch.randn(P, Hv, dk, dv, generator=g),
+        slots=torch.tensor([4, 1, 2])[:n], gate=-torch.rand(n, Hv, generator=g), beta=torch.rand(n, Hv, generator=g),
+        Hk=Hk, Hv=Hv, dk=dk, dv=dv, n=n)
+
+
+def _deltanet_reference(c):
+    """PyTorch's path: gather, conv, recurrent rule, scatter."""
+    from qwen35.model.deltanet import causal_conv1d
+    from qwen35.model.gated_delta_rule import gated_delta_rule_recurrent
+
+    n, Hk, Hv, dk, dv = c["n"], c["Hk"], c["Hv"], c["dk"], c["dv"]
+    act, window = causal_conv1d(c["qkv"][:, :, None], c["conv"], c["windows"][c["slots"]])
+    q, k, v = act[:, :, 0].split([Hk * dk, Hk * dk, Hv * dv], dim=-1)
+    o, state = gated_delta_rule_recurrent(q.reshape(n, 1, Hk, dk), k.reshape(n, 1, Hk, dk),
+                                          v.reshape(n, 1, Hv, dv), c["gate"][:, None], c["beta"][:, None],
+                                          c["states"][c["slots"]].clone())
+    return o[:, 0], window, state
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_deltanet_decode_equals_the_pytorch_path(native_kernels, dtype):
+    c = _deltanet_case(dtype)
+    o_ref, window_ref, state_ref = _deltanet_reference(c)
+    windows, states = c["windows"].clone(), c["states"].clone()
+    o = native_kernels.deltanet_decode_(c["qkv"], c["conv"], windows, states, c["slots"], c["Hk"], c["gate"],
+                                        c["beta"])
+    untouched = [i for i in range(states.shape[0]) if i not in c["slots"].tolist()]
+    assert torch.equal(states[untouched], c["states"][untouched]) and torch.equal(windows[untouched],
+                                                                                   c["windows"][untouched])
+    assert torch.equal(windows[c["slots"]], window_ref.to(dtype))
+    # float32: summation order only; bf16: the reference rounds its output to bf16
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert torch.allclose(states[c["slots"]], state_ref, atol=1e-5 if dtype == torch.float32 else 1e-3)
+    assert torch.allclose(o, o_ref.float(), atol=tol)
+
+
+@needs_native
+def test_gated_delta_step_equals_the_recurrent_rule(native_kernels):
+    from qwen35.model.gated_delta_rule import gated_delta_rule_recurrent, l2_normalize
+
+    c = _deltanet_case(torch.float32, seed=3)
+    n, Hk, Hv, dk, dv = c["n"], c["Hk"], c["Hv"], c["dk"], c["dv"]
+    q, k, v = torch.randn(n, Hk, dk), torch.randn(n, Hk, dk), torch.randn(n, Hv, dv)
+    o_ref, s_ref = gated_delta_rule_recurrent(q[:, None], k[:, None], v[:, None], c["gate"][:, None],
+                                              c["beta"][:, None], c["states"][c["slots"]].clone())
+    states = c["states"].clone()
+    o = native_kernels.gated_delta_step_(states, c["slots"], l2_normalize(q) * dk ** -0.5, l2_normalize(k), v,
+                                         c["gate"], c["beta"])
+    assert torch.allclose(o, o_ref[:, 0], atol=1e-5) and torch.allclose(states[c["slots"]], s_ref, atol=1e-5)
+
+
+@needs_native
+def test_deltanet_kernels_reject_bad_slots_and_shapes(native_kernels):
+    c = _deltanet_case(torch.float32)
+    with pytest.raises(ValueError, match="out of range"):
+        native_kernels.deltanet_decode_(c["qkv"], c["conv"], c["windows"], c["states"], torch.tensor([0, 1, 9]),
+                                        c["Hk"], c["gate"], c["beta"])
+    with pytest.raises(ValueError, match="inconsistent shapes"):
+        native_kernels.deltanet_decode_(c["qkv"][:, :-1], c["conv"], c["windows"], c["states"], c["slots"],
+                                        c["Hk"], c["gate"], c["beta"])
+    with pytest.raises(ValueError, match="share float32 or bf16"):
+        native_kernels.deltanet_decode_(c["qkv"].bfloat16(), c["conv"], c["windows"], c["states"], c["slots"],
+                                        c["Hk"], c["gate"], c["beta"])
