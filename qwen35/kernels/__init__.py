@@ -182,10 +182,19 @@ def build(force: bool = False) -> Path:
     flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
     key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join([cc, *flags]).encode()
                          + _cpu_signature().encode())
-    out = cache_dir() / "kernels" / f"qwen35_kernels_{key.hexdigest()[:16]}.so"
+    name = f"qwen35_kernels_{key.hexdigest()[:16]}.so"
+    out = cache_dir() / "kernels" / name
     if out.exists() and not force:
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(out.parent, os.W_OK):
+            raise PermissionError(out.parent)
+    except OSError:  # a read-only home: build where this user can write
+        out = Path(tempfile.gettempdir()) / f"qwen35-{os.getuid()}" / "kernels" / name
+        if out.exists() and not force:
+            return out
+        out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_out = Path(tmp) / out.name
         proc = subprocess.run([cc, *flags, *map(str, SOURCES), "-o", str(tmp_out), "-lm"], capture_output=True, check=False,
@@ -225,4 +234,4 @@ def reset() -> None:
         _loaded, _tried = None, False
 
 
-__all__ = ["NativeKernels", "native", "build", "cache_dir", "reset", "ENV_SWITCH"]
+__all__ = ["ENV_SWITCH", "NativeKernels", "build", "cache_dir", "native", "reset"]

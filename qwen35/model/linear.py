@@ -36,7 +36,8 @@ def cpu_has_native_bf16() -> bool:
     if platform.system() != "Linux":
         return True  # unknown: keep PyTorch's own choice
     try:
-        flags = open("/proc/cpuinfo").read()
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
     except OSError:
         return True
     return any(f in flags for f in ("avx512_bf16", "amx_bf16", "avx_vnni_bf16")) or platform.machine() != "x86_64"

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-import qwen35.kernels as kernels
+from qwen35 import kernels
 from qwen35.model import linear as linear_mod
 
 HAVE_TOOLCHAIN = platform.machine() in ("x86_64", "AMD64") and any(shutil.which(c) for c in ("cc", "gcc", "clang"))
