@@ -12,10 +12,10 @@ depth for the rigid, local procedures of the synthetic tasks (the DeltaNet layer
 digit-by-digit traces need).  Narrow experts (128) keep the active compute per token small; the shared expert
 (256) carries what every token needs.
 
-Throughput of the recipe: about 1,740 tokens/s on the 2-core CPU machine with both threads free (~2,100 tokens
-per step of 16 sequences, so the default 2,400 steps take ~48 minutes), ~23,000 tokens/s on one H100
-(``--device cuda``, ~4.5 minutes).  Measured on held-out problems (benchmarks/RESULTS.md): 1,200 steps learn
-every format but not operand copying (2-digit addition 0%); 2,400 steps reach 100% on 2-digit addition.
+Throughput of the recipe: 1,300-1,700 tokens/s on the 2-core CPU machine with both threads free (~2,100 tokens
+per step of 16 sequences, 1.2-1.6 s per step, so the default 2,400 steps take about an hour), ~23,000 tokens/s
+on one H100 (``--device cuda``, ~4.5 minutes).  Measured on held-out problems (benchmarks/RESULTS.md): 1,200 steps learn
+every format but not operand copying (2-digit addition 0%); 2,400 steps reach 92-100% on 2-digit addition.
 
 Recipe: ``python -m qwen35.train.embedded --out DIR [--steps N] [--device cuda]`` trains (tokenizer, model,
 MTP head), writes ``DIR/model`` (the checkpoint folder to ship, bf16) and evaluates it into ``DIR/eval.json``:
