@@ -2,7 +2,7 @@
 
 Only what PyTorch lacks on common CPUs lives here: a bf16-weight × float32-activation product for the few-row
 matmuls of decoding (gemm_bf16.c) and an in-place decode step of the gated delta rule on the slot pool
-(gated_delta_step.c); each source says why it exists.  The library is built once per source version and CPU into the
+(gated_delta_step.c), sharing bf16.h; each source says why it exists.  The library is built once per source version and CPU into the
 cache folder (``$QWEN35_CACHE`` or ``~/.cache/qwen35``), then loaded.  Without a compiler, on a CPU it does not
 fit, or with ``QWEN35_NATIVE_KERNELS=0``, :func:`native` returns ``None`` and callers use PyTorch; nothing
 requires the kernels.
@@ -26,6 +26,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(n) for n in ("gemm_bf16.c", "gated_delta_step.c")]
+HEADERS = [Path(__file__).with_name("bf16.h")]
 ENV_SWITCH = "QWEN35_NATIVE_KERNELS"
 
 
@@ -42,10 +43,6 @@ class NativeKernels:
         f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
                       ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
         self._linear_bf16 = f
-        s = lib.q35_gated_delta_step
-        s.restype = ctypes.c_int
-        s.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 6 + [ctypes.c_int]
-        self._gated_delta_step = s
         d = lib.q35_deltanet_decode
         d.restype = ctypes.c_int
         d.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p] + \
@@ -77,35 +74,6 @@ class NativeKernels:
             if rc != 0:
                 raise RuntimeError(f"q35_linear_bf16 failed ({rc}) for M={M} N={N} K={K}")
         return y.reshape(*x.shape[:-1], N)
-
-
-    def gated_delta_step_(self, states: torch.Tensor, slots: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                          v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-        """One token of the gated delta rule for n sequences, updating ``states[slots]`` in place.
-
-        states [P, Hv, dk, dv] float32 (a slot pool); slots [n] int64; q, k [n, Hk, dk] L2-normalised (q scaled
-        by dk^-1/2); v [n, Hv, dv]; g, beta [n, Hv].  Returns o [n, Hv, dv] float32."""
-        if states.dtype != torch.float32 or states.dim() != 4 or not states.is_contiguous():
-            raise ValueError("gated_delta_step_ needs a contiguous float32 state pool [P, Hv, dk, dv]")
-        P, Hv, dk, dv = states.shape
-        n, Hk = k.shape[0], k.shape[1]
-        if q.shape != (n, Hk, dk) or k.shape != (n, Hk, dk) or v.shape != (n, Hv, dv) or g.shape != (n, Hv) \
-                or beta.shape != (n, Hv) or slots.shape != (n,):
-            raise ValueError(f"gated_delta_step_: inconsistent shapes q {tuple(q.shape)} k {tuple(k.shape)} "
-                             f"v {tuple(v.shape)} g {tuple(g.shape)} beta {tuple(beta.shape)} slots "
-                             f"{tuple(slots.shape)} for states {tuple(states.shape)}")
-        slots = slots.to(torch.int64).contiguous()
-        if n and (int(slots.min()) < 0 or int(slots.max()) >= P):
-            raise ValueError(f"gated_delta_step_: slot index out of range 0..{P - 1}")
-        q, k, v, g, beta = (x.to(torch.float32).contiguous() for x in (q, k, v, g, beta))
-        out = torch.empty(n, Hv, dv, dtype=torch.float32)
-        if n:
-            rc = self._gated_delta_step(states.data_ptr(), slots.data_ptr(), n, Hk, Hv, dk, dv, q.data_ptr(),
-                                        k.data_ptr(), v.data_ptr(), g.data_ptr(), beta.data_ptr(), out.data_ptr(),
-                                        torch.get_num_threads())
-            if rc != 0:
-                raise RuntimeError(f"q35_gated_delta_step rejected Hk={Hk} Hv={Hv} dk={dk} dv={dv}")
-        return out
 
 
     def deltanet_decode_(self, qkv: torch.Tensor, conv_weight: torch.Tensor, windows: torch.Tensor,
@@ -180,7 +148,7 @@ def build(force: bool = False) -> Path:
     if cc is None:
         raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
     flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
-    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join([cc, *flags]).encode()
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS) + " ".join([cc, *flags]).encode()
                          + _cpu_signature().encode())
     name = f"qwen35_kernels_{key.hexdigest()[:16]}.so"
     out = cache_dir() / "kernels" / name

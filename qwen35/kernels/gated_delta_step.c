@@ -12,18 +12,19 @@
  *     S    ← α S + k deltaᵀ
  *     o     = Sᵀ q
  * q and k arrive L2-normalised (q also scaled by dk^-1/2); key head h / (Hv / Hk) serves value head h.
+ * q, k, v are read in place from rows of stride ld (the conv output [q | k | v] of each sequence).
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 #include <omp.h>
 
-int q35_gated_delta_step(float *restrict states, const int64_t *restrict slots, int64_t n, int64_t Hk,
-                         int64_t Hv, int64_t dk, int64_t dv, const float *restrict q, const float *restrict k,
-                         const float *restrict v, const float *restrict g, const float *restrict beta,
-                         float *restrict out, int threads) {
-    if (n <= 0 || Hk <= 0 || Hv % Hk != 0 || dk <= 0 || dv <= 0 || dv > 4096) return -1;
+#include "bf16.h"
+
+static void gated_delta_step(float *restrict states, const int64_t *restrict slots, int64_t n, int64_t Hk,
+                             int64_t Hv, int64_t dk, int64_t dv, const float *q, const float *k, const float *v,
+                             int64_t ld, const float *restrict g, const float *restrict beta, float *restrict out,
+                             int threads) {
     const int64_t group = Hv / Hk;
     const int64_t tasks = n * Hv;
     if (threads < 1) threads = 1;
@@ -32,9 +33,9 @@ int q35_gated_delta_step(float *restrict states, const int64_t *restrict slots, 
     for (int64_t t = 0; t < tasks; t++) {
         const int64_t i = t / Hv, h = t % Hv;
         float *restrict S = states + (slots[i] * Hv + h) * dk * dv;
-        const float *restrict qh = q + (i * Hk + h / group) * dk;
-        const float *restrict kh = k + (i * Hk + h / group) * dk;
-        const float *restrict vh = v + t * dv;
+        const float *restrict qh = q + i * ld + (h / group) * dk;
+        const float *restrict kh = k + i * ld + (h / group) * dk;
+        const float *restrict vh = v + i * ld + h * dv;
         float *restrict oh = out + t * dv;
         const float a = expf(g[t]), b = beta[t];
         float delta[dv];
@@ -58,36 +59,17 @@ int q35_gated_delta_step(float *restrict states, const int64_t *restrict slots, 
             }
         }
     }
-    return 0;
 }
 
 static inline float ld(const void *p, int bf16, int64_t i) {
-    if (!bf16) return ((const float *)p)[i];
-    uint32_t u = (uint32_t)((const uint16_t *)p)[i] << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline float round_bf16(float f) {  /* round to nearest even, as a float32 -> bf16 -> float32 trip */
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return f;
-    u += 0x7fffu + ((u >> 16) & 1u);
-    u &= 0xffff0000u;
-    memcpy(&f, &u, sizeof f);
-    return f;
+    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
 static inline void st(void *p, int bf16, int64_t i, float f) {
-    if (!bf16) {
+    if (bf16)
+        ((uint16_t *)p)[i] = f32_to_bf16(f);
+    else
         ((float *)p)[i] = f;
-        return;
-    }
-    const float r = round_bf16(f);
-    uint32_t u;
-    memcpy(&u, &r, sizeof u);
-    ((uint16_t *)p)[i] = (uint16_t)(u >> 16);
 }
 
 /* The whole stateful half of a DeltaNet decode step for n sequences, in place on the pools:
@@ -137,22 +119,9 @@ int q35_deltanet_decode(const void *qkv, const void *conv_w, void *windows, int 
         const float inv = 1.0f / sqrtf(ss + 1e-6f) * (r < Hk ? scale : 1.0f);
         for (int64_t d = 0; d < dk; d++) h[d] *= inv;
     }
-    /* gather q, k, v into the layout the step takes: rows of act are [q (Hk·dk) | k (Hk·dk) | v (Hv·dv)] */
-    float *q = (float *)malloc((size_t)(n * key_dim) * sizeof(float));
-    float *k = (float *)malloc((size_t)(n * key_dim) * sizeof(float));
-    float *v = (float *)malloc((size_t)(n * Hv * dv) * sizeof(float));
-    int rc = -2;
-    if (q && k && v) {
-        for (int64_t i = 0; i < n; i++) {
-            memcpy(q + i * key_dim, act + i * C, (size_t)key_dim * sizeof(float));
-            memcpy(k + i * key_dim, act + i * C + key_dim, (size_t)key_dim * sizeof(float));
-            memcpy(v + i * Hv * dv, act + i * C + 2 * key_dim, (size_t)(Hv * dv) * sizeof(float));
-        }
-        rc = q35_gated_delta_step(states, slots, n, Hk, Hv, dk, dv, q, k, v, g, beta, out, threads);
-    }
-    free(q);
-    free(k);
-    free(v);
+    /* each row of act is [q (Hk·dk) | k (Hk·dk) | v (Hv·dv)]: the step reads them there */
+    gated_delta_step(states, slots, n, Hk, Hv, dk, dv, act, act + key_dim, act + 2 * key_dim, C, g, beta, out,
+                     threads);
     free(act);
-    return rc;
+    return 0;
 }

@@ -16,25 +16,10 @@
  */
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 #include <omp.h>
 #include <immintrin.h>
 
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-/* round to nearest even, as PyTorch's float -> bfloat16 conversion (NaN kept a quiet NaN) */
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
+#include "bf16.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define ISA "avx512"

@@ -19,11 +19,7 @@ from qwen35.kernels import native
 
 from ..config import TextConfig
 from .context import ForwardContext
-from .gated_delta_rule import (
-    gated_delta_rule_chunked,
-    gated_delta_rule_recurrent,
-    l2_normalize,
-)
+from .gated_delta_rule import gated_delta_rule_chunked, gated_delta_rule_recurrent
 from .linear import Linear
 from .norm import GatedRMSNorm
 
@@ -98,21 +94,13 @@ class GatedDeltaNet(nn.Module):
         pools ``windows`` [P, C, K-1] and ``states`` [P, Hv, dk, dv], updated in place.  qkv [n, C],
         g/beta [n, Hv] -> o [n, Hv, dv].  The same arithmetic as :meth:`mix` with t = 1."""
         kernels = native() if states.device.type == "cpu" and states.dtype == torch.float32 \
-            and states.is_contiguous() and not torch.is_grad_enabled() else None
-        if kernels is None:  # gather, step, scatter
-            o, w, s = self.mix(qkv[:, None], g[:, None], beta[:, None], windows.index_select(0, slots),
-                               states.index_select(0, slots))
-            windows.index_copy_(0, slots, w.to(windows.dtype))
-            states.index_copy_(0, slots, s.to(states.dtype))
-            return o[:, 0]
-        if qkv.dtype == windows.dtype == self.conv1d.weight.dtype:  # conv, norms and step in one native call
+            and states.is_contiguous() and not torch.is_grad_enabled() \
+            and qkv.dtype == windows.dtype == self.conv1d.weight.dtype else None
+        if kernels is not None:  # conv, norms and step in one native call, in place on the pools
             o = kernels.deltanet_decode_(qkv, self.conv1d.weight, windows, states, slots, self.n_k, g, beta)
             return o.to(qkv.dtype)
-        n = qkv.shape[0]
-        act, w = causal_conv1d(qkv[:, :, None], self.conv1d.weight, windows.index_select(0, slots))
+        o, w, s = self.mix(qkv[:, None], g[:, None], beta[:, None], windows.index_select(0, slots),
+                           states.index_select(0, slots))
         windows.index_copy_(0, slots, w.to(windows.dtype))
-        q, k, v = act[:, :, 0].split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        q = l2_normalize(q.float().reshape(n, self.n_k, self.dk)) * self.dk ** -0.5
-        k = l2_normalize(k.float().reshape(n, self.n_k, self.dk))
-        o = kernels.gated_delta_step_(states, slots, q, k, v.reshape(n, self.n_v, self.dv), g, beta)
-        return o.to(qkv.dtype)
+        states.index_copy_(0, slots, s.to(states.dtype))
+        return o[:, 0]

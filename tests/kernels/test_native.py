@@ -167,21 +167,6 @@ def test_deltanet_decode_equals_the_pytorch_path(native_kernels, dtype):
 
 
 @needs_native
-def test_gated_delta_step_equals_the_recurrent_rule(native_kernels):
-    from qwen35.model.gated_delta_rule import gated_delta_rule_recurrent, l2_normalize
-
-    c = _deltanet_case(torch.float32, seed=3)
-    n, Hk, Hv, dk, dv = c["n"], c["Hk"], c["Hv"], c["dk"], c["dv"]
-    q, k, v = torch.randn(n, Hk, dk), torch.randn(n, Hk, dk), torch.randn(n, Hv, dv)
-    o_ref, s_ref = gated_delta_rule_recurrent(q[:, None], k[:, None], v[:, None], c["gate"][:, None],
-                                              c["beta"][:, None], c["states"][c["slots"]].clone())
-    states = c["states"].clone()
-    o = native_kernels.gated_delta_step_(states, c["slots"], l2_normalize(q) * dk ** -0.5, l2_normalize(k), v,
-                                         c["gate"], c["beta"])
-    assert torch.allclose(o, o_ref[:, 0], atol=1e-5) and torch.allclose(states[c["slots"]], s_ref, atol=1e-5)
-
-
-@needs_native
 def test_deltanet_kernels_reject_bad_slots_and_shapes(native_kernels):
     c = _deltanet_case(torch.float32)
     with pytest.raises(ValueError, match="out of range"):
