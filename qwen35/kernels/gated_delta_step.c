@@ -76,14 +76,14 @@ static inline void st(void *p, int bf16, int64_t i, float f) {
  *   conv:  act_c = SiLU(Σ_j [window_c | x_c]_j w_cj), window_c ← its last K−1 inputs     (per channel c)
  *   split act into q | k | v, L2-normalise q and k per head (q also × dk^-1/2)
  *   the gated delta step above on states[slots].
- * qkv [n, C], conv weight [C, Kc] and the window pool [P, C, Kc−1] are float32 or bf16 (the model's dtype,
+ * qkv [n, C] (rows of stride ldq), conv weight [C, Kc] and the window pool [P, C, Kc−1] are float32 or bf16 (the model's dtype,
  * flag `bf16`); in bf16 the activations are rounded to bf16 as PyTorch's bf16 conv would leave them.
  * The state pool is float32; out [n, Hv, dv] float32. */
-int q35_deltanet_decode(const void *qkv, const void *conv_w, void *windows, int bf16, int64_t Kc,
+int q35_deltanet_decode(const void *qkv, int64_t ldq, const void *conv_w, void *windows, int bf16, int64_t Kc,
                         float *states, const int64_t *slots, int64_t n, int64_t Hk, int64_t Hv, int64_t dk,
                         int64_t dv, const float *g, const float *beta, float *out, int threads) {
     const int64_t key_dim = Hk * dk, C = 2 * key_dim + Hv * dv, W = Kc - 1;
-    if (n <= 0 || Kc < 1 || Kc > 16 || Hk <= 0 || Hv % Hk != 0 || dk <= 0 || dv <= 0 || dv > 4096) return -1;
+    if (n <= 0 || ldq < C || Kc < 1 || Kc > 16 || Hk <= 0 || Hv % Hk != 0 || dk <= 0 || dv <= 0 || dv > 4096) return -1;
     float *act = (float *)malloc((size_t)(n * C) * sizeof(float));
     if (!act) return -2;
     if (threads < 1) threads = 1;
@@ -93,7 +93,7 @@ int q35_deltanet_decode(const void *qkv, const void *conv_w, void *windows, int 
         for (int64_t j = 0; j < Kc; j++) wc[j] = ld(conv_w, bf16, c * Kc + j);
         for (int64_t i = 0; i < n; i++) {
             const int64_t base = (slots[i] * C + c) * W;
-            const float x = ld(qkv, bf16, i * C + c);
+            const float x = ld(qkv, bf16, i * ldq + c);
             float y = 0.0f;
             for (int64_t j = 0; j < W; j++) {
                 const float prod = ld(windows, bf16, base + j) * wc[j];

@@ -151,13 +151,27 @@ static void gemv_rows(const float *x, const uint16_t *w, int64_t K, int nb, void
 
 const char *q35_isa(void) { return ISA; }
 
-/* x is float32, or bf16 when x_bf16 (widened here once, so the inner loop reads float32); y is written as
- * float32, or rounded to bf16 when y_bf16 — so a bf16 model needs no conversions around the call.
- * Returns 0 on success, -1 on arguments the kernel does not take (the caller checks them first), -2 when the
- * scratch for a bf16 x cannot be allocated. */
-int q35_linear_bf16(const void *x_in, int x_bf16, int64_t ldx, const uint16_t *w, void *y, int y_bf16,
-                    int64_t ldy, int64_t M, int64_t N, int64_t K, int threads) {
-    if (M <= 0 || N <= 0 || K <= 0 || ldx < K || ldy < N || NB > 3) return -1;
+/* y = x · [W_0 | W_1 | …]ᵀ: several weights that read the same activations (a layer's input projections) in one
+ * call, their outputs side by side in the rows of y (weight i's columns start where weight i−1's end).  One
+ * parallel region and one widening of x serve them all.  x is float32, or bf16 when x_bf16 (widened here once,
+ * so the inner loop reads float32); y is written as float32, or rounded to bf16 when y_bf16 — so a bf16 model
+ * needs no conversions around the call.  Returns 0 on success, -1 on arguments the kernel does not take (the
+ * caller checks them first), -2 when the scratch for a bf16 x cannot be allocated. */
+#define MAX_WEIGHTS 8
+int q35_linear_bf16_multi(const void *x_in, int x_bf16, int64_t ldx, int nw, const uint16_t *const *ws,
+                          const int64_t *Ns, void *y, int y_bf16, int64_t ldy, int64_t M, int64_t K, int threads) {
+    if (M <= 0 || K <= 0 || ldx < K || nw < 1 || nw > MAX_WEIGHTS || NB > 3) return -1;
+    int64_t col0[MAX_WEIGHTS], first_block[MAX_WEIGHTS + 1];
+    const int64_t rows_per_block = M == 1 ? GEMV_NB : NB;
+    int64_t total_cols = 0;
+    first_block[0] = 0;
+    for (int i = 0; i < nw; i++) {
+        if (Ns[i] <= 0) return -1;
+        col0[i] = total_cols;
+        total_cols += Ns[i];
+        first_block[i + 1] = first_block[i] + (Ns[i] + rows_per_block - 1) / rows_per_block;
+    }
+    if (ldy < total_cols) return -1;
     const float *x = (const float *)x_in;
     float *scratch = NULL;
     if (x_bf16) {
@@ -168,33 +182,33 @@ int q35_linear_bf16(const void *x_in, int x_bf16, int64_t ldx, const uint16_t *w
         x = scratch;
         ldx = K;
     }
-    if (M == 1) {
-        const int64_t nblocks = (N + GEMV_NB - 1) / GEMV_NB;
-        if (threads < 1) threads = 1;
-        if (threads > nblocks) threads = (int)nblocks;
-#pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t b = 0; b < nblocks; b++) {
-            const int64_t n0 = b * GEMV_NB;
-            const int nb = (int)(N - n0 < GEMV_NB ? N - n0 : GEMV_NB);
-            gemv_rows(x, w + n0 * K, K, nb, y_bf16 ? (void *)((uint16_t *)y + n0) : (void *)((float *)y + n0),
-                      y_bf16);
-        }
-        free(scratch);
-        return 0;
-    }
-    const int64_t nblocks = (N + NB - 1) / NB;
+    const int64_t nblocks = first_block[nw];
     if (threads < 1) threads = 1;
     if (threads > nblocks) threads = (int)nblocks;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t b = 0; b < nblocks; b++) {
-        const int64_t n0 = b * NB;
+        int wi = 0;
+        while (b >= first_block[wi + 1]) wi++;
+        const int64_t N = Ns[wi], n0 = (b - first_block[wi]) * rows_per_block;
+        const uint16_t *w = ws[wi] + n0 * K;
+        const int64_t c = col0[wi] + n0;
+        if (M == 1) {
+            const int nb = (int)(N - n0 < GEMV_NB ? N - n0 : GEMV_NB);
+            gemv_rows(x, w, K, nb, y_bf16 ? (void *)((uint16_t *)y + c) : (void *)((float *)y + c), y_bf16);
+            continue;
+        }
         const int nb = (int)(N - n0 < NB ? N - n0 : NB);
         for (int64_t m0 = 0; m0 < M; m0 += MB) {
             const int mb = (int)(M - m0 < MB ? M - m0 : MB);
-            void *yb = y_bf16 ? (void *)((uint16_t *)y + m0 * ldy + n0) : (void *)((float *)y + m0 * ldy + n0);
-            block(mb, nb, x + m0 * ldx, ldx, w + n0 * K, K, yb, ldy, y_bf16);
+            void *yb = y_bf16 ? (void *)((uint16_t *)y + m0 * ldy + c) : (void *)((float *)y + m0 * ldy + c);
+            block(mb, nb, x + m0 * ldx, ldx, w, K, yb, ldy, y_bf16);
         }
     }
     free(scratch);
     return 0;
+}
+
+int q35_linear_bf16(const void *x_in, int x_bf16, int64_t ldx, const uint16_t *w, void *y, int y_bf16,
+                    int64_t ldy, int64_t M, int64_t N, int64_t K, int threads) {
+    return q35_linear_bf16_multi(x_in, x_bf16, ldx, 1, &w, &N, y, y_bf16, ldy, M, K, threads);
 }

@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwen35.kernels import native
+from qwen35.kernels import native, native_for
 
 from ..config import TextConfig
 from .context import ForwardContext
 from .gated_delta_rule import gated_delta_rule_chunked, gated_delta_rule_recurrent
-from .linear import Linear
+from .linear import Linear, project
 from .norm import GatedRMSNorm
 
 
@@ -66,14 +66,23 @@ class GatedDeltaNet(nn.Module):
         valid = ctx.token_mask  # [B, T] or None; padded steps must neither write nor decay the state
         if valid is not None:
             x = x * valid[..., None].to(x.dtype)
-        qkv = self.in_proj_qkv(x)
-        beta = torch.sigmoid(self.in_proj_b(x)).float()
-        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias.float())
+        qkv, z, b, a = project(x, [self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a])
+        beta, g = self.gates(b, a)
         if valid is not None:
             beta, g = beta * valid[..., None], g * valid[..., None]
         o = ctx.linear_mix(self.layer_idx, self, qkv, g, beta)
-        z = self.in_proj_z(x).view(B, T, self.n_v, self.dv)
+        z = z.reshape(B, T, self.n_v, self.dv)
         return self.out_proj(self.norm(o, z).reshape(B, T, self.value_dim))
+
+    def gates(self, b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """β = sigmoid(b) and g = −exp(A_log) · softplus(a + dt_bias), both float32 [..., Hv]."""
+        kernels = native_for(b, a, self.A_log, self.dt_bias) if b.dtype == a.dtype \
+            and self.A_log.dtype == self.dt_bias.dtype else None
+        if kernels is not None:  # the same arithmetic in one pass
+            return kernels.deltanet_gates(b, a, self.A_log, self.dt_bias)
+        beta = torch.sigmoid(b).float()
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
+        return beta, g
 
     def mix(self, qkv: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, window: torch.Tensor | None,
             state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

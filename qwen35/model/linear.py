@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwen35.kernels import native
+from qwen35.kernels import MAX_FUSED_WEIGHTS, native
 
 # rows at and above which widening to float32 beats an emulated bf16 matmul (2-core AVX-512 machine, 1 thread:
 # bf16 wins below ~24 rows, widening is 1.8x faster at 64 rows and 3x at 256)
@@ -64,3 +64,21 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+
+def project(x: torch.Tensor, layers: list[nn.Module]) -> list[torch.Tensor]:
+    """``[layer(x) for layer in layers]`` — the projections of one input.  Where every layer is a bias-free bf16
+    :class:`Linear` and the native kernel takes x, they run as one call that streams all the weights once
+    (outputs are column slices of one tensor); anything else (quantized layers, prefill-sized x, autograd)
+    calls each layer."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if 1 < len(layers) <= MAX_FUSED_WEIGHTS and rows < NATIVE_MAX_ROWS and x.device.type == "cpu" \
+            and x.dtype in (torch.float32, torch.bfloat16) and not cpu_has_native_bf16() \
+            and all(type(m) is Linear and m.bias is None and m.weight.dtype == torch.bfloat16
+                    and m.weight.is_contiguous() for m in layers) \
+            and not (torch.is_grad_enabled() and (x.requires_grad or any(m.weight.requires_grad for m in layers))):
+        kernels = native()
+        if kernels is not None:
+            y = kernels.linear_bf16_many(x, [m.weight for m in layers], out_dtype=x.dtype)
+            return list(y.split([m.weight.shape[0] for m in layers], dim=-1))
+    return [m(x) for m in layers]

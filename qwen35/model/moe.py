@@ -14,7 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TextConfig
-from .linear import Linear, linear
+from qwen35.kernels import native_for
+
+from .linear import Linear, linear, project
 
 
 class MLP(nn.Module):
@@ -25,7 +27,11 @@ class MLP(nn.Module):
         self.down_proj = Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(x, [self.gate_proj, self.up_proj])
+        kernels = native_for(gate, up) if gate.dtype == up.dtype else None
+        if kernels is not None:  # the same arithmetic and roundings in one pass
+            return self.down_proj(kernels.silu_mul(gate, up))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Routing(NamedTuple):

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwen35.kernels import native_for
+
 
 class RMSNorm(nn.Module):
     """y = x · rsqrt(mean(x²) + eps) · (1 + w), computed in float32 then cast back."""
@@ -21,6 +23,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernels = native_for(x, self.weight)
+        if kernels is not None:  # the same arithmetic in one pass (qwen35/kernels/fused_ops.c)
+            return kernels.rms_norm(x, self.weight, self.eps, offset=1.0)
         # F.rms_norm is one fused op (x · rsqrt(mean(x²) + eps)): fewer passes and far less per-call overhead
         # than spelling it out, which matters at one decode token per step
         y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
@@ -40,6 +45,9 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        kernels = native_for(x, z, self.weight) if x.dtype == z.dtype else None
+        if kernels is not None:  # the same arithmetic and roundings in one pass
+            return kernels.gated_rms_norm(x, z, self.weight, self.eps)
         y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
         y = self.weight * y
         return (y * F.silu(z.float())).to(x.dtype)

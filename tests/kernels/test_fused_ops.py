@@ -1,0 +1,140 @@
+"""The one-pass layer operations (qwen35/kernels/fused_ops.c, the multi-weight product) against the PyTorch
+compositions they replace, in float32 and bf16: the modules run both ways, native and with the kernels off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen35 import kernels
+from qwen35.config import config_from_dict
+from qwen35.model.deltanet import GatedDeltaNet
+from qwen35.model.linear import Linear, project
+from qwen35.model.moe import MLP
+from qwen35.model.norm import GatedRMSNorm, RMSNorm
+
+from ..engine.conftest import BASE
+from .test_native import needs_native, native_kernels  # noqa: F401  (fixture)
+
+
+def both_ways(monkeypatch, fn):
+    """fn() with the native kernels, then with them switched off."""
+    with torch.inference_mode():
+        fast = fn()
+        monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+        kernels.reset()
+        try:
+            slow = fn()
+        finally:
+            monkeypatch.delenv(kernels.ENV_SWITCH)
+            kernels.reset()
+    return fast, slow
+
+
+def close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> None:
+    assert a.dtype == b.dtype == dtype and a.shape == b.shape
+    if dtype == torch.float32:
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    else:  # the sum of squares is taken in another order: at most one bf16 rounding step apart
+        diff = (a.float() - b.float()).abs()
+        assert float((diff > 0).float().mean()) < 0.02, "more than a few values differ"
+        assert float((diff / b.float().abs().clamp_min(1e-3)).max()) <= 2 ** -7
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1, 64), (2, 5, 64), (300, 64), (3, 2, 4, 16)])
+def test_rms_norm(native_kernels, monkeypatch, dtype, shape):
+    torch.manual_seed(0)
+    norm = RMSNorm(shape[-1], eps=1e-6).to(dtype)
+    norm.weight.data.normal_(0, 0.5)
+    x = torch.randn(shape, dtype=dtype) * 3
+    fast, slow = both_ways(monkeypatch, lambda: norm(x))
+    close(fast, slow, dtype)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gated_rms_norm_reads_strided_gates(native_kernels, monkeypatch, dtype):
+    torch.manual_seed(1)
+    norm = GatedRMSNorm(32, eps=1e-6).to(dtype)
+    norm.weight.data.normal_(1, 0.3)
+    o = torch.randn(1, 7, 4, 32, dtype=dtype)
+    fused = torch.randn(1, 7, 4 * 32 + 40, dtype=dtype)  # z is a column slice of a wider projection output
+    z = fused[..., 8:8 + 128].view(1, 7, 4, 32)
+    fast, slow = both_ways(monkeypatch, lambda: norm(o, z))
+    close(fast, slow, dtype)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_deltanet_gates(native_kernels, monkeypatch, dtype):
+    torch.manual_seed(2)
+    cfg = config_from_dict(dict(BASE, model_type="qwen3_5_text", intermediate_size=96)).text
+    layer = GatedDeltaNet(cfg, 0).to(dtype)
+    ba = torch.randn(3, 5, 8, dtype=dtype) * 12  # reaches softplus's linear branch (x > 20)
+    b, a = ba[..., :4], ba[..., 4:]
+    (fb, fg), (sb, sg) = both_ways(monkeypatch, lambda: layer.gates(b, a))
+    torch.testing.assert_close(fb, sb, rtol=0, atol=0) if dtype == torch.bfloat16 else \
+        torch.testing.assert_close(fb, sb, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(fg, sg, rtol=1e-5, atol=1e-6)
+    assert fb.dtype == fg.dtype == torch.float32
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 16, 60])
+def test_mlp_fused_projection_and_swiglu(native_kernels, monkeypatch, dtype, rows):
+    torch.manual_seed(3)
+    mlp = MLP(64, 96).to(dtype)
+    for p in mlp.parameters():
+        p.data.normal_(0, 0.1)
+    x = torch.randn(1, rows, 64, dtype=dtype)
+    fast, slow = both_ways(monkeypatch, lambda: mlp(x))
+    if dtype == torch.float32:
+        torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
+    else:  # bf16 weights widened: the float32 sums differ in order only, then round the same way
+        torch.testing.assert_close(fast.float(), slow.float(), rtol=2e-2, atol=2e-2)
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [1, 2, 9, 47])
+def test_project_streams_several_weights_in_one_call(native_kernels, rows):
+    torch.manual_seed(4)
+    layers = [Linear(40, n, bias=False).bfloat16() for n in (24, 7, 1, 16)]
+    x = torch.randn(rows, 40)
+    with torch.inference_mode():
+        outs = project(x, layers)
+        one_by_one = [native_kernels.linear_bf16(x, m.weight) for m in layers]
+    base = outs[0].untyped_storage().data_ptr()
+    assert all(o.untyped_storage().data_ptr() == base for o in outs), "one call, one output tensor"
+    for o, ref in zip(outs, one_by_one):
+        assert torch.equal(o, ref)
+
+
+@needs_native
+def test_project_falls_back_for_other_layers(native_kernels):
+    quantized_like = torch.nn.Linear(40, 8, bias=True).bfloat16()  # bias: not the fused path
+    plain = Linear(40, 8, bias=False).bfloat16()
+    x = torch.randn(2, 40, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        a, b = project(x, [plain, quantized_like])
+        torch.testing.assert_close(b, quantized_like(x))
+        torch.testing.assert_close(a, plain(x))
+
+
+@needs_native
+def test_fused_ops_reject_mismatched_arguments(native_kernels):
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match="weight"):
+        native_kernels.rms_norm(x, torch.zeros(7), 1e-6, 1.0)
+    with pytest.raises(ValueError, match="float32 or bf16"):
+        native_kernels.rms_norm(x.double(), torch.zeros(8), 1e-6, 1.0)
+    with pytest.raises(ValueError, match="do not match"):
+        native_kernels.gated_rms_norm(x, torch.randn(2, 9), torch.ones(8), 1e-6)
+    with pytest.raises(ValueError, match="differ"):
+        native_kernels.silu_mul(x, torch.randn(2, 8, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="do not match"):
+        native_kernels.deltanet_gates(x, x, torch.zeros(3), torch.zeros(8))
+    with pytest.raises(ValueError, match="1..8 weights"):
+        native_kernels.linear_bf16_many(x, [])
