@@ -60,6 +60,7 @@ class NativeKernels:
         self._gated_rms_norm = self._bind(lib.q35_gated_rms_norm,
                                           [vp, i64, vp, i64, vp, ci, vp, ci, cf, i64, i64, ci])
         self._deltanet_gates = self._bind(lib.q35_deltanet_gates, [vp, i64, vp, i64, ci, vp, vp, ci, vp, vp, i64, i64])
+        self._moe_experts = self._bind(lib.q35_moe_experts, [vp, ci, i64, i64, vp, vp, i64, vp, vp, i64, i64, vp, ci])
         self._silu_mul = self._bind(lib.q35_silu_mul, [vp, i64, vp, i64, vp, ci, i64, i64, ci])
 
     @staticmethod
@@ -155,6 +156,37 @@ class NativeKernels:
         self._call(self._silu_mul, g2.data_ptr(), g2.stride(0), u2.data_ptr(), u2.stride(0), y.data_ptr(), _bf(g2),
                    g2.shape[0], g2.shape[1], torch.get_num_threads())
         return y.view(gate.shape)
+
+    def moe_experts(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
+                    down: torch.Tensor) -> torch.Tensor:
+        """The routed experts of a sparse-MoE layer: for each token of x [M, H], the sum over its k chosen experts
+        (ids ``experts`` [M, k], weights [M, k]) of weight · down_e(SiLU(gate_e x) · up_e x), with gate_up
+        [E, 2I, H] (gate rows first) and down [E, H, I] in bf16.  Returns [M, H] in x's dtype."""
+        _check_float(x)
+        if x.dim() != 2 or experts.shape != weights.shape or experts.dim() != 2 or experts.shape[0] != x.shape[0]:
+            raise ValueError(f"moe_experts: x {tuple(x.shape)}, experts {tuple(experts.shape)} and weights "
+                             f"{tuple(weights.shape)} do not match")
+        E, I2, H = gate_up.shape
+        if gate_up.dtype != torch.bfloat16 or down.dtype != torch.bfloat16 or down.shape != (E, H, I2 // 2) \
+                or H != x.shape[1] or I2 % 2 or not (gate_up.is_contiguous() and down.is_contiguous()):
+            raise ValueError(f"moe_experts: needs contiguous bf16 gate_up [E, 2I, {x.shape[1]}] and down [E, "
+                             f"{x.shape[1]}, I], got {gate_up.dtype} {tuple(gate_up.shape)} and {down.dtype} "
+                             f"{tuple(down.shape)}")
+        if experts.shape[1] > 64:
+            raise ValueError(f"moe_experts: at most 64 experts per token, got {experts.shape[1]}")
+        x = x.contiguous()
+        experts = experts.to(torch.int64).contiguous()
+        weights = weights.to(x.dtype).contiguous()
+        y = torch.empty_like(x)
+        if x.shape[0]:
+            rc = self._moe_experts(x.data_ptr(), _bf(x), x.shape[0], H, experts.data_ptr(), weights.data_ptr(),
+                                   experts.shape[1], gate_up.data_ptr(), down.data_ptr(), E, I2 // 2, y.data_ptr(),
+                                   torch.get_num_threads())
+            if rc == -1:
+                raise ValueError(f"moe_experts: an expert id is outside 0..{E - 1}")
+            if rc != 0:
+                raise RuntimeError(f"q35_moe_experts failed ({rc})")
+        return y
 
     @staticmethod
     def _call(f, *args) -> None:

@@ -15,6 +15,7 @@
  * PyTorch when no compiler is present.
  */
 #include <stdint.h>
+#include <math.h>
 #include <stdlib.h>
 #include <omp.h>
 #include <immintrin.h>
@@ -211,4 +212,135 @@ int q35_linear_bf16_multi(const void *x_in, int x_bf16, int64_t ldx, int nw, con
 int q35_linear_bf16(const void *x_in, int x_bf16, int64_t ldx, const uint16_t *w, void *y, int y_bf16,
                     int64_t ldy, int64_t M, int64_t N, int64_t K, int threads) {
     return q35_linear_bf16_multi(x_in, x_bf16, ldx, 1, &w, &N, y, y_bf16, ldy, M, K, threads);
+}
+
+/* ---- the routed experts of a sparse-MoE layer, for a few tokens ---------------------------------------------
+ *
+ * Why: a decode step of Qwen3.5-35B-A3B sends each token to 8 of 256 experts; in PyTorch every chosen expert
+ * costs a dozen small operations (gather, two products, SwiGLU, scale, scatter-add), which for 16 tokens is
+ * ~100 experts x 8 layers of dispatch, more than the weights take to stream.  Here all (token, expert) pairs
+ * of a layer run in three parallel passes: the gate/up products of every chosen expert, SwiGLU, the down
+ * products; then each token sums its experts' outputs, weighted.
+ *
+ * Arithmetic and rounding follow qwen35/model/moe.py (Experts.expert + grouped_experts): with bf16
+ * activations (act_bf16) every intermediate PyTorch would store in bf16 is rounded here too, and a token's
+ * expert outputs are added in increasing expert order, as the index_add_ over expert-sorted pairs does.
+ *
+ * x [M, H] (act dtype), experts [M, k] int64, weights [M, k] (act dtype), gate_up [E, 2I, H] and down [E, H, I]
+ * bf16, y [M, H] (act dtype).  Returns 0, -1 on bad arguments (an expert id out of range), -2 out of memory. */
+static inline float act_round(int act_bf16, float f) { return act_bf16 ? round_bf16(f) : f; }
+
+/* rows [r0, r0 + nr) of one expert matrix w [R, K] times the n gathered rows of X (stride K) into Y (stride ldy) */
+static void expert_rows(const float *X, int64_t n, const uint16_t *w, int64_t K, int64_t r0, int nr, float *Y,
+                        int64_t ldy) {
+    if (n == 1) {
+        gemv_rows(X, w + r0 * K, K, nr, Y + r0, 0);
+        return;
+    }
+    for (int64_t m0 = 0; m0 < n; m0 += MB) {
+        const int mb = (int)(n - m0 < MB ? n - m0 : MB);
+        block(mb, nr, X + m0 * K, K, w + r0 * K, K, Y + m0 * ldy + r0, ldy, 0);
+    }
+}
+
+int q35_moe_experts(const void *x, int act_bf16, int64_t M, int64_t H, const int64_t *experts,
+                    const void *weights, int64_t k, const uint16_t *gate_up, const uint16_t *down, int64_t E,
+                    int64_t I, void *y, int threads) {
+    if (M <= 0 || H <= 0 || k <= 0 || k > 64 || E <= 0 || I <= 0 || NB > 3) return -1;
+    const int64_t P = M * k;
+    for (int64_t p = 0; p < P; p++)
+        if (experts[p] < 0 || experts[p] >= E) return -1;
+    int64_t *count = (int64_t *)calloc((size_t)E + 1, sizeof(int64_t));
+    int64_t *order = (int64_t *)malloc((size_t)P * sizeof(int64_t));
+    float *X = (float *)malloc((size_t)(P * H) * sizeof(float));
+    float *G = (float *)malloc((size_t)(P * 2 * I) * sizeof(float));
+    float *A = (float *)malloc((size_t)(P * I) * sizeof(float));
+    float *D = (float *)malloc((size_t)(P * H) * sizeof(float));
+    /* group starts and work items (one per expert group and block of output rows) */
+    int64_t *gstart = (int64_t *)malloc((size_t)(P + 1) * sizeof(int64_t));
+    int64_t *gexp = (int64_t *)malloc((size_t)P * sizeof(int64_t));
+    int64_t *slot_of = (int64_t *)malloc((size_t)P * sizeof(int64_t));
+    int rc = 0;
+    if (!count || !order || !X || !G || !A || !D || !gstart || !gexp || !slot_of) { rc = -2; goto done; }
+    /* stable counting sort of the pairs by expert: within an expert, pairs stay in token order */
+    for (int64_t p = 0; p < P; p++) count[experts[p] + 1]++;
+    for (int64_t e = 0; e < E; e++) count[e + 1] += count[e];
+    int64_t ngroups = 0;
+    for (int64_t e = 0; e < E; e++)
+        if (count[e + 1] > count[e]) { gstart[ngroups] = count[e]; gexp[ngroups++] = e; }
+    gstart[ngroups] = P;
+    for (int64_t p = 0; p < P; p++) order[count[experts[p]]++] = p;
+    /* sorted pair s reads token order[s] / k */
+    for (int64_t s = 0; s < P; s++) {
+        const int64_t t = order[s] / k;
+        for (int64_t h = 0; h < H; h++)
+            X[s * H + h] = act_bf16 ? bf16_to_f32(((const uint16_t *)x)[t * H + h]) : ((const float *)x)[t * H + h];
+    }
+    if (threads < 1) threads = 1;
+    /* pass 1: gate and up rows of every chosen expert */
+    {
+        const int64_t R = 2 * I, per = (R + GEMV_NB - 1) / GEMV_NB;
+#pragma omp parallel for schedule(dynamic, 4) num_threads(threads)
+        for (int64_t it = 0; it < ngroups * per; it++) {
+            const int64_t g = it / per, r0 = (it % per) * GEMV_NB, n = gstart[g + 1] - gstart[g];
+            const int64_t rend = r0 + GEMV_NB < R ? r0 + GEMV_NB : R;
+            const uint16_t *w = gate_up + gexp[g] * R * H;
+            for (int64_t r = r0; r < rend; r += (n == 1 ? GEMV_NB : NB)) {
+                const int64_t lim = n == 1 ? GEMV_NB : NB;
+                const int nr = (int)(rend - r < lim ? rend - r : lim);
+                expert_rows(X + gstart[g] * H, n, w, H, r, nr, G + gstart[g] * R, R);
+            }
+        }
+    }
+    /* pass 2: SwiGLU, rounded as PyTorch rounds the bf16 gate, up, SiLU(gate) and product */
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t s = 0; s < P; s++)
+        for (int64_t c = 0; c < I; c++) {
+            const float gt = act_round(act_bf16, G[s * 2 * I + c]), up = act_round(act_bf16, G[s * 2 * I + I + c]);
+            A[s * I + c] = act_round(act_bf16, act_round(act_bf16, gt / (1.0f + expf(-gt))) * up);
+        }
+    /* pass 3: down rows */
+    {
+        const int64_t per = (H + GEMV_NB - 1) / GEMV_NB;
+#pragma omp parallel for schedule(dynamic, 4) num_threads(threads)
+        for (int64_t it = 0; it < ngroups * per; it++) {
+            const int64_t g = it / per, r0 = (it % per) * GEMV_NB, n = gstart[g + 1] - gstart[g];
+            const int64_t rend = r0 + GEMV_NB < H ? r0 + GEMV_NB : H;
+            const uint16_t *w = down + gexp[g] * H * I;
+            for (int64_t r = r0; r < rend; r += (n == 1 ? GEMV_NB : NB)) {
+                const int64_t lim = n == 1 ? GEMV_NB : NB;
+                const int nr = (int)(rend - r < lim ? rend - r : lim);
+                expert_rows(A + gstart[g] * I, n, w, I, r, nr, D + gstart[g] * H, H);
+            }
+        }
+    }
+    /* pass 4: each token adds its experts' weighted outputs, in increasing expert (= sorted) order */
+    {
+        for (int64_t s = 0; s < P; s++) slot_of[order[s]] = s;
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t t = 0; t < M; t++) {
+            int64_t pos[64];
+            const int64_t kk = k;
+            for (int64_t j = 0; j < kk; j++) pos[j] = slot_of[t * k + j];
+            for (int64_t a = 1; a < kk; a++) /* insertion sort: k is small */
+                for (int64_t b = a; b > 0 && pos[b - 1] > pos[b]; b--) {
+                    const int64_t tmp = pos[b]; pos[b] = pos[b - 1]; pos[b - 1] = tmp;
+                }
+            for (int64_t h = 0; h < H; h++) {
+                float acc = 0.0f;
+                for (int64_t j = 0; j < kk; j++) {
+                    const int64_t s = pos[j], p = order[s];
+                    const float wgt = act_bf16 ? bf16_to_f32(((const uint16_t *)weights)[p]) : ((const float *)weights)[p];
+                    acc = act_round(act_bf16, acc + act_round(act_bf16, act_round(act_bf16, D[s * H + h]) * wgt));
+                }
+                if (act_bf16)
+                    ((uint16_t *)y)[t * H + h] = f32_to_bf16(acc);
+                else
+                    ((float *)y)[t * H + h] = acc;
+            }
+        }
+    }
+done:
+    free(count); free(order); free(X); free(G); free(A); free(D); free(gstart); free(gexp); free(slot_of);
+    return rc;
 }

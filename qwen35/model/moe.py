@@ -16,7 +16,15 @@ from torch import nn
 from ..config import TextConfig
 from qwen35.kernels import native_for
 
-from .linear import Linear, linear, project
+from .linear import NATIVE_MAX_ROWS, Linear, cpu_has_native_bf16, linear, project
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) · up."""
+    kernels = native_for(gate, up) if gate.dtype == up.dtype else None
+    if kernels is not None:  # the same arithmetic and roundings in one pass
+        return kernels.silu_mul(gate, up)
+    return F.silu(gate) * up
 
 
 class MLP(nn.Module):
@@ -28,10 +36,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = project(x, [self.gate_proj, self.up_proj])
-        kernels = native_for(gate, up) if gate.dtype == up.dtype else None
-        if kernels is not None:  # the same arithmetic and roundings in one pass
-            return self.down_proj(kernels.silu_mul(gate, up))
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(swiglu(gate, up))
 
 
 class Routing(NamedTuple):
@@ -65,9 +70,14 @@ class Experts(nn.Module):
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         gate, up = linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
-        return linear(F.silu(gate) * up, self.down_proj[e])
+        return linear(swiglu(gate, up), self.down_proj[e])
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        kernels = native_for(x, self.gate_up_proj, self.down_proj) if x.shape[0] < NATIVE_MAX_ROWS \
+            and self.gate_up_proj.dtype == torch.bfloat16 and self.down_proj.dtype == torch.bfloat16 \
+            and not cpu_has_native_bf16() else None
+        if kernels is not None:  # a few tokens (decoding): every chosen expert in one call, same arithmetic
+            return kernels.moe_experts(x, routing.experts, routing.weights, self.gate_up_proj, self.down_proj)
         return grouped_experts(x, routing, self.n_experts, self.expert)
 
 

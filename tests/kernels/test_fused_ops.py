@@ -138,3 +138,45 @@ def test_fused_ops_reject_mismatched_arguments(native_kernels):
         native_kernels.deltanet_gates(x, x, torch.zeros(3), torch.zeros(8))
     with pytest.raises(ValueError, match="1..8 weights"):
         native_kernels.linear_bf16_many(x, [])
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 3, 16])
+def test_moe_experts_in_one_call_equal_the_expert_loop(native_kernels, monkeypatch, dtype, tokens):
+    from qwen35.model.moe import Experts, Routing, grouped_experts
+
+    torch.manual_seed(5)
+    E, H, I, k = 6, 48, 40, 3
+    experts = Experts(E, H, I)
+    experts.gate_up_proj.data = (experts.gate_up_proj.data * 5).bfloat16()
+    experts.down_proj.data = (experts.down_proj.data * 5).bfloat16()
+    x = torch.randn(tokens, H).to(dtype)
+    ids = torch.stack([torch.randperm(E)[:k] for _ in range(tokens)])  # tokens share experts
+    w = torch.rand(tokens, k).softmax(-1).to(dtype)
+    routing = Routing(torch.zeros(tokens, E, dtype=dtype), w, ids)
+    with torch.inference_mode():
+        fast = experts(x, routing)
+    if dtype == torch.float32:  # float32 activations: the loop needs float32 weights (the same values)
+        ref = Experts(E, H, I)
+        ref.gate_up_proj.data, ref.down_proj.data = experts.gate_up_proj.data.float(), experts.down_proj.data.float()
+        with torch.inference_mode():
+            slow = grouped_experts(x, routing, E, ref.expert)
+        torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
+    else:  # identical roundings; the float32 sums inside a product may differ in order
+        fast2, slow = both_ways(monkeypatch, lambda: experts(x, routing))
+        assert torch.equal(fast, fast2) and slow.dtype == torch.bfloat16
+        torch.testing.assert_close(fast.float(), slow.float(), rtol=2e-2, atol=2e-3)
+
+
+@needs_native
+def test_moe_experts_rejects_bad_expert_ids(native_kernels):
+    gate_up = torch.zeros(4, 8, 16, dtype=torch.bfloat16)
+    down = torch.zeros(4, 16, 4, dtype=torch.bfloat16)
+    x = torch.randn(2, 16)
+    with pytest.raises(ValueError, match="outside 0..3"):
+        native_kernels.moe_experts(x, torch.tensor([[0, 4], [1, 2]]), torch.ones(2, 2), gate_up, down)
+    with pytest.raises(ValueError, match="do not match"):
+        native_kernels.moe_experts(x, torch.tensor([[0, 1]]), torch.ones(1, 2), gate_up, down)
+    with pytest.raises(ValueError, match="bf16 gate_up"):
+        native_kernels.moe_experts(x, torch.tensor([[0], [1]]), torch.ones(2, 1), gate_up.float(), down)
