@@ -83,8 +83,10 @@ class Int8Experts(nn.Module):
 
 
 def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    from ..model.moe import swiglu  # the float model's own SwiGLU, so both round alike
+
     gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return swiglu(gate, up)
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
