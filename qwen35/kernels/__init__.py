@@ -339,9 +339,17 @@ def native() -> NativeKernels | None:
         return _loaded
 
 
-def native_for(*tensors: torch.Tensor) -> NativeKernels | None:
+# The one-pass layer ops (fused_ops.c) pay off where PyTorch's per-call cost dominates: decode-sized inputs.
+# On prompt-sized inputs PyTorch's own vectorised kernels are as fast or faster, so callers stop here.
+SMALL_OP_ELEMENTS = 1 << 18
+
+
+def native_for(*tensors: torch.Tensor, small_op: bool = False) -> NativeKernels | None:
     """The kernels when they may take these tensors: on the CPU, float32 or bf16, and no gradient to carry
-    (the kernels have no backward); otherwise ``None`` and the caller uses PyTorch."""
+    (the kernels have no backward); with ``small_op``, also only when the first tensor is decode-sized (at most
+    ``SMALL_OP_ELEMENTS`` values).  Otherwise ``None`` and the caller uses PyTorch."""
+    if small_op and tensors and tensors[0].numel() > SMALL_OP_ELEMENTS:
+        return None
     kernels = native()
     if kernels is None:
         return None
@@ -359,4 +367,4 @@ def reset() -> None:
         _loaded, _tried = None, False
 
 
-__all__ = ["ENV_SWITCH", "MAX_FUSED_WEIGHTS", "NativeKernels", "build", "cache_dir", "native", "native_for", "reset"]
+__all__ = ["ENV_SWITCH", "MAX_FUSED_WEIGHTS", "NativeKernels", "build", "cache_dir", "native", "native_for", "reset", "SMALL_OP_ELEMENTS"]

@@ -76,7 +76,7 @@ class GatedDeltaNet(nn.Module):
 
     def gates(self, b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """β = sigmoid(b) and g = −exp(A_log) · softplus(a + dt_bias), both float32 [..., Hv]."""
-        kernels = native_for(b, a, self.A_log, self.dt_bias) if b.dtype == a.dtype \
+        kernels = native_for(b, a, self.A_log, self.dt_bias, small_op=True) if b.dtype == a.dtype \
             and self.A_log.dtype == self.dt_bias.dtype else None
         if kernels is not None:  # the same arithmetic in one pass
             return kernels.deltanet_gates(b, a, self.A_log, self.dt_bias)

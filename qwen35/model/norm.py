@@ -23,7 +23,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernels = native_for(x, self.weight)
+        kernels = native_for(x, self.weight, small_op=True)
         if kernels is not None:  # the same arithmetic in one pass (qwen35/kernels/fused_ops.c)
             return kernels.rms_norm(x, self.weight, self.eps, offset=1.0)
         # F.rms_norm is one fused op (x · rsqrt(mean(x²) + eps)): fewer passes and far less per-call overhead
@@ -45,7 +45,7 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        kernels = native_for(x, z, self.weight) if x.dtype == z.dtype else None
+        kernels = native_for(x, z, self.weight, small_op=True) if x.dtype == z.dtype else None
         if kernels is not None:  # the same arithmetic and roundings in one pass
             return kernels.gated_rms_norm(x, z, self.weight, self.eps)
         y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)

@@ -180,3 +180,16 @@ def test_moe_experts_rejects_bad_expert_ids(native_kernels):
         native_kernels.moe_experts(x, torch.tensor([[0, 1]]), torch.ones(1, 2), gate_up, down)
     with pytest.raises(ValueError, match="bf16 gate_up"):
         native_kernels.moe_experts(x, torch.tensor([[0], [1]]), torch.ones(2, 1), gate_up.float(), down)
+
+
+@needs_native
+def test_prompt_sized_inputs_stay_on_pytorch(native_kernels, monkeypatch):
+    """The one-pass ops are for decode-sized inputs; a prompt chunk uses PyTorch's vectorised kernels."""
+    calls = []
+    monkeypatch.setattr(type(native_kernels), "rms_norm", lambda self, *a, **k: calls.append(a) or a[0])
+    norm = RMSNorm(64)
+    with torch.inference_mode():
+        norm(torch.randn(1, 8, 64))
+        assert len(calls) == 1
+        norm(torch.randn(1, kernels.SMALL_OP_ELEMENTS // 64 + 1, 64))
+    assert len(calls) == 1
