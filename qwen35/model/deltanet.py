@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwen35.kernels import native, native_for
+from qwen35.kernels import native
 
 from ..config import TextConfig
 from .context import ForwardContext
@@ -76,10 +76,6 @@ class GatedDeltaNet(nn.Module):
 
     def gates(self, b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """β = sigmoid(b) and g = −exp(A_log) · softplus(a + dt_bias), both float32 [..., Hv]."""
-        kernels = native_for(b, a, self.A_log, self.dt_bias, small_op=True) if b.dtype == a.dtype \
-            and self.A_log.dtype == self.dt_bias.dtype else None
-        if kernels is not None:  # the same arithmetic in one pass
-            return kernels.deltanet_gates(b, a, self.A_log, self.dt_bias)
         beta = torch.sigmoid(b).float()
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
         return beta, g

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwen35.kernels import native_for
+from qwen35.kernels import SMALL_NORM_ELEMENTS, SMALL_OP_ELEMENTS, native_for
 
 
 class RMSNorm(nn.Module):
@@ -23,7 +23,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernels = native_for(x, self.weight, small_op=True)
+        kernels = native_for(x, self.weight, max_elements=SMALL_NORM_ELEMENTS)
         if kernels is not None:  # the same arithmetic in one pass (qwen35/kernels/fused_ops.c)
             return kernels.rms_norm(x, self.weight, self.eps, offset=1.0)
         # F.rms_norm is one fused op (x · rsqrt(mean(x²) + eps)): fewer passes and far less per-call overhead
@@ -45,7 +45,7 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        kernels = native_for(x, z, self.weight, small_op=True) if x.dtype == z.dtype else None
+        kernels = native_for(x, z, self.weight, max_elements=SMALL_OP_ELEMENTS) if x.dtype == z.dtype else None
         if kernels is not None:  # the same arithmetic and roundings in one pass
             return kernels.gated_rms_norm(x, z, self.weight, self.eps)
         y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
