@@ -11,7 +11,7 @@ from qwen35.model.linear import Linear, project
 from qwen35.model.moe import MLP
 from qwen35.model.norm import GatedRMSNorm, RMSNorm
 
-from .test_native import needs_native, native_kernels  # noqa: F401  (fixture)
+from .test_native import needs_native
 
 
 def both_ways(monkeypatch, fn):

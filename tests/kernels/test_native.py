@@ -15,15 +15,6 @@ HAVE_TOOLCHAIN = platform.machine() in ("x86_64", "AMD64") and any(shutil.which(
 needs_native = pytest.mark.skipif(not HAVE_TOOLCHAIN, reason="native kernels need x86-64 and a C compiler")
 
 
-@pytest.fixture
-def native_kernels(monkeypatch):
-    monkeypatch.delenv(kernels.ENV_SWITCH, raising=False)
-    kernels.reset()
-    k = kernels.native()
-    assert k is not None, "an x86-64 machine with a C compiler must build the native kernels"
-    yield k
-    kernels.reset()
-
 
 def reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return x.double() @ w.double().T
