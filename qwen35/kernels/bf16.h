@@ -23,4 +23,19 @@ static inline uint16_t f32_to_bf16(float f) {
 /* the float32 value a float32 -> bf16 -> float32 round trip gives */
 static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
+/* element i of an activation buffer that holds bf16 (flag set) or float32 values, read and written as float32;
+ * act_round rounds a float32 result as storing it in that buffer would */
+static inline float act_ld(const void *p, int bf16, int64_t i) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline void act_st(void *p, int bf16, int64_t i, float f) {
+    if (bf16)
+        ((uint16_t *)p)[i] = f32_to_bf16(f);
+    else
+        ((float *)p)[i] = f;
+}
+
+static inline float act_round(int bf16, float f) { return bf16 ? round_bf16(f) : f; }
+
 #endif

@@ -17,21 +17,18 @@
 
 #include "bf16.h"
 
-static inline float ld(const void *p, int bf16, int64_t i) {
-    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
-
-static inline void st(void *p, int bf16, int64_t i, float f) {
-    if (bf16)
-        ((uint16_t *)p)[i] = f32_to_bf16(f);
-    else
-        ((float *)p)[i] = f;
-}
-
-static inline float rnd(int bf16, float f) { return bf16 ? round_bf16(f) : f; }
-
 /* parallel only when there is enough work to pay for waking the other threads */
 #define WORTH_THREADS(work) ((work) >= 65536)
+
+/* 1 / sqrt(mean(x²) + eps) over one row of D values */
+static inline float inv_rms(const void *x, int bf16, int64_t off, int64_t D, float eps) {
+    float ss = 0.0f;
+    for (int64_t d = 0; d < D; d++) {
+        const float v = act_ld(x, bf16, off + d);
+        ss += v * v;
+    }
+    return 1.0f / sqrtf(ss / (float)D + eps);
+}
 
 /* y = x · rsqrt(mean(x²) + eps) · (offset + w), in float32, rounded once at the end.
  * offset 1 is the zero-centred decoder norm (weight stored as w − 1), offset 0 a plain scale.
@@ -41,14 +38,9 @@ int q35_rms_norm(const void *x, int64_t ldx, void *y, int bf16, const void *w, i
     if (M < 0 || D <= 0 || ldx < D) return -1;
 #pragma omp parallel for schedule(static) num_threads(threads) if (WORTH_THREADS(M * D))
     for (int64_t i = 0; i < M; i++) {
-        float ss = 0.0f;
-        for (int64_t d = 0; d < D; d++) {
-            const float v = ld(x, bf16, i * ldx + d);
-            ss += v * v;
-        }
-        const float r = 1.0f / sqrtf(ss / (float)D + eps);
+        const float r = inv_rms(x, bf16, i * ldx, D, eps);
         for (int64_t d = 0; d < D; d++)
-            st(y, bf16, i * D + d, ld(x, bf16, i * ldx + d) * r * (offset + ld(w, w_bf16, d)));
+            act_st(y, bf16, i * D + d, act_ld(x, bf16, i * ldx + d) * r * (offset + act_ld(w, w_bf16, d)));
     }
     return 0;
 }
@@ -61,17 +53,12 @@ int q35_gated_rms_norm(const void *o, int64_t ldo, const void *z, int64_t ldz, v
     if (M < 0 || D <= 0 || ldo < D || ldz < D) return -1;
 #pragma omp parallel for schedule(static) num_threads(threads) if (WORTH_THREADS(M * D))
     for (int64_t i = 0; i < M; i++) {
-        float ss = 0.0f;
+        const float r = inv_rms(o, bf16, i * ldo, D, eps);
         for (int64_t d = 0; d < D; d++) {
-            const float v = ld(o, bf16, i * ldo + d);
-            ss += v * v;
-        }
-        const float r = 1.0f / sqrtf(ss / (float)D + eps);
-        for (int64_t d = 0; d < D; d++) {
-            const float n = rnd(bf16, ld(o, bf16, i * ldo + d) * r);
-            const float wn = rnd(bf16, ld(w, w_bf16, d) * n);
-            const float zz = ld(z, bf16, i * ldz + d);
-            st(y, bf16, i * D + d, wn * (zz / (1.0f + expf(-zz))));
+            const float n = act_round(bf16, act_ld(o, bf16, i * ldo + d) * r);
+            const float wn = act_round(bf16, act_ld(w, w_bf16, d) * n);
+            const float zz = act_ld(z, bf16, i * ldz + d);
+            act_st(y, bf16, i * D + d, wn * (zz / (1.0f + expf(-zz))));
         }
     }
     return 0;

@@ -84,17 +84,6 @@ static void gated_delta_step(float *restrict states, const int64_t *restrict slo
     }
 }
 
-static inline float ld(const void *p, int bf16, int64_t i) {
-    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
-
-static inline void st(void *p, int bf16, int64_t i, float f) {
-    if (bf16)
-        ((uint16_t *)p)[i] = f32_to_bf16(f);
-    else
-        ((float *)p)[i] = f;
-}
-
 /* The whole stateful half of a DeltaNet decode step for n sequences, in place on the pools:
  *   conv:  act_c = SiLU(Σ_j [window_c | x_c]_j w_cj), window_c ← its last K−1 inputs     (per channel c)
  *   split act into q | k | v, L2-normalise q and k per head (q also × dk^-1/2)
@@ -115,19 +104,19 @@ int q35_deltanet_decode(const void *qkv, int64_t ldq, const void *conv_w, void *
     for (int64_t t = 0; t < n * C; t++) {
         const int64_t i = t / C, c = t % C;
         const int64_t base = (slots[i] * C + c) * W;
-        const float x = ld(qkv, bf16, i * ldq + c);
+        const float x = act_ld(qkv, bf16, i * ldq + c);
         float y = 0.0f;
         for (int64_t j = 0; j < W; j++) {
-            const float prod = ld(windows, bf16, base + j) * ld(conv_w, bf16, c * Kc + j);
+            const float prod = act_ld(windows, bf16, base + j) * act_ld(conv_w, bf16, c * Kc + j);
             y += bf16 ? round_bf16(prod) : prod;
         }
-        const float last = x * ld(conv_w, bf16, c * Kc + W);
+        const float last = x * act_ld(conv_w, bf16, c * Kc + W);
         y += bf16 ? round_bf16(last) : last;
         if (bf16) y = round_bf16(y);
         float a = y / (1.0f + expf(-y));
         act[i * C + c] = bf16 ? round_bf16(a) : a;
-        for (int64_t j = 0; j + 1 < W; j++) st(windows, bf16, base + j, ld(windows, bf16, base + j + 1));
-        if (W > 0) st(windows, bf16, base + W - 1, x);
+        for (int64_t j = 0; j + 1 < W; j++) act_st(windows, bf16, base + j, act_ld(windows, bf16, base + j + 1));
+        if (W > 0) act_st(windows, bf16, base + W - 1, x);
     }
     /* q and k in place: L2-normalise per head (eps 1e-6 inside the square root, as l2_normalize) */
     const float scale = 1.0f / sqrtf((float)dk);

@@ -228,7 +228,6 @@ int q35_linear_bf16(const void *x_in, int x_bf16, int64_t ldx, const uint16_t *w
  *
  * x [M, H] (act dtype), experts [M, k] int64, weights [M, k] (act dtype), gate_up [E, 2I, H] and down [E, H, I]
  * bf16, y [M, H] (act dtype).  Returns 0, -1 on bad arguments (an expert id out of range), -2 out of memory. */
-static inline float act_round(int act_bf16, float f) { return act_bf16 ? round_bf16(f) : f; }
 
 /* rows [r0, r0 + nr) of one expert matrix w [R, K] times the n gathered rows of X (stride K) into Y (stride ldy) */
 static void expert_rows(const float *X, int64_t n, const uint16_t *w, int64_t K, int64_t r0, int nr, float *Y,
@@ -240,6 +239,23 @@ static void expert_rows(const float *X, int64_t n, const uint16_t *w, int64_t K,
     for (int64_t m0 = 0; m0 < n; m0 += MB) {
         const int mb = (int)(n - m0 < MB ? n - m0 : MB);
         block(mb, nr, X + m0 * K, K, w + r0 * K, K, Y + m0 * ldy + r0, ldy, 0);
+    }
+}
+
+/* Y_s = X_s · W_eᵀ for every expert group: rows gstart[g]..gstart[g+1] of X (stride K) against expert gexp[g]'s
+ * matrix (R x K, experts R*K apart in W), into rows of Y (stride R).  Work items are blocks of output rows. */
+static void grouped_products(const float *X, int64_t K, const uint16_t *W, int64_t R, const int64_t *gstart,
+                             const int64_t *gexp, int64_t ngroups, float *Y, int threads) {
+    const int64_t per = (R + GEMV_NB - 1) / GEMV_NB;
+#pragma omp parallel for schedule(dynamic, 4) num_threads(threads)
+    for (int64_t it = 0; it < ngroups * per; it++) {
+        const int64_t g = it / per, r0 = (it % per) * GEMV_NB, n = gstart[g + 1] - gstart[g];
+        const int64_t rend = r0 + GEMV_NB < R ? r0 + GEMV_NB : R, step = n == 1 ? GEMV_NB : NB;
+        const uint16_t *w = W + gexp[g] * R * K;
+        for (int64_t r = r0; r < rend; r += step) {
+            const int nr = (int)(rend - r < step ? rend - r : step);
+            expert_rows(X + gstart[g] * K, n, w, K, r, nr, Y + gstart[g] * R, R);
+        }
     }
 }
 
@@ -278,20 +294,7 @@ int q35_moe_experts(const void *x, int act_bf16, int64_t M, int64_t H, const int
     }
     if (threads < 1) threads = 1;
     /* pass 1: gate and up rows of every chosen expert */
-    {
-        const int64_t R = 2 * I, per = (R + GEMV_NB - 1) / GEMV_NB;
-#pragma omp parallel for schedule(dynamic, 4) num_threads(threads)
-        for (int64_t it = 0; it < ngroups * per; it++) {
-            const int64_t g = it / per, r0 = (it % per) * GEMV_NB, n = gstart[g + 1] - gstart[g];
-            const int64_t rend = r0 + GEMV_NB < R ? r0 + GEMV_NB : R;
-            const uint16_t *w = gate_up + gexp[g] * R * H;
-            for (int64_t r = r0; r < rend; r += (n == 1 ? GEMV_NB : NB)) {
-                const int64_t lim = n == 1 ? GEMV_NB : NB;
-                const int nr = (int)(rend - r < lim ? rend - r : lim);
-                expert_rows(X + gstart[g] * H, n, w, H, r, nr, G + gstart[g] * R, R);
-            }
-        }
-    }
+    grouped_products(X, H, gate_up, 2 * I, gstart, gexp, ngroups, G, threads);
     /* pass 2: SwiGLU, rounded as PyTorch rounds the bf16 gate, up, SiLU(gate) and product */
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t s = 0; s < P; s++)
@@ -300,20 +303,7 @@ int q35_moe_experts(const void *x, int act_bf16, int64_t M, int64_t H, const int
             A[s * I + c] = act_round(act_bf16, act_round(act_bf16, gt / (1.0f + expf(-gt))) * up);
         }
     /* pass 3: down rows */
-    {
-        const int64_t per = (H + GEMV_NB - 1) / GEMV_NB;
-#pragma omp parallel for schedule(dynamic, 4) num_threads(threads)
-        for (int64_t it = 0; it < ngroups * per; it++) {
-            const int64_t g = it / per, r0 = (it % per) * GEMV_NB, n = gstart[g + 1] - gstart[g];
-            const int64_t rend = r0 + GEMV_NB < H ? r0 + GEMV_NB : H;
-            const uint16_t *w = down + gexp[g] * H * I;
-            for (int64_t r = r0; r < rend; r += (n == 1 ? GEMV_NB : NB)) {
-                const int64_t lim = n == 1 ? GEMV_NB : NB;
-                const int nr = (int)(rend - r < lim ? rend - r : lim);
-                expert_rows(A + gstart[g] * I, n, w, I, r, nr, D + gstart[g] * H, H);
-            }
-        }
-    }
+    grouped_products(A, I, down, H, gstart, gexp, ngroups, D, threads);
     /* pass 4: each token adds its experts' weighted outputs, in increasing expert (= sorted) order */
     {
         for (int64_t s = 0; s < P; s++) slot_of[order[s]] = s;
