@@ -32,10 +32,31 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _prompt_ids(n: int, seed: int, vocab: int = 200_000) -> list[int]:
+def _decode_rate(tokens: int, t_with: float, t_first: float) -> float:
+    """Decode tokens/s from two timed runs, with and without the decode tokens (engines that only time whole
+    calls).  A run that is not slower than its first-token twin measures noise, not decoding: fail loudly."""
+    if t_with <= t_first:
+        raise RuntimeError(f"decoding {tokens} tokens took {t_with:.2f} s, no longer than the first token alone "
+                           f"({t_first:.2f} s): the machine is too disturbed (or out of memory) to measure")
+    return tokens / (t_with - t_first)
+
+
+PROMPT_VOCAB = 200_000  # prompts draw ids from [PROMPT_VOCAB // 200, PROMPT_VOCAB); main() caps it by the checkpoint
+
+
+def _prompt_ids(n: int, seed: int) -> list[int]:
     import random
     rng = random.Random(seed)
-    return [rng.randrange(1000, vocab) for _ in range(n)]
+    return [rng.randrange(PROMPT_VOCAB // 200, PROMPT_VOCAB) for _ in range(n)]
+
+
+def _checkpoint_vocab(folder: str) -> int | None:
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return cfg.get("vocab_size") or cfg.get("text_config", {}).get("vocab_size")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -121,11 +142,11 @@ def worker_transformers(a: argparse.Namespace) -> dict:
     dec1, decn = [], []
     for r in range(a.reps):
         ids = [_prompt_ids(16, 10 + r)]
-        dec1.append(a.decode_tokens / (gen(ids, a.decode_tokens + 1) - gen(ids, 1)))
+        dec1.append(_decode_rate(a.decode_tokens, gen(ids, a.decode_tokens + 1), gen(ids, 1)))
     if a.concurrency:
         ids = [_prompt_ids(16, i) for i in range(a.concurrency)]
         for r in range(max(1, a.reps - 1)):
-            decn.append(a.concurrency * a.decode_tokens / (gen(ids, a.decode_tokens + 1) - gen(ids, 1)))
+            decn.append(_decode_rate(a.concurrency * a.decode_tokens, gen(ids, a.decode_tokens + 1), gen(ids, 1)))
     return {"prompt": a.prompt_len / statistics.median(prompt), "decode1": statistics.median(dec1),
             "decodeN": statistics.median(decn) if decn else None}
 
@@ -173,11 +194,11 @@ def worker_vllm(a: argparse.Namespace) -> dict:
     dec1, decn = [], []
     for r in range(a.reps):
         ids = [_prompt_ids(16, 10 + r)]
-        dec1.append(a.decode_tokens / (gen(ids, a.decode_tokens + 1) - gen(ids, 1)))
+        dec1.append(_decode_rate(a.decode_tokens, gen(ids, a.decode_tokens + 1), gen(ids, 1)))
     if a.concurrency:
         for r in range(a.reps):
             ids = [_prompt_ids(16, 100 * r + i) for i in range(a.concurrency)]
-            decn.append(a.concurrency * a.decode_tokens / (gen(ids, a.decode_tokens + 1) - gen(ids, 1)))
+            decn.append(_decode_rate(a.concurrency * a.decode_tokens, gen(ids, a.decode_tokens + 1), gen(ids, 1)))
     return {"prompt": a.prompt_len / statistics.median(prompt), "decode1": statistics.median(dec1),
             "decodeN": statistics.median(decn) if decn else None}
 
@@ -216,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    global PROMPT_VOCAB
+    PROMPT_VOCAB = min(PROMPT_VOCAB, _checkpoint_vocab(a.model) or PROMPT_VOCAB)
     if a.worker:
         # Everything but the result goes to stderr, also from processes the worker starts (vLLM's engine core
         # logs to stdout), so that the driver can read the JSON line from stdout.
@@ -248,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
         print(f"{name}: {results[name]} ({time.perf_counter() - t:.0f} s)", file=sys.stderr)
 
+    if not results:
+        print("no engine produced results (see the errors above)", file=sys.stderr)
+        return 1
     metrics = [("prompt", f"prompt {a.prompt_len} tok/s"), ("decode1", "decode batch 1 tok/s"),
                ("decodeN", f"decode {a.concurrency} concurrent, aggregate tok/s")]
     names = list(results)

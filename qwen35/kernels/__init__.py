@@ -1,11 +1,12 @@
 """Native CPU kernels, compiled at first use with the host C compiler and called through ctypes.
 
 Only what PyTorch lacks on common CPUs lives here: a bf16-weight × float32-activation product for the few-row
-matmuls of decoding (gemm_bf16.c), an in-place decode step of the gated delta rule on the slot pool
-(gated_delta_step.c) and the layer norms in one pass each (fused_ops.c), sharing bf16.h; each source says why it exists.  The library is built once per source version and CPU into the
-cache folder (``$QWEN35_CACHE`` or ``~/.cache/qwen35``), then loaded.  Without a compiler, on a CPU it does not
-fit, or with ``QWEN35_NATIVE_KERNELS=0``, :func:`native` returns ``None`` and callers use PyTorch; nothing
-requires the kernels.
+matmuls of decoding and a MoE layer's chosen experts (gemm_bf16.c), an in-place decode step of the gated delta
+rule on the slot pool (gated_delta_step.c) and the layer norms in one pass each (fused_ops.c), sharing bf16.h;
+each source says why it exists.  The library is built once per source version and CPU into the cache folder
+(``$QWEN35_CACHE`` or ``~/.cache/qwen35``), then loaded.  Without a compiler, on a CPU it does not fit, or with
+``QWEN35_NATIVE_KERNELS=0``, :func:`native` returns ``None`` and callers use PyTorch; nothing requires the
+kernels.
 """
 
 from __future__ import annotations
@@ -38,23 +39,11 @@ class NativeKernels:
         lib.q35_isa.restype = ctypes.c_char_p
         lib.q35_isa.argtypes = []
         self.isa = lib.q35_isa().decode()
-        f = lib.q35_linear_bf16
-        f.restype = ctypes.c_int
-        f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-                      ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
-        self._linear_bf16 = f
-        f = lib.q35_linear_bf16_multi
-        f.restype = ctypes.c_int
-        f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                      ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
-        self._linear_bf16_multi = f
-        d = lib.q35_deltanet_decode
-        d.restype = ctypes.c_int
-        d.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 2 + \
-            [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p] + \
-            [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 3 + [ctypes.c_int]
-        self._deltanet_decode = d
         i64, vp, ci, cf = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+        self._linear_bf16_multi = self._bind(lib.q35_linear_bf16_multi,
+                                             [vp, ci, i64, ci, vp, vp, vp, ci, i64, i64, i64, ci])
+        self._deltanet_decode = self._bind(lib.q35_deltanet_decode,
+                                           [vp, i64, vp, vp, ci, i64, vp, vp] + [i64] * 5 + [vp] * 3 + [ci])
         self._rms_norm = self._bind(lib.q35_rms_norm, [vp, i64, vp, ci, vp, ci, cf, cf, i64, i64, ci])
         self._gated_rms_norm = self._bind(lib.q35_gated_rms_norm,
                                           [vp, i64, vp, i64, vp, ci, vp, ci, cf, i64, i64, ci])
@@ -108,6 +97,7 @@ class NativeKernels:
         if weight.shape != (D,):
             raise ValueError(f"rms_norm: weight {tuple(weight.shape)} does not match {D} features")
         y = torch.empty(x2.shape, dtype=x.dtype)
+        weight = weight.contiguous()
         self._call(self._rms_norm, x2.data_ptr(), x2.stride(0), y.data_ptr(), _bf(x2), weight.data_ptr(),
                    _bf(weight), offset, eps, x2.shape[0], D, torch.get_num_threads())
         return y.view(x.shape)
@@ -121,6 +111,7 @@ class NativeKernels:
             raise ValueError(f"gated_rms_norm: o {tuple(o.shape)} {o.dtype}, z {tuple(z.shape)} {z.dtype}, "
                              f"weight {tuple(weight.shape)} do not match")
         y = torch.empty(o2.shape, dtype=o.dtype)
+        weight = weight.contiguous()
         self._call(self._gated_rms_norm, o2.data_ptr(), o2.stride(0), z2.data_ptr(), z2.stride(0), y.data_ptr(),
                    _bf(o2), weight.data_ptr(), _bf(weight), eps, o2.shape[0], D, torch.get_num_threads())
         return y.view(o.shape)
@@ -222,8 +213,6 @@ def _check_float(*ts: torch.Tensor) -> None:
     for t in ts:
         if t.dtype not in (torch.float32, torch.bfloat16) or t.device.type != "cpu":
             raise ValueError(f"native kernels take float32 or bf16 CPU tensors, got {t.dtype} on {t.device}")
-    if ts and ts[-1].dim() == 1 and not ts[-1].is_contiguous():
-        raise ValueError("native kernels need a contiguous weight vector")
 
 
 _lock = threading.Lock()
@@ -277,8 +266,8 @@ def build(force: bool = False) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_out = Path(tmp) / out.name
-        proc = subprocess.run([cc, *flags, *map(str, SOURCES), "-o", str(tmp_out), "-lm"], capture_output=True, check=False,
-                              text=True)
+        proc = subprocess.run([cc, *flags, *map(str, SOURCES), "-o", str(tmp_out), "-lm"], capture_output=True,
+                              check=False, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed to build the native kernels:\n{proc.stderr.strip()[-2000:]}")
         os.replace(tmp_out, out)  # other processes see either no library or a whole one
@@ -338,4 +327,5 @@ def reset() -> None:
         _loaded, _tried = None, False
 
 
-__all__ = ["ENV_SWITCH", "MAX_FUSED_WEIGHTS", "NativeKernels", "build", "cache_dir", "native", "native_for", "reset", "SMALL_NORM_ELEMENTS", "SMALL_OP_ELEMENTS"]
+__all__ = ["ENV_SWITCH", "MAX_FUSED_WEIGHTS", "NativeKernels", "SMALL_NORM_ELEMENTS", "SMALL_OP_ELEMENTS", "build",
+           "cache_dir", "native", "native_for", "reset"]

@@ -21,12 +21,9 @@
 
 #include "bf16.h"
 
-/* One (sequence, head): two passes over its dk x dv state.  DV is a compile-time constant at the call sites that
- * matter (128, every Qwen3.5 model), so delta and o stay in vector registers; `next` is the state the thread
- * handles after this one, prefetched during the first pass so that its DRAM latency overlaps this head's work
- * (the step is bound by streaming the states: 64 KB per head, read and written once). */
-static inline __attribute__((always_inline)) void head_step(const int64_t DV, float *restrict S,
-                                                            const float *restrict next, int64_t dk,
+/* One (sequence, head): two passes over its dk x dv state.  DV is a compile-time constant at the call site that
+ * matters (128, every Qwen3.5 model), so delta and o stay in vector registers. */
+static inline __attribute__((always_inline)) void head_step(const int64_t DV, float *restrict S, int64_t dk,
                                                             const float *restrict qh, const float *restrict kh,
                                                             const float *restrict vh, float a, float b,
                                                             float *restrict oh) {
@@ -35,8 +32,6 @@ static inline __attribute__((always_inline)) void head_step(const int64_t DV, fl
     for (int64_t r = 0; r < dk; r++) {
         const float kr = kh[r];
         const float *restrict row = S + r * DV;
-        if (next)
-            for (int64_t c = 0; c < DV; c += 16) __builtin_prefetch(next + r * DV + c, 1, 1);
         for (int64_t c = 0; c < DV; c++) delta[c] += row[c] * kr;
     }
     for (int64_t c = 0; c < DV; c++) {
@@ -63,24 +58,18 @@ static void gated_delta_step(float *restrict states, const int64_t *restrict slo
     const int64_t tasks = n * Hv;
     if (threads < 1) threads = 1;
     if (threads > tasks) threads = (int)tasks;
-#pragma omp parallel num_threads(threads)
-    {
-        /* each thread takes one contiguous run of tasks, so it knows which state comes next */
-        const int nt = omp_get_num_threads(), me = omp_get_thread_num();
-        const int64_t t0 = tasks * me / nt, t1 = tasks * (me + 1) / nt;
-        for (int64_t t = t0; t < t1; t++) {
-            const int64_t i = t / Hv, h = t % Hv;
-            float *S = states + (slots[i] * Hv + h) * dk * dv;
-            const float *next = t + 1 < t1 ? states + (slots[(t + 1) / Hv] * Hv + (t + 1) % Hv) * dk * dv : NULL;
-            const float *qh = q + i * ld + (h / group) * dk;
-            const float *kh = k + i * ld + (h / group) * dk;
-            const float *vh = v + i * ld + h * dv;
-            const float a = expf(g[t]), b = beta[t];
-            if (dv == 128)
-                head_step(128, S, next, dk, qh, kh, vh, a, b, out + t * dv);
-            else
-                head_step(dv, S, next, dk, qh, kh, vh, a, b, out + t * dv);
-        }
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t t = 0; t < tasks; t++) {
+        const int64_t i = t / Hv, h = t % Hv;
+        float *S = states + (slots[i] * Hv + h) * dk * dv;
+        const float *qh = q + i * ld + (h / group) * dk;
+        const float *kh = k + i * ld + (h / group) * dk;
+        const float *vh = v + i * ld + h * dv;
+        const float a = expf(g[t]), b = beta[t];
+        if (dv == 128)
+            head_step(128, S, dk, qh, kh, vh, a, b, out + t * dv);
+        else
+            head_step(dv, S, dk, qh, kh, vh, a, b, out + t * dv);
     }
 }
 
@@ -88,8 +77,9 @@ static void gated_delta_step(float *restrict states, const int64_t *restrict slo
  *   conv:  act_c = SiLU(Σ_j [window_c | x_c]_j w_cj), window_c ← its last K−1 inputs     (per channel c)
  *   split act into q | k | v, L2-normalise q and k per head (q also × dk^-1/2)
  *   the gated delta step above on states[slots].
- * qkv [n, C] (rows of stride ldq), conv weight [C, Kc] and the window pool [P, C, Kc−1] are float32 or bf16 (the model's dtype,
- * flag `bf16`); in bf16 the activations are rounded to bf16 as PyTorch's bf16 conv would leave them.
+ * qkv [n, C] (rows of stride ldq), conv weight [C, Kc] and the window pool [P, C, Kc−1] are float32 or bf16
+ * (the model's dtype, flag `bf16`); in bf16 the activations are rounded to bf16 as PyTorch's bf16 conv would leave
+ * them.
  * The state pool is float32; out [n, Hv, dv] float32. */
 int q35_deltanet_decode(const void *qkv, int64_t ldq, const void *conv_w, void *windows, int bf16, int64_t Kc,
                         float *states, const int64_t *slots, int64_t n, int64_t Hk, int64_t Hv, int64_t dk,

@@ -209,11 +209,6 @@ int q35_linear_bf16_multi(const void *x_in, int x_bf16, int64_t ldx, int nw, con
     return 0;
 }
 
-int q35_linear_bf16(const void *x_in, int x_bf16, int64_t ldx, const uint16_t *w, void *y, int y_bf16,
-                    int64_t ldy, int64_t M, int64_t N, int64_t K, int threads) {
-    return q35_linear_bf16_multi(x_in, x_bf16, ldx, 1, &w, &N, y, y_bf16, ldy, M, K, threads);
-}
-
 /* ---- the routed experts of a sparse-MoE layer, for a few tokens ---------------------------------------------
  *
  * Why: a decode step of Qwen3.5-35B-A3B sends each token to 8 of 256 experts; in PyTorch every chosen expert
@@ -290,7 +285,7 @@ int q35_moe_experts(const void *x, int act_bf16, int64_t M, int64_t H, const int
     for (int64_t s = 0; s < P; s++) {
         const int64_t t = order[s] / k;
         for (int64_t h = 0; h < H; h++)
-            X[s * H + h] = act_bf16 ? bf16_to_f32(((const uint16_t *)x)[t * H + h]) : ((const float *)x)[t * H + h];
+            X[s * H + h] = act_ld(x, act_bf16, t * H + h);
     }
     if (threads < 1) threads = 1;
     /* pass 1: gate and up rows of every chosen expert */
@@ -320,13 +315,10 @@ int q35_moe_experts(const void *x, int act_bf16, int64_t M, int64_t H, const int
                 float acc = 0.0f;
                 for (int64_t j = 0; j < kk; j++) {
                     const int64_t s = pos[j], p = order[s];
-                    const float wgt = act_bf16 ? bf16_to_f32(((const uint16_t *)weights)[p]) : ((const float *)weights)[p];
+                    const float wgt = act_ld(weights, act_bf16, p);
                     acc = act_round(act_bf16, acc + act_round(act_bf16, act_round(act_bf16, D[s * H + h]) * wgt));
                 }
-                if (act_bf16)
-                    ((uint16_t *)y)[t * H + h] = f32_to_bf16(acc);
-                else
-                    ((float *)y)[t * H + h] = acc;
+                act_st(y, act_bf16, t * H + h, acc);
             }
         }
     }

@@ -1,5 +1,6 @@
-"""The one-pass norms (qwen35/kernels/fused_ops.c), the multi-weight product and the grouped MoE experts against the PyTorch
-compositions they replace, in float32 and bf16: the modules run both ways, native and with the kernels off."""
+"""The one-pass norms (qwen35/kernels/fused_ops.c), the multi-weight product and the grouped MoE experts against
+the PyTorch compositions they replace, in float32 and bf16: the modules run both ways, native and with the
+kernels off."""
 
 from __future__ import annotations
 
