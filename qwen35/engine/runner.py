@@ -4,7 +4,8 @@ All tokens of the step are packed into one row ([1, N]): decode tokens first, th
 projections and feed-forward blocks (nearly all of the FLOPs) run once over all N tokens; only the sequence
 mixing splits by sequence, in ``PagedContext``:
 
-* attention writes each token's K/V into its block row, then attends per sequence over its gathered rows;
+* attention writes each token's K/V into its block row; decode tokens attend together over their block tables
+  (read in place where the native kernel runs), each prompt chunk over its gathered rows;
 * DeltaNet steps every decode token together (their slot states gathered into one [B, ...] batch, one
   recurrent step, scattered back) and runs each prompt chunk with the chunked rule from its slot's state.
 """
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels.ops import paged_decode_attention
 from ..model.context import ForwardContext, LinearMixer, sdpa
 from .cache import HybridCache
 from .scheduler import ScheduledBatch
@@ -38,39 +40,33 @@ class PagedContext(ForwardContext):
         self.rope = rope
         self.token_mask = None
         ids = [s.seq.seq_id for s in segments]
-        # rows this step writes, and the rows each sequence reads (its whole history incl. this step)
+        # rows this step writes, and the rows each prompt chunk reads (its whole history incl. this step)
         self.write_rows = torch.cat([cache.token_rows(i, s.past, s.past + s.length) for i, s in zip(ids, segments)])
-        self.read_rows = [cache.token_rows(i, 0, s.past + s.length) for i, s in zip(ids, segments)]
+        self.read_rows = [cache.token_rows(i, 0, s.past + s.length)
+                          for i, s in zip(ids[num_decodes:], segments[num_decodes:])]
         self.slots = torch.tensor([cache.slot_of[i] for i in ids], dtype=torch.long)
-        # decode tokens attend together: their histories gathered into one zero-padded [nd, Lmax] batch
-        self.decode_rows = self.decode_mask = None
-        if num_decodes > 1:
-            lengths = [len(r) for r in self.read_rows[:num_decodes]]
-            longest = max(lengths)
-            self.decode_rows = torch.zeros(num_decodes, longest, dtype=torch.long)
-            self.decode_mask = torch.zeros(num_decodes, 1, 1, longest, dtype=torch.bool)
-            for i, rows in enumerate(self.read_rows[:num_decodes]):
-                # padding repeats the sequence's own first row: masked out, but never uninitialised memory
-                # (a NaN there would survive a zero attention weight)
-                self.decode_rows[i] = rows[0]
-                self.decode_rows[i, :lengths[i]] = rows
-                self.decode_mask[i, ..., :lengths[i]] = True
+        # decode tokens attend together, each over its blocks in place: block tables padded with a valid id
+        self.decode_tables = self.decode_lengths = None
+        if num_decodes:
+            tables = [cache.block_tables[i] for i in ids[:num_decodes]]
+            width = max(len(t) for t in tables)
+            self.decode_tables = torch.tensor([t + t[:1] * (width - len(t)) for t in tables], dtype=torch.long)
+            self.decode_lengths = torch.tensor([s.past + 1 for s in segments[:num_decodes]], dtype=torch.long)
 
     def attend(self, layer, q, k, v):
         kv = self.cache.kv
         keys, values = kv.keys[layer], kv.values[layer]
         keys.index_copy_(0, self.write_rows, k[0])
         values.index_copy_(0, self.write_rows, v[0])
+        nd = self.num_decodes
+        if nd and nd == len(self.segments):  # a decode-only step: no prompt chunk to stitch in
+            return paged_decode_attention(q[0], keys, values, self.decode_tables, self.decode_lengths,
+                                          self.cache.block_size, q.shape[-1] ** -0.5)[None]
         out = torch.empty_like(q)
-        first = 0
-        if self.decode_rows is not None:
-            nd = self.num_decodes
-            qs = q[0, :nd, :, None]  # [nd, H, 1, d]
-            ks = keys[self.decode_rows].transpose(1, 2)  # [nd, Hkv, Lmax, d]
-            vs = values[self.decode_rows].transpose(1, 2)
-            out[0, :nd] = sdpa(qs, ks, vs, self.decode_mask, causal=False)[:, :, 0]
-            first = nd
-        for seg, rows in zip(self.segments[first:], self.read_rows[first:]):
+        if nd:
+            out[0, :nd] = paged_decode_attention(q[0, :nd], keys, values, self.decode_tables, self.decode_lengths,
+                                                 self.cache.block_size, q.shape[-1] ** -0.5)
+        for seg, rows in zip(self.segments[nd:], self.read_rows):
             qs = q[:, seg.start:seg.start + seg.length].transpose(1, 2)  # [1, H, t, d]
             ks = keys.index_select(0, rows).transpose(0, 1)[None]  # [1, Hkv, L, d]
             vs = values.index_select(0, rows).transpose(0, 1)[None]

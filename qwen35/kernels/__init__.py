@@ -26,8 +26,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(n) for n in ("gemm_bf16.c", "gated_delta_step.c", "fused_ops.c")]
-HEADERS = [Path(__file__).with_name("bf16.h")]
+SOURCES = [Path(__file__).with_name(n) for n in ("gemm_bf16.c", "gated_delta_step.c", "fused_ops.c",
+                                                 "paged_attention.c")]
+HEADERS = [Path(__file__).with_name(n) for n in ("bf16.h", "simd.h")]
 ENV_SWITCH = "QWEN35_NATIVE_KERNELS"
 
 
@@ -48,6 +49,8 @@ class NativeKernels:
         self._gated_rms_norm = self._bind(lib.q35_gated_rms_norm,
                                           [vp, i64, vp, i64, vp, ci, vp, ci, cf, i64, i64, ci])
         self._moe_experts = self._bind(lib.q35_moe_experts, [vp, ci, i64, i64, vp, vp, i64, vp, vp, i64, i64, vp, ci])
+        self._paged_decode_attention = self._bind(lib.q35_paged_decode_attention,
+                                                  [vp, ci, i64, vp, vp, ci, vp, i64, vp] + [i64] * 5 + [cf, vp, ci])
 
     @staticmethod
     def _bind(f, argtypes):
@@ -193,6 +196,41 @@ class NativeKernels:
         return out
 
 
+    def paged_decode_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                               tables: torch.Tensor, lengths: torch.Tensor, block_size: int, scale: float
+                               ) -> torch.Tensor:
+        """One decode query per sequence over its paged history, read in place: q [n, H, d]; keys / values
+        the flat pools [R, Hkv, d]; tables [n, max_blocks] int64 block ids; lengths [n] keys per sequence.
+        Returns o [n, H, d] in q's dtype (softmax(q·kᵀ·scale)·v, float32 inside)."""
+        _check_float(q, keys, values)
+        n, H, d = q.shape
+        R, Hkv, dk = keys.shape
+        if values.shape != keys.shape or dk != d or H % Hkv or keys.dtype != values.dtype \
+                or not (keys.is_contiguous() and values.is_contiguous()):
+            raise ValueError(f"paged_decode_attention: q {tuple(q.shape)} and contiguous pools of one dtype "
+                             f"[R, Hkv, {d}] needed, got keys {tuple(keys.shape)} {keys.dtype}, values "
+                             f"{tuple(values.shape)} {values.dtype}")
+        if tables.dim() != 2 or tables.shape[0] != n or lengths.shape != (n,):
+            raise ValueError(f"paged_decode_attention: tables {tuple(tables.shape)} / lengths "
+                             f"{tuple(lengths.shape)} do not match {n} sequences")
+        tables = tables.to(torch.int64).contiguous()
+        lengths = lengths.to(torch.int64).contiguous()
+        if n and (int(tables.min()) < 0 or int(tables.max()) * block_size >= R):
+            raise ValueError(f"paged_decode_attention: a block id is outside the pool of {R // block_size} blocks")
+        if q.stride(-1) != 1 or q.stride(1) != d:
+            q = q.contiguous()
+        out = torch.empty(n, H, d, dtype=q.dtype)
+        if n:
+            rc = self._paged_decode_attention(q.data_ptr(), _bf(q), q.stride(0), keys.data_ptr(), values.data_ptr(),
+                                              _bf(keys), tables.data_ptr(), tables.shape[1], lengths.data_ptr(), n,
+                                              H, Hkv, d, block_size, scale, out.data_ptr(), torch.get_num_threads())
+            if rc == -1:
+                raise ValueError(f"paged_decode_attention: lengths must be 1..{tables.shape[1] * block_size}")
+            if rc != 0:
+                raise RuntimeError(f"q35_paged_decode_attention failed ({rc})")
+        return out
+
+
 MAX_FUSED_WEIGHTS = 8  # gemm_bf16.c MAX_WEIGHTS
 
 
@@ -236,6 +274,38 @@ def _cpu_signature() -> str:
         return platform.processor() + platform.machine()
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+# Instruction-set variants of the library.  "native" (-march=native) is what runs by default; the others are the
+# fixed x86-64 levels the sources have code paths for, so that every path can be built and tested on any host
+# that runs it (an AVX-512 machine tests its avx512, avx2 and scalar code; an AVX2 machine the last two).
+ISA_VARIANTS: dict[str, list[str]] = {
+    "native": ["-march=native"],
+    "avx512": ["-march=x86-64-v4"],  # AVX-512 F/BW/CD/DQ/VL
+    "avx2": ["-march=x86-64-v3"],  # AVX2, FMA, F16C, BMI2
+    "scalar": ["-march=x86-64"],  # SSE2 only: the portable C loops
+}
+_ISA_NEEDS = {"avx512": {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}, "avx2": {"avx2", "fma", "f16c"},
+              "scalar": set(), "native": set()}
+ISA_SWITCH = "QWEN35_NATIVE_ISA"
+
+
+def runnable_isas() -> list[str]:
+    """The variants this host can execute, best first (``native`` first of all)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return []
+    flags = _cpu_flags()
+    return [isa for isa in ISA_VARIANTS if _ISA_NEEDS[isa] <= flags]
+
+
 def _compiler() -> str | None:
     for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
         if cc and shutil.which(cc):
@@ -243,15 +313,18 @@ def _compiler() -> str | None:
     return None
 
 
-def build(force: bool = False) -> Path:
-    """Compile the library into the cache folder (atomically) and return its path; raises on failure."""
+def build(force: bool = False, isa: str = "native") -> Path:
+    """Compile the library for one instruction-set variant into the cache folder (atomically) and return its
+    path; raises on failure."""
+    if isa not in ISA_VARIANTS:
+        raise ValueError(f"unknown instruction-set variant {isa!r}; one of {', '.join(ISA_VARIANTS)}")
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
-    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+    flags = ["-O3", *ISA_VARIANTS[isa], "-fopenmp", "-shared", "-fPIC", "-std=c11"]
     key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS) + " ".join([cc, *flags]).encode()
                          + _cpu_signature().encode())
-    name = f"qwen35_kernels_{key.hexdigest()[:16]}.so"
+    name = f"qwen35_kernels_{isa}_{key.hexdigest()[:16]}.so"
     out = cache_dir() / "kernels" / name
     if out.exists() and not force:
         return out
@@ -274,6 +347,14 @@ def build(force: bool = False) -> Path:
     return out
 
 
+def requested_isa() -> str:
+    """The variant ``$QWEN35_NATIVE_ISA`` asks for (default ``native``); a bad name is an error naming it."""
+    isa = os.environ.get(ISA_SWITCH, "native").strip().lower() or "native"
+    if isa not in ISA_VARIANTS:
+        raise ValueError(f"{ISA_SWITCH}={isa!r} is not a kernel variant; use one of {', '.join(ISA_VARIANTS)}")
+    return isa
+
+
 def native() -> NativeKernels | None:
     """The kernels, built and loaded on first call; ``None`` where they are off or cannot be built."""
     global _loaded, _tried
@@ -282,13 +363,17 @@ def native() -> NativeKernels | None:
     with _lock:
         if _tried:
             return _loaded
+        isa = requested_isa()
         if os.environ.get(ENV_SWITCH, "1") in ("0", "false", "off", "no"):
             log.info("native kernels disabled by %s", ENV_SWITCH)
         elif platform.machine() not in ("x86_64", "AMD64"):
             log.info("native kernels are written for x86-64; using PyTorch on %s", platform.machine())
+        elif isa not in runnable_isas():
+            raise ValueError(f"{ISA_SWITCH}={isa} asks for kernels this CPU cannot run (it runs "
+                             f"{', '.join(runnable_isas())})")
         else:
             try:
-                path = build()
+                path = build(isa=isa)
                 _loaded = NativeKernels(ctypes.CDLL(str(path)), path)
             except (RuntimeError, OSError) as e:
                 log.warning("native kernels unavailable, using PyTorch: %s", e)
@@ -296,36 +381,16 @@ def native() -> NativeKernels | None:
         return _loaded
 
 
-# The one-pass norms (fused_ops.c) are plain scalar C: they pay off where PyTorch's per-call cost dominates, at
-# one or a few decode tokens (measured on a 2-core AVX-512 machine: the zero-centred RMSNorm of one token 16 us
-# against PyTorch's 33, even at 16 tokens; the gated norm of one token 74 against 85, but 554 against 231 at
-# 16, its exp per value losing to PyTorch's vectorised SiLU).  Callers pass the limit for their op.
-SMALL_NORM_ELEMENTS = 1 << 15  # RMSNorm (no transcendental)
-SMALL_OP_ELEMENTS = 1 << 12  # ops with an exp per value (the gated norm)
-
-
-def native_for(*tensors: torch.Tensor, max_elements: int | None = None) -> NativeKernels | None:
-    """The kernels when they may take these tensors: on the CPU, float32 or bf16, and no gradient to carry
-    (the kernels have no backward); with ``max_elements``, also only when the first tensor holds at most that
-    many values.  Otherwise ``None`` and the caller uses PyTorch."""
-    if max_elements is not None and tensors and tensors[0].numel() > max_elements:
-        return None
-    kernels = native()
-    if kernels is None:
-        return None
-    grad = torch.is_grad_enabled()
-    for t in tensors:
-        if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.bfloat16) or (grad and t.requires_grad):
-            return None
-    return kernels
-
-
 def reset() -> None:
-    """Forget the loaded state so the next :func:`native` call looks again (tests flip the switch)."""
+    """Forget the loaded library and the CPU-kind decision so the next call looks again (tests flip the
+    switches)."""
     global _loaded, _tried
     with _lock:
         _loaded, _tried = None, False
+    from . import ops  # noqa: PLC0415  (ops imports this module)
+
+    ops.cpu_kind.cache_clear()
 
 
-__all__ = ["ENV_SWITCH", "MAX_FUSED_WEIGHTS", "NativeKernels", "SMALL_NORM_ELEMENTS", "SMALL_OP_ELEMENTS", "build",
-           "cache_dir", "native", "native_for", "reset"]
+__all__ = ["ENV_SWITCH", "ISA_SWITCH", "ISA_VARIANTS", "MAX_FUSED_WEIGHTS", "NativeKernels", "build", "cache_dir",
+           "native", "requested_isa", "reset", "runnable_isas"]

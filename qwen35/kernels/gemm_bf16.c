@@ -11,61 +11,26 @@
  * rows in blocks of up to MB, so the widened weight block is used MB times from registers.  Accumulation is in
  * float32 in vector lanes, summed across lanes at the end of each dot product.
  *
- * Built at first use with the host compiler (-O3 -march=native); qwen35/kernels/__init__.py falls back to
+ * Built at first use with the host compiler (per instruction-set variant, see simd.h); qwen35/kernels/__init__.py falls back to
  * PyTorch when no compiler is present.
  */
 #include <stdint.h>
 #include <math.h>
 #include <stdlib.h>
 #include <omp.h>
-#include <immintrin.h>
 
-#include "bf16.h"
+#include "simd.h"
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-#define ISA "avx512"
-#define VL 16
+/* register blocking per instruction set: MB activation rows x NB weight rows of accumulators */
+#if VL == 16
 #define MB 8 /* 8 x 3 accumulators + 3 weight vectors + 1 activation vector = 28 of 32 registers */
 #define NB 3
-typedef __m512 vec;
-static inline vec vzero(void) { return _mm512_setzero_ps(); }
-static inline vec vload_x(const float *p) { return _mm512_loadu_ps(p); }
-static inline vec vload_w(const uint16_t *p) {
-    __m256i h = _mm256_loadu_si256((const __m256i *)p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
-static inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
-#elif defined(__AVX2__) && defined(__FMA__)
-#define ISA "avx2"
-#define VL 8
+#elif VL == 8
 #define MB 4 /* 4 x 3 accumulators + 3 weight vectors + 1 activation vector = 16 registers */
 #define NB 3
-typedef __m256 vec;
-static inline vec vzero(void) { return _mm256_setzero_ps(); }
-static inline vec vload_x(const float *p) { return _mm256_loadu_ps(p); }
-static inline vec vload_w(const uint16_t *p) {
-    __m128i h = _mm_loadu_si128((const __m128i *)p);
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
-static inline float vsum(vec v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 #else
-#define ISA "scalar"
-#define VL 1
 #define MB 4
 #define NB 2
-typedef float vec;
-static inline vec vzero(void) { return 0.0f; }
-static inline vec vload_x(const float *p) { return *p; }
-static inline vec vload_w(const uint16_t *p) { return bf16_to_f32(*p); }
-static inline vec vfma(vec a, vec b, vec c) { return a * b + c; }
-static inline float vsum(vec v) { return v; }
 #endif
 
 /* One block: mb activation rows (<= MB) times nb weight rows (<= NB).  mb and nb are compile-time constants at
@@ -102,9 +67,14 @@ static inline __attribute__((always_inline)) void micro(const int mb, const int 
 }
 
 #define CASE_NB(m, n) case n: micro(m, n, x, ldx, w, K, y, ldy, y_bf16); return;
+#if NB > 2
+#define CASE_NB3(m) CASE_NB(m, 3)
+#else
+#define CASE_NB3(m)
+#endif
 #define CASE_MB(m)                                     \
     case m:                                            \
-        switch (nb) { CASE_NB(m, 1) CASE_NB(m, 2) CASE_NB(m, 3) } \
+        switch (nb) { CASE_NB(m, 1) CASE_NB(m, 2) CASE_NB3(m) } \
         return;
 
 static void block(int mb, int nb, const float *x, int64_t ldx, const uint16_t *w, int64_t K, void *y,

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwen35.kernels import native
+from qwen35.kernels.ops import deltanet_decode_
 
 from ..config import TextConfig
 from .context import ForwardContext
@@ -98,14 +98,4 @@ class GatedDeltaNet(nn.Module):
         """One decode token for n sequences whose conv windows and recurrent states are rows ``slots`` of the
         pools ``windows`` [P, C, K-1] and ``states`` [P, Hv, dk, dv], updated in place.  qkv [n, C],
         g/beta [n, Hv] -> o [n, Hv, dv].  The same arithmetic as :meth:`mix` with t = 1."""
-        kernels = native() if states.device.type == "cpu" and states.dtype == torch.float32 \
-            and states.is_contiguous() and not torch.is_grad_enabled() \
-            and qkv.dtype == windows.dtype == self.conv1d.weight.dtype else None
-        if kernels is not None:  # conv, norms and step in one native call, in place on the pools
-            o = kernels.deltanet_decode_(qkv, self.conv1d.weight, windows, states, slots, self.n_k, g, beta)
-            return o.to(qkv.dtype)
-        o, w, s = self.mix(qkv[:, None], g[:, None], beta[:, None], windows.index_select(0, slots),
-                           states.index_select(0, slots))
-        windows.index_copy_(0, slots, w.to(windows.dtype))
-        states.index_copy_(0, slots, s.to(states.dtype))
-        return o[:, 0]
+        return deltanet_decode_(qkv, self.conv1d.weight, windows, states, slots, self.n_k, g, beta)

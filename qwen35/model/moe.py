@@ -13,15 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwen35.kernels.ops import moe_experts, swiglu
+
 from ..config import TextConfig
-from qwen35.kernels import native_for
-
-from .linear import NATIVE_MAX_ROWS, Linear, cpu_has_native_bf16, linear, project
-
-
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """SiLU(gate) · up (shared by the float and the quantized experts, so both round alike)."""
-    return F.silu(gate) * up
+from .linear import Linear, project
 
 
 class MLP(nn.Module):
@@ -65,37 +60,8 @@ class Experts(nn.Module):
         nn.init.normal_(self.gate_up_proj, std=0.02)
         nn.init.normal_(self.down_proj, std=0.02)
 
-    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        gate, up = linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
-        return linear(swiglu(gate, up), self.down_proj[e])
-
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        kernels = native_for(x, self.gate_up_proj, self.down_proj) if x.shape[0] < NATIVE_MAX_ROWS \
-            and self.gate_up_proj.dtype == torch.bfloat16 and self.down_proj.dtype == torch.bfloat16 \
-            and not cpu_has_native_bf16() else None
-        if kernels is not None:  # a few tokens (decoding): every chosen expert in one call, same arithmetic
-            return kernels.moe_experts(x, routing.experts, routing.weights, self.gate_up_proj, self.down_proj)
-        return grouped_experts(x, routing, self.n_experts, self.expert)
-
-
-def grouped_experts(x: torch.Tensor, routing: Routing, n_experts: int, expert) -> torch.Tensor:
-    """x [N, H]. Tokens are grouped by expert so each chosen expert runs once over all of its tokens;
-    ``expert(e, tokens)`` computes one expert's SwiGLU."""
-    out = torch.zeros_like(x)
-    flat = routing.experts.reshape(-1)
-    order = flat.argsort(stable=True)
-    counts = torch.bincount(flat, minlength=n_experts).tolist()
-    token_of = order // routing.experts.shape[1]
-    weight_of = routing.weights.reshape(-1)[order]
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        tok = token_of[start:start + n]
-        y = expert(e, x[tok]) * weight_of[start:start + n, None]
-        out.index_add_(0, tok, y.to(out.dtype))
-        start += n
-    return out
+        return moe_experts(x, routing.experts, routing.weights, self.gate_up_proj, self.down_proj)
 
 
 class SparseMoE(nn.Module):

@@ -8,10 +8,9 @@ inside the DeltaNet output is *not* zero-centred and is gated by SiLU(z).  Both 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from qwen35.kernels import SMALL_NORM_ELEMENTS, SMALL_OP_ELEMENTS, native_for
+from qwen35.kernels.ops import gated_rms_norm, rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -23,13 +22,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernels = native_for(x, self.weight, max_elements=SMALL_NORM_ELEMENTS)
-        if kernels is not None:  # the same arithmetic in one pass (qwen35/kernels/fused_ops.c)
-            return kernels.rms_norm(x, self.weight, self.eps, offset=1.0)
-        # F.rms_norm is one fused op (x · rsqrt(mean(x²) + eps)): fewer passes and far less per-call overhead
-        # than spelling it out, which matters at one decode token per step
-        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return (y * (1.0 + self.weight.float())).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps, offset=1.0)
 
 
 class GatedRMSNorm(nn.Module):
@@ -45,9 +38,4 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        kernels = native_for(x, z, self.weight, max_elements=SMALL_OP_ELEMENTS) if x.dtype == z.dtype else None
-        if kernels is not None:  # the same arithmetic and roundings in one pass
-            return kernels.gated_rms_norm(x, z, self.weight, self.eps)
-        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
-        y = self.weight * y
-        return (y * F.silu(z.float())).to(x.dtype)
+        return gated_rms_norm(x, z, self.weight, self.eps)

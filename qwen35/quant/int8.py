@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.ops import grouped_experts, swiglu
+
 # up to this many rows per call the int8 kernel wins (1 thread: 7x faster than bf16 at 1 row, 2.9x at 16, on par
 # with widening at ~48); above it, widen to float32 and use the matmul kernel
 INT8_KERNEL_MAX_ROWS = 48
@@ -76,17 +78,13 @@ class Int8Experts(nn.Module):
                             getattr(self, f"{name}_scale_bf16")[e])
 
     def forward(self, x: torch.Tensor, routing) -> torch.Tensor:
-        from ..model.moe import grouped_experts
-
-        return grouped_experts(x, routing, self.n_experts,
+        return grouped_experts(x, routing.experts, routing.weights, self.n_experts,
                                lambda e, xs: self.project("down_proj", e, _swiglu(self.project("gate_up_proj", e, xs))))
 
 
 def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-    from ..model.moe import swiglu  # the float model's own SwiGLU, so both round alike
-
     gate, up = gate_up.chunk(2, dim=-1)
-    return swiglu(gate, up)
+    return swiglu(gate, up)  # the float model's own SwiGLU, so both round alike
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from qwen35 import kernels
-from qwen35.model import linear as linear_mod
+from qwen35.kernels import ops
 
 HAVE_TOOLCHAIN = platform.machine() in ("x86_64", "AMD64") and any(shutil.which(c) for c in ("cc", "gcc", "clang"))
 needs_native = pytest.mark.skipif(not HAVE_TOOLCHAIN, reason="native kernels need x86-64 and a C compiler")
@@ -69,21 +69,23 @@ def test_switch_turns_the_kernels_off(monkeypatch):
         assert kernels.native() is None
         x, w = torch.randn(2, 16).bfloat16(), torch.randn(4, 16).bfloat16()
         # linear() still works, through PyTorch
-        assert torch.allclose(linear_mod.linear(x, w).float(), (x.float() @ w.float().T), atol=0.1)
+        assert torch.allclose(ops.linear(x, w).float(), (x.float() @ w.float().T), atol=0.1)
     finally:
         kernels.reset()
 
 
+NATIVE_ROWS = ops.LIMITS["emulated"].linear_max_rows
+
+
 @needs_native
-@pytest.mark.parametrize("rows", [1, 4, linear_mod.NATIVE_MAX_ROWS - 1, linear_mod.NATIVE_MAX_ROWS, 64])
-def test_linear_dispatch_matches_float32_on_every_path(native_kernels, monkeypatch, rows):
+@pytest.mark.parametrize("rows", [1, 4, NATIVE_ROWS - 1, NATIVE_ROWS, 64])
+def test_linear_dispatch_matches_float32_on_every_path(native_kernels, cpu_kind, rows):
     """Whatever path a row count takes (native, widened or PyTorch bf16), linear() of bf16 operands equals the
     float32 product of the same bf16 values up to the final rounding to bf16."""
-    monkeypatch.setattr(linear_mod, "cpu_has_native_bf16", lambda: False)
     x = torch.randn(rows, 256).bfloat16()
     w = torch.randn(96, 256).bfloat16()
     b = torch.randn(96).bfloat16()
-    y = linear_mod.linear(x, w, b)
+    y = ops.linear(x, w, b)
     ref = (x.double() @ w.double().T + b.double())
     assert y.dtype == torch.bfloat16
     # one bf16 rounding of the result (8 bits of mantissa) plus float32 accumulation
@@ -91,11 +93,10 @@ def test_linear_dispatch_matches_float32_on_every_path(native_kernels, monkeypat
 
 
 @needs_native
-def test_linear_with_gradients_never_takes_the_native_path(native_kernels, monkeypatch):
-    monkeypatch.setattr(linear_mod, "cpu_has_native_bf16", lambda: False)
+def test_linear_with_gradients_never_takes_the_native_path(native_kernels, cpu_kind):
     w = torch.randn(8, 16, dtype=torch.bfloat16, requires_grad=True)
     x = torch.randn(1, 16, dtype=torch.bfloat16)
-    linear_mod.linear(x, w).float().sum().backward()
+    ops.linear(x, w).float().sum().backward()
     assert w.grad is not None and torch.allclose(w.grad.float(), x.float().expand(8, 16), atol=1e-2)
 
 

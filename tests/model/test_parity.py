@@ -122,7 +122,7 @@ def test_save_roundtrip_loads_identically_in_both(pair, tmp_path):
     assert set(again.extra_tensors) == set(ours.extra_tensors)
 
 
-def test_bfloat16_error_no_worse_than_transformers_bfloat16(pair):
+def test_bfloat16_error_no_worse_than_transformers_bfloat16(pair, cpu_kind):
     """In bf16 both implementations round differently from the fp32 truth. Ours must stay within 1.5x the
     reference's own bf16 error (plus 2% of the logit scale for noise): the same precision, not bit-equality."""
     ref, _, path = pair
@@ -139,7 +139,7 @@ def test_bfloat16_error_no_worse_than_transformers_bfloat16(pair):
     assert ours_err <= 1.5 * ref_err + 0.02 * scale, (ours_err, ref_err, scale)
 
 
-def test_bfloat16_decode_steps_error_no_worse_than_transformers_bfloat16(pair):
+def test_bfloat16_decode_steps_error_no_worse_than_transformers_bfloat16(pair, cpu_kind):
     """One-token decode steps take the few-row bf16 path (the native kernel where it builds): their logits stay
     as close to the fp32 truth as transformers' own bf16 forward of the same positions."""
     ref, _, path = pair

@@ -70,7 +70,7 @@ def test_engine_on_quantized_model_equals_full_forward():
         assert got[rid] == solo_greedy(q, p, 8)
 
 
-def test_bf16_quantized_decode_tracks_float_model():
+def test_bf16_quantized_decode_tracks_float_model(cpu_kind):
     """A bf16 decode step through the int8 kernel is as close to the float32 truth (the dequantized twin) as
     the same model run in plain bf16 is: the kernel adds no error beyond bf16 rounding."""
     from qwen35.model import SequenceCache

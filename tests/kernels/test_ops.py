@@ -1,0 +1,232 @@
+"""Every op of the dispatch module (qwen35.kernels.ops) against its PyTorch reference, under both bf16 plans
+(``QWEN35_CPU_BF16=emulated|native``) and every native instruction-set variant this host runs; plus the switches
+themselves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen35 import kernels
+from qwen35.kernels import ops
+
+from .test_native import _deltanet_case, needs_native
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def assert_close_for(dtype, got, want, *, f32=(1e-5, 1e-5), bf16=(2e-2, 2e-2)):
+    assert got.dtype == want.dtype and got.shape == want.shape
+    rtol, atol = f32 if dtype == torch.float32 else bf16
+    torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=atol)
+
+
+@needs_native
+@pytest.mark.parametrize("x_dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 3, 16, 47, 48, 80])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_on_bf16_weights_equals_reference_for_any_activation_dtype(native_kernels, cpu_kind, x_dtype, rows,
+                                                                         bias):
+    """float32 activations on bf16 weights (int8 paths, MoE experts, the MTP head, training) used to reach
+    F.linear with two dtypes on AVX512-BF16 CPUs; every path now computes in float32 and returns x's dtype."""
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 64, generator=g).to(x_dtype)
+    w = torch.randn(24, 64, generator=g).bfloat16()
+    b = torch.randn(24, generator=g).bfloat16() if bias else None
+    with torch.inference_mode():
+        got = ops.linear(x, w, b)
+    want = (x.double() @ w.double().T + (0 if b is None else b.double()))
+    assert got.dtype == x_dtype
+    tol = 1e-4 if x_dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    torch.testing.assert_close(got.float(), ops.linear_reference(x, w, b).float(), rtol=tol, atol=tol)
+
+
+def test_linear_reference_mixed_dtypes_compute_in_the_wider_one():
+    x = torch.randn(5, 32)
+    w = torch.randn(8, 32).bfloat16()
+    assert torch.equal(ops.linear_reference(x, w), x @ w.float().T)
+    assert ops.linear_reference(x.half(), w).dtype == torch.float16
+
+
+@needs_native
+@pytest.mark.parametrize("x_dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 5, 47, 60])
+def test_linears_equal_one_linear_each(native_kernels, cpu_kind, x_dtype, rows):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(rows, 48, generator=g).to(x_dtype)
+    ws = [torch.randn(n, 48, generator=g).bfloat16() for n in (16, 5, 1)]
+    with torch.inference_mode():
+        got = ops.linears(x, ws)
+    for y, w in zip(got, ws):
+        assert_close_for(x_dtype, y, ops.linear_reference(x, w), f32=(1e-5, 1e-4))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_rms_norm_equals_reference(native_kernels, cpu_kind, dtype, offset):
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(3, 128, generator=g) * 4).to(dtype)
+    w = (torch.randn(128, generator=g) * 0.3).to(dtype)
+    with torch.inference_mode():
+        got = ops.rms_norm(x, w, 1e-6, offset)
+    assert_close_for(dtype, got, ops.rms_norm_reference(x, w, 1e-6, offset))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gated_rms_norm_equals_reference(native_kernels, cpu_kind, dtype):
+    g = torch.Generator().manual_seed(2)
+    o = torch.randn(2, 4, 32, generator=g).to(dtype)
+    z = torch.randn(2, 4, 32, generator=g).to(dtype)
+    w = (1 + 0.3 * torch.randn(32, generator=g)).to(dtype)
+    with torch.inference_mode():
+        got = ops.gated_rms_norm(o, z, w, 1e-6)
+    assert_close_for(dtype, got, ops.gated_rms_norm_reference(o, z, w, 1e-6))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 4, 50])
+def test_moe_experts_equal_reference(native_kernels, cpu_kind, dtype, tokens):
+    g = torch.Generator().manual_seed(tokens)
+    E, H, I, k = 5, 32, 24, 2
+    gate_up = (torch.randn(E, 2 * I, H, generator=g) * 0.2).bfloat16()
+    down = (torch.randn(E, H, I, generator=g) * 0.2).bfloat16()
+    x = torch.randn(tokens, H, generator=g).to(dtype)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(tokens)])
+    wts = torch.rand(tokens, k, generator=g).softmax(-1).to(dtype)
+    with torch.inference_mode():
+        got = ops.moe_experts(x, ids, wts, gate_up, down)
+        want = ops.moe_experts_reference(x, ids, wts, gate_up.float(), down.float())
+    assert_close_for(dtype, got, want.to(dtype), f32=(1e-5, 1e-5), bf16=(3e-2, 3e-3))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_deltanet_decode_equals_reference(native_kernels, cpu_kind, dtype):
+    c = _deltanet_case(dtype, seed=3)
+    args = (c["qkv"], c["conv"])
+    pools = [(c["windows"].clone(), c["states"].clone()) for _ in range(2)]
+    with torch.inference_mode():
+        got = ops.deltanet_decode_(*args, *pools[0], c["slots"], c["Hk"], c["gate"], c["beta"])
+        want = ops.deltanet_decode_reference_(*args, *pools[1], c["slots"], c["Hk"], c["gate"], c["beta"])
+    assert_close_for(dtype, got, want, bf16=(1e-2, 1e-2))
+    assert torch.equal(pools[0][0], pools[1][0])  # the conv windows hold the same raw inputs
+    torch.testing.assert_close(pools[0][1], pools[1][1], rtol=1e-4, atol=1e-3 if dtype == torch.bfloat16 else 1e-5)
+
+
+# ---- the switches ---------------------------------------------------------------------------------------------
+
+def test_cpu_kind_switch(monkeypatch):
+    for value, want in (("native", "native"), ("EMULATED", "emulated"),
+                        ("auto", "native" if ops.host_has_native_bf16() else "emulated")):
+        monkeypatch.setenv(ops.CPU_BF16_SWITCH, value)
+        kernels.reset()
+        assert ops.cpu_kind() == want
+        assert ops.limits() is ops.LIMITS[want]
+    monkeypatch.setenv(ops.CPU_BF16_SWITCH, "amx")
+    kernels.reset()
+    with pytest.raises(ValueError, match="QWEN35_CPU_BF16='amx'.*auto, native.*emulated"):
+        ops.cpu_kind()
+    monkeypatch.delenv(ops.CPU_BF16_SWITCH)
+    kernels.reset()
+
+
+def test_native_plan_keeps_products_in_pytorch(monkeypatch, cpu_kind):
+    """The native-bf16 plan never sends a product to the widening kernel; the emulated plan does at one row."""
+    calls = []
+    k = kernels.native()
+    if k is None:
+        pytest.skip("no native kernels on this host")
+    monkeypatch.setattr(type(k), "linear_bf16", lambda self, *a, **kw: calls.append(a) or torch.zeros(1, 4))
+    with torch.inference_mode():
+        ops.linear(torch.randn(1, 8), torch.randn(4, 8).bfloat16())
+    assert len(calls) == (1 if cpu_kind == "emulated" else 0)
+
+
+def test_isa_switch_names_bad_and_unrunnable_variants(monkeypatch):
+    monkeypatch.setenv(kernels.ISA_SWITCH, "avx9000")
+    kernels.reset()
+    with pytest.raises(ValueError, match="QWEN35_NATIVE_ISA='avx9000'.*native, avx512, avx2, scalar"):
+        kernels.native()
+    missing = [isa for isa in kernels.ISA_VARIANTS if isa not in kernels.runnable_isas()]
+    if missing and kernels.runnable_isas():
+        monkeypatch.setenv(kernels.ISA_SWITCH, missing[0])
+        kernels.reset()
+        with pytest.raises(ValueError, match="cannot run"):
+            kernels.native()
+    monkeypatch.delenv(kernels.ISA_SWITCH)
+    kernels.reset()
+
+
+def test_model_files_read_as_math():
+    """CPU-kernel choice lives in qwen35/kernels/ops.py only."""
+    import pathlib
+    import re
+
+    import qwen35.model
+
+    root = pathlib.Path(qwen35.model.__file__).parent
+    hits = [f"{p.name}:{i}" for p in root.glob("*.py") for i, line in enumerate(p.read_text().splitlines(), 1)
+            if re.search(r"native|cpu_has_native_bf16|NATIVE_MAX_ROWS|cpu_kind|limits\(", line)]
+    assert not hits, hits
+
+
+def _paged_case(dtype, lengths, block_size=4, H=8, Hkv=2, d=40, seed=0):
+    """A pool with more blocks than needed, handed out in shuffled order (tables are not contiguous)."""
+    g = torch.Generator().manual_seed(seed)
+    need = [-(-n // block_size) for n in lengths]
+    blocks = torch.randperm(sum(need) + 3, generator=g).tolist()
+    width = max(need)
+    tables, at = [], 0
+    for k in need:
+        t = blocks[at:at + k]
+        at += k
+        tables.append(t + [t[0]] * (width - k))
+    rows = (sum(need) + 3) * block_size
+    keys = torch.randn(rows, Hkv, d, generator=g).to(dtype)
+    values = torch.randn(rows, Hkv, d, generator=g).to(dtype)
+    q = torch.randn(len(lengths), H, d, generator=g).to(dtype)
+    return q, keys, values, torch.tensor(tables), torch.tensor(lengths)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lengths,block_size", [([1], 4), ([5, 1, 17, 64], 4), ([33, 70], 16), ([300], 128)])
+@pytest.mark.parametrize("heads", [(8, 2), (4, 4), (16, 1)])
+def test_paged_decode_attention_equals_gather_and_sdpa(native_kernels, cpu_kind, dtype, lengths, block_size, heads):
+    H, Hkv = heads
+    q, keys, values, tables, lens = _paged_case(dtype, lengths, block_size, H, Hkv)
+    scale = q.shape[-1] ** -0.5
+    with torch.inference_mode():
+        got = ops.paged_decode_attention(q, keys, values, tables, lens, block_size, scale)
+        want = ops.paged_decode_attention_reference(q.float(), keys.float(), values.float(), tables, lens,
+                                                    block_size, scale).to(dtype)
+    assert_close_for(dtype, got, want, f32=(1e-5, 1e-5), bf16=(1e-2, 1e-2))
+    # each sequence alone gives its own row of the batch
+    for i in range(len(lengths)):
+        with torch.inference_mode():
+            solo = ops.paged_decode_attention(q[i:i + 1], keys, values, tables[i:i + 1], lens[i:i + 1],
+                                              block_size, scale)
+        assert torch.equal(solo[0], got[i])
+
+
+@needs_native
+def test_paged_decode_attention_reads_strided_queries_and_rejects_bad_tables(native_kernels):
+    q, keys, values, tables, lens = _paged_case(torch.float32, [9, 3])
+    wide = torch.randn(2, 8, 80)
+    wide[..., :40] = q  # q as a column slice of a wider tensor
+    with torch.inference_mode():
+        a = native_kernels.paged_decode_attention(wide[..., :40], keys, values, tables, lens, 4, 0.2)
+        b = native_kernels.paged_decode_attention(q, keys, values, tables, lens, 4, 0.2)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="outside the pool"):
+        native_kernels.paged_decode_attention(q, keys, values, tables + 100, lens, 4, 0.2)
+    with pytest.raises(ValueError, match="lengths must be"):
+        native_kernels.paged_decode_attention(q, keys, values, tables, lens * 100, 4, 0.2)
+    with pytest.raises(ValueError, match="do not match"):
+        native_kernels.paged_decode_attention(q, keys, values, tables[:1], lens, 4, 0.2)
+    with pytest.raises(ValueError, match="one dtype"):
+        native_kernels.paged_decode_attention(q, keys, values.bfloat16(), tables, lens, 4, 0.2)
