@@ -31,17 +31,32 @@ static inline float load_one(const void *p, int bf16, int64_t i) {
     return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
-static inline float dot_row(const float *q, const void *k, int kv_bf16, int64_t off, int64_t d) {
-    vec a0 = vzero(), a1 = vzero();
+/* the scores of one key row against the G queries that share it, in one pass over the row (it is widened
+ * once per vector, not once per query head) — GQA groups of up to 8 in registers, larger ones 8 at a time */
+#define GMAX 8
+static inline void dots_upto8(const float *q, int64_t G, const void *k, int kv_bf16, int64_t off, int64_t d,
+                              float *out, int64_t out_stride) {
+    vec acc[GMAX];
+#pragma GCC unroll 8
+    for (int g = 0; g < GMAX; g++) acc[g] = vzero();
     int64_t i = 0;
-    for (; i + 2 * VL <= d; i += 2 * VL) {
-        a0 = vfma(vload_x(q + i), load_row(k, kv_bf16, off + i), a0);
-        a1 = vfma(vload_x(q + i + VL), load_row(k, kv_bf16, off + i + VL), a1);
+    for (; i + VL <= d; i += VL) {
+        const vec kv = load_row(k, kv_bf16, off + i);
+#pragma GCC unroll 8
+        for (int g = 0; g < GMAX; g++)
+            if (g < G) acc[g] = vfma(vload_x(q + g * d + i), kv, acc[g]);
     }
-    for (; i + VL <= d; i += VL) a0 = vfma(vload_x(q + i), load_row(k, kv_bf16, off + i), a0);
-    float s = vsum(a0) + vsum(a1);
-    for (; i < d; i++) s += q[i] * load_one(k, kv_bf16, off + i);
-    return s;
+    for (int64_t g = 0; g < G; g++) {
+        float s = vsum(acc[g]);
+        for (int64_t t = i; t < d; t++) s += q[g * d + t] * load_one(k, kv_bf16, off + t);
+        out[g * out_stride] = s;
+    }
+}
+
+static inline void dots(const float *q, int64_t G, const void *k, int kv_bf16, int64_t off, int64_t d, float *out,
+                        int64_t out_stride) {
+    for (int64_t g0 = 0; g0 < G; g0 += GMAX)
+        dots_upto8(q + g0 * d, G - g0 < GMAX ? G - g0 : GMAX, k, kv_bf16, off, d, out + g0 * out_stride, out_stride);
 }
 
 /* acc[0..d) += p * v_row */
@@ -96,7 +111,7 @@ int q35_paged_decode_attention(const void *q, int q_bf16, int64_t ldq, const voi
                     for (int64_t t = 0; t < nt; t++) {
                         const int64_t p = p0 + t;
                         row[t] = ((table[p / bs] * bs + p % bs) * Hkv + h) * d;
-                        for (int64_t g = 0; g < G; g++) sc[g * TILE + t] = dot_row(qf + g * d, k, kv_bf16, row[t], d);
+                        dots(qf, G, k, kv_bf16, row[t], d, sc + t, TILE);
                     }
                     for (int64_t g = 0; g < G; g++) {
                         float m = mx[g];
