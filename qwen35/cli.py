@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 
 from . import __version__
 from .config import ConfigError
+from .kernels.ops import check_switches
 
 EXIT_USAGE = 2
 
@@ -477,6 +478,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    try:
+        check_switches()
+    except ValueError as e:  # a bad QWEN35_CPU_BF16 / QWEN35_NATIVE_ISA: say so before loading anything
+        return _fail(args.command, str(e))
     try:
         return args.func(args)
     except (CommandError, ConfigError, OSError) as e:  # OSError: a folder or file that cannot be read

@@ -59,7 +59,9 @@ class LLM:
                  threads: int | None = None, quantization: str | None = None) -> None:
         from ..chat.tokenizer import Tokenizer
         from ..checkpoint import load_model
+        from ..kernels.ops import check_switches
 
+        check_switches()  # a bad QWEN35_CPU_BF16 / QWEN35_NATIVE_ISA fails here, not in the first forward
         if threads is not None:
             if threads < 1:
                 raise ValueError(f"threads must be >= 1, got {threads}")

@@ -2,11 +2,13 @@
 
 Only what PyTorch lacks on common CPUs lives here: a bf16-weight × float32-activation product for the few-row
 matmuls of decoding and a MoE layer's chosen experts (gemm_bf16.c), an in-place decode step of the gated delta
-rule on the slot pool (gated_delta_step.c) and the layer norms in one pass each (fused_ops.c), sharing bf16.h;
-each source says why it exists.  The library is built once per source version and CPU into the cache folder
-(``$QWEN35_CACHE`` or ``~/.cache/qwen35``), then loaded.  Without a compiler, on a CPU it does not fit, or with
+rule on the slot pool (gated_delta_step.c), the layer norms in one pass each (fused_ops.c) and decode attention
+that reads the paged KV cache in place (paged_attention.c), sharing bf16.h and the vector layer simd.h; each
+source says why it exists.  The library is built once per source version, CPU and instruction-set variant
+(``$QWEN35_NATIVE_ISA``: native, avx512, avx2, scalar) into the cache folder (``$QWEN35_CACHE`` or
+``~/.cache/qwen35``), then loaded.  Without a compiler, on a CPU it does not fit, or with
 ``QWEN35_NATIVE_KERNELS=0``, :func:`native` returns ``None`` and callers use PyTorch; nothing requires the
-kernels.
+kernels.  Which op runs natively is decided in :mod:`qwen35.kernels.ops`, nowhere else.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import MAX_FUSED_WEIGHTS, NativeKernels, native
+from . import ISA_SWITCH, MAX_FUSED_WEIGHTS, NativeKernels, native, requested_isa, runnable_isas
 
 CPU_BF16_SWITCH = "QWEN35_CPU_BF16"
 CPU_KINDS = ("native", "emulated")
@@ -98,6 +98,15 @@ def cpu_kind() -> str:
         raise ValueError(f"{CPU_BF16_SWITCH}={mode!r}: use auto, native (bf16 products in PyTorch, for CPUs with "
                          "AVX512-BF16/AMX) or emulated (bf16 weights widened to float32, for CPUs without)")
     return mode
+
+
+def check_switches() -> None:
+    """Raise ValueError naming a bad ``QWEN35_CPU_BF16`` or ``QWEN35_NATIVE_ISA`` now, before any forward."""
+    cpu_kind()
+    isa = requested_isa()
+    runnable = runnable_isas()
+    if runnable and isa not in runnable:
+        raise ValueError(f"{ISA_SWITCH}={isa} asks for kernels this CPU cannot run (it runs {', '.join(runnable)})")
 
 
 def limits() -> Limits:
@@ -317,7 +326,7 @@ def paged_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Te
     return paged_decode_attention_reference(q, keys, values, tables, lengths, block_size, scale)
 
 
-__all__ = ["CPU_BF16_SWITCH", "CPU_KINDS", "LIMITS", "Limits", "cpu_kind", "deltanet_decode_",
+__all__ = ["CPU_BF16_SWITCH", "CPU_KINDS", "LIMITS", "Limits", "check_switches", "cpu_kind", "deltanet_decode_",
            "deltanet_decode_reference_", "gated_rms_norm", "gated_rms_norm_reference", "grouped_experts",
            "host_has_native_bf16", "limits", "linear", "linear_reference", "linears", "linears_reference",
            "moe_experts", "moe_experts_reference", "paged_decode_attention", "paged_decode_attention_reference",

@@ -230,3 +230,17 @@ def test_paged_decode_attention_reads_strided_queries_and_rejects_bad_tables(nat
         native_kernels.paged_decode_attention(q, keys, values, tables[:1], lens, 4, 0.2)
     with pytest.raises(ValueError, match="one dtype"):
         native_kernels.paged_decode_attention(q, keys, values.bfloat16(), tables, lens, 4, 0.2)
+
+
+def test_cli_and_llm_name_a_bad_switch_before_loading(monkeypatch, capsys):
+    from qwen35 import LLM
+    from qwen35.cli import main
+
+    monkeypatch.setenv(ops.CPU_BF16_SWITCH, "fast")
+    kernels.reset()
+    assert main(["generate", "hello", "--max-tokens", "1"]) == 2
+    assert "QWEN35_CPU_BF16='fast'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="QWEN35_CPU_BF16"):
+        LLM(None)
+    monkeypatch.delenv(ops.CPU_BF16_SWITCH)
+    kernels.reset()
