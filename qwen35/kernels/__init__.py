@@ -51,6 +51,7 @@ class NativeKernels:
         self._gated_rms_norm = self._bind(lib.q35_gated_rms_norm,
                                           [vp, i64, vp, i64, vp, ci, vp, ci, cf, i64, i64, ci])
         self._moe_experts = self._bind(lib.q35_moe_experts, [vp, ci, i64, i64, vp, vp, i64, vp, vp, i64, i64, vp, ci])
+        self._linear_int8 = self._bind(lib.q35_linear_int8, [vp, ci, i64, vp, vp, vp, ci, i64, i64, i64, ci])
         self._paged_decode_attention = self._bind(lib.q35_paged_decode_attention,
                                                   [vp, ci, i64, vp, vp, ci, vp, i64, vp] + [i64] * 5 + [cf, vp, ci])
 
@@ -93,6 +94,31 @@ class NativeKernels:
             if rc != 0:
                 raise RuntimeError(f"q35_linear_bf16_multi failed ({rc}) for M={M} N={Ns} K={K}")
         return y.reshape(*x.shape[:-1], total)
+
+    def linear_int8(self, x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                    out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``x @ (qweight · scale[:, None]).T`` for int8 weights [N, K] with one float32 scale per row: each row
+        dequantised exactly as the reference does, multiplied in float32; returned as ``out_dtype`` (default
+        x's dtype: float32 or bf16)."""
+        _check_float(x)
+        N, K = qweight.shape if qweight.dim() == 2 else (0, 0)
+        if qweight.dtype != torch.int8 or qweight.dim() != 2 or not qweight.is_contiguous() or K != x.shape[-1] \
+                or scale.shape != (N,) or scale.dtype != torch.float32:
+            raise ValueError(f"linear_int8 needs contiguous int8 weights [N, {x.shape[-1]}] and float32 scales [N], "
+                             f"got {qweight.dtype} {tuple(qweight.shape)} and {scale.dtype} {tuple(scale.shape)}")
+        out_dtype = out_dtype or x.dtype
+        if out_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"linear_int8 writes float32 or bfloat16, not {out_dtype}")
+        x2 = _rows(x)
+        y = torch.empty(x2.shape[0], N, dtype=out_dtype)
+        if x2.shape[0]:
+            scale = scale.contiguous()
+            rc = self._linear_int8(x2.data_ptr(), _bf(x2), x2.stride(0), qweight.data_ptr(), scale.data_ptr(),
+                                   y.data_ptr(), int(out_dtype == torch.bfloat16), x2.shape[0], N, K,
+                                   torch.get_num_threads())
+            if rc != 0:
+                raise RuntimeError(f"q35_linear_int8 failed ({rc}) for M={x2.shape[0]} N={N} K={K}")
+        return y.reshape(*x.shape[:-1], N)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
         """``x · rsqrt(mean(x²) + eps) · (offset + weight)`` over the last dim, float32 inside, x's dtype out."""

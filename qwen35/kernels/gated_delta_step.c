@@ -19,7 +19,7 @@
 #include <stdlib.h>
 #include <omp.h>
 
-#include "bf16.h"
+#include "simd.h"
 
 /* One (sequence, head): two passes over its dk x dv state.  DV is a compile-time constant at the call site that
  * matters (128, every Qwen3.5 model), so delta and o stay in vector registers. */
@@ -102,11 +102,22 @@ int q35_deltanet_decode(const void *qkv, int64_t ldq, const void *conv_w, void *
         }
         const float last = x * act_ld(conv_w, bf16, c * Kc + W);
         y += bf16 ? round_bf16(last) : last;
-        if (bf16) y = round_bf16(y);
-        float a = y / (1.0f + expf(-y));
-        act[i * C + c] = bf16 ? round_bf16(a) : a;
+        act[i * C + c] = bf16 ? round_bf16(y) : y;
         for (int64_t j = 0; j + 1 < W; j++) act_st(windows, bf16, base + j, act_ld(windows, bf16, base + j + 1));
         if (W > 0) act_st(windows, bf16, base + W - 1, x);
+    }
+    /* SiLU over the pre-activations, VL channels at a time (a scalar expf per channel was half of this step's
+     * time at 16 sequences); rounded to bf16 as PyTorch's bf16 SiLU leaves it */
+    const int64_t total = n * C, vend = total - total % VL;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t t = 0; t < vend; t += VL) {
+        const vec y = vload_x(act + t);
+        const vec a = vdiv(y, vadd(vset1(1.0f), vexp(vsub(vzero(), y))));
+        vstore(act + t, bf16 ? vround_bf16(a) : a);
+    }
+    for (int64_t t = vend; t < total; t++) {
+        const float a = act[t] / (1.0f + expf(-act[t]));
+        act[t] = bf16 ? round_bf16(a) : a;
     }
     /* q and k in place: L2-normalise per head (eps 1e-6 inside the square root, as l2_normalize) */
     const float scale = 1.0f / sqrtf((float)dk);

@@ -40,6 +40,7 @@ class Limits:
     """Where each native op pays off on one CPU kind; 0 turns a native path off."""
 
     linear_max_rows: int  # bf16-weight products with fewer activation rows run natively (decode, small batches)
+    int8_max_rows: int  # int8-weight products with fewer rows run natively; more widen to float32
     widen_min_rows: int | None  # bf16 products with at least this many rows widen the weight (None: never)
     moe_max_tokens: int  # a MoE layer's routed experts in one native call below this many tokens
     norm_max_elements: int  # the zero-centred RMSNorm in one pass up to this many values
@@ -54,19 +55,24 @@ LIMITS: dict[str, Limits] = {
         # benchmarks/bench_ops.py, 2-core AVX-512 without bf16, 1 thread: the native product wins below ~48 rows;
         # widening beats the emulated bf16 GEMM from ~24 rows (1.8x at 64, 3x at 256)
         linear_max_rows=48, widen_min_rows=32,
+        # bench_ops.py (int8): the native int8 product against dequantise + float32 F.linear
+        int8_max_rows=48,
         # session 3: the grouped experts cut a 16-token decode step of the 35B-A3B shape from 948 to 680 ms
         moe_max_tokens=48,
         # session 3: one token's RMSNorm 16 us native vs 33 PyTorch; the gated norm 74 vs 85 at one token but
         # 554 vs 231 at 16 (a scalar exp per value against PyTorch's vectorised SiLU)
         norm_max_elements=1 << 15, gated_norm_max_elements=1 << 12,
         deltanet_decode=True,
-        # benchmarks/bench_attention.py: in place beats gather + SDPA at every depth; one block and up
+        # benchmarks/bench_ops.py (attention) and bench_depth.py: in place beats gather + SDPA at every depth
         decode_attention_min_keys=1,
     ),
     "native": Limits(
         # issue 14's run on an AVX512-BF16/AMX Xeon: PyTorch's bf16 GEMV there streams 9.5-23 GB/s and its
         # GEMMs reach 0.7-2.2 TFLOP/s (AMX), so products stay with PyTorch on this kind
         linear_max_rows=0, widen_min_rows=None,
+        # int8 decode is bound by streaming the weights on either kind; PyTorch's int8 kernel streamed no
+        # faster than bf16 here (RESULTS.md, session 4)
+        int8_max_rows=48,
         # the grouped experts replace ~12 PyTorch calls per chosen expert: dispatch-bound on either kind
         moe_max_tokens=48,
         norm_max_elements=1 << 15, gated_norm_max_elements=1 << 12,
@@ -173,6 +179,27 @@ def linears(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> list[torch.Tens
             y = kernels.linear_bf16_many(x, list(weights), out_dtype=x.dtype)
             return list(y.split([w.shape[0] for w in weights], dim=-1))
     return [linear(x, w) for w in weights]
+
+
+def linear_int8_reference(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x @ (qweight · scale).T`` on the dequantised weight, float32 inside, x's dtype out."""
+    return F.linear(x.float(), qweight.float() * scale[:, None]).to(x.dtype)
+
+
+def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                scale_bf16: torch.Tensor | None = None) -> torch.Tensor:
+    """The product of int8 weight-only quantization (one float32 scale per output row).  Few rows: the native
+    kernel (dequantises in registers, streams the half-size weight once); without it, PyTorch's int8 kernel for
+    bf16 activations (``scale_bf16`` given); otherwise the float32 reference."""
+    rows = _rows(x)
+    if rows < limits().int8_max_rows and x.device.type == "cpu":
+        kernels = _native_for(x)
+        if kernels is not None:  # (a model cast with .to(bf16) carries bf16 scales: the kernel reads float32)
+            return kernels.linear_int8(x, qweight, scale if scale.dtype == torch.float32 else scale.float())
+        if x.dtype == torch.bfloat16 and scale_bf16 is not None:
+            y = torch._weight_int8pack_mm(x.reshape(rows, x.shape[-1]).contiguous(), qweight, scale_bf16)
+            return y.reshape(*x.shape[:-1], qweight.shape[0])
+    return linear_int8_reference(x, qweight, scale)
 
 
 # ---- norms ----------------------------------------------------------------------------------------------------
@@ -328,6 +355,6 @@ def paged_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Te
 
 __all__ = ["CPU_BF16_SWITCH", "CPU_KINDS", "LIMITS", "Limits", "check_switches", "cpu_kind", "deltanet_decode_",
            "deltanet_decode_reference_", "gated_rms_norm", "gated_rms_norm_reference", "grouped_experts",
-           "host_has_native_bf16", "limits", "linear", "linear_reference", "linears", "linears_reference",
-           "moe_experts", "moe_experts_reference", "paged_decode_attention", "paged_decode_attention_reference",
-           "rms_norm", "rms_norm_reference", "swiglu"]
+           "host_has_native_bf16", "limits", "linear", "linear_int8", "linear_int8_reference", "linear_reference",
+           "linears", "linears_reference", "moe_experts", "moe_experts_reference", "paged_decode_attention",
+           "paged_decode_attention_reference", "rms_norm", "rms_norm_reference", "swiglu"]

@@ -59,20 +59,39 @@ static inline void dots(const float *q, int64_t G, const void *k, int kv_bf16, i
         dots_upto8(q + g0 * d, G - g0 < GMAX ? G - g0 : GMAX, k, kv_bf16, off, d, out + g0 * out_stride, out_stride);
 }
 
-/* acc[0..d) += p * v_row */
-static inline void add_row(float *acc, float p, const void *v, int kv_bf16, int64_t off, int64_t d) {
-    const vec pv = vset1(p);
-    int64_t i = 0;
-    for (; i + VL <= d; i += VL) vstore(acc + i, vfma(pv, load_row(v, kv_bf16, off + i), vload_x(acc + i)));
-    for (; i < d; i++) acc[i] += p * load_one(v, kv_bf16, off + i);
-}
-
-/* acc[0..d) = acc * c + p * v_row */
-static inline void axpy_row(float *acc, float c, float p, const void *v, int kv_bf16, int64_t off, int64_t d) {
-    const vec cv = vset1(c), pv = vset1(p);
-    int64_t i = 0;
-    for (; i + VL <= d; i += VL) vstore(acc + i, vfma(pv, load_row(v, kv_bf16, off + i), vmul(cv, vload_x(acc + i))));
-    for (; i < d; i++) acc[i] = acc[i] * c + p * load_one(v, kv_bf16, off + i);
+/* acc[g][0..d) = acc[g] · c[g] + Σ_t p[g][t] · v_t over the nt keys of a tile, for the G query heads of a KV head.
+ * d is walked one vector at a time with the G accumulators in registers across all keys of the tile: each value
+ * row is widened once per vector for every head, and the accumulators are loaded and stored once per tile, not
+ * once per key (the tile's value rows, 32 x d, stay in L1 between the passes). */
+static inline void accumulate_tile(float *acc, int64_t G, const float *c, const float *p, const int64_t *row,
+                                   int64_t nt, const void *v, int kv_bf16, int64_t d) {
+    for (int64_t g0 = 0; g0 < G; g0 += GMAX) {
+        const int64_t gn = G - g0 < GMAX ? G - g0 : GMAX;
+        float *a0 = acc + g0 * d;
+        const float *p0 = p + g0 * TILE;
+        int64_t i = 0;
+        for (; i + VL <= d; i += VL) {
+            vec a[GMAX] = {0};
+#pragma GCC unroll 8
+            for (int g = 0; g < GMAX; g++)
+                if (g < gn) a[g] = vmul(vload_x(a0 + g * d + i), vset1(c[g0 + g]));
+            for (int64_t t = 0; t < nt; t++) {
+                const vec vv = load_row(v, kv_bf16, row[t] + i);
+#pragma GCC unroll 8
+                for (int g = 0; g < GMAX; g++)
+                    if (g < gn) a[g] = vfma(vset1(p0[g * TILE + t]), vv, a[g]);
+            }
+#pragma GCC unroll 8
+            for (int g = 0; g < GMAX; g++)
+                if (g < gn) vstore(a0 + g * d + i, a[g]);
+        }
+        for (; i < d; i++)
+            for (int64_t g = 0; g < gn; g++) {
+                float s = a0[g * d + i] * c[g0 + g];
+                for (int64_t t = 0; t < nt; t++) s += p0[g * TILE + t] * load_one(v, kv_bf16, row[t] + i);
+                a0[g * d + i] = s;
+            }
+    }
 }
 
 int q35_paged_decode_attention(const void *q, int q_bf16, int64_t ldq, const void *k, const void *v, int kv_bf16,
@@ -88,12 +107,13 @@ int q35_paged_decode_attention(const void *q, int q_bf16, int64_t ldq, const voi
     int rc = 0;
 #pragma omp parallel num_threads(threads) reduction(min : rc)
     {
-        /* per thread: G queries and accumulators of d values, G x TILE scores, G running max / sum */
-        float *buf = (float *)malloc(sizeof(float) * (size_t)(2 * G * d + G * TILE + 2 * G));
+        /* per thread: G queries and accumulators of d values, G x TILE scores, G running max / sum / rescale */
+        float *buf = (float *)malloc(sizeof(float) * (size_t)(2 * G * d + G * TILE + 3 * G));
         if (!buf) {
             rc = -2;
         } else {
-            float *qf = buf, *acc = buf + G * d, *sc = acc + G * d, *mx = sc + G * TILE, *sum = mx + G;
+            float *qf = buf, *acc = buf + G * d, *sc = acc + G * d, *mx = sc + G * TILE, *sum = mx + G,
+                  *corr = sum + G;
 #pragma omp for schedule(dynamic, 1)
             for (int64_t it = 0; it < items; it++) {
                 const int64_t s = it / Hkv, h = it % Hkv, L = lengths[s];
@@ -108,29 +128,48 @@ int q35_paged_decode_attention(const void *q, int q_bf16, int64_t ldq, const voi
                 for (int64_t p0 = 0; p0 < L; p0 += TILE) {
                     const int64_t nt = L - p0 < TILE ? L - p0 : TILE;
                     int64_t row[TILE];
+                    /* the next tile's rows are fetched while this one computes: blocks lie anywhere in the pool,
+                     * so the hardware prefetcher loses the stream at every block boundary */
+                    const int64_t esz = kv_bf16 ? 2 : 4;
+                    for (int64_t p = p0 + TILE; p < p0 + 2 * TILE && p < L; p++) {
+                        const char *kr = (const char *)k + ((table[p / bs] * bs + p % bs) * Hkv + h) * d * esz;
+                        const char *vr = (const char *)v + ((table[p / bs] * bs + p % bs) * Hkv + h) * d * esz;
+                        for (int64_t b = 0; b < d * esz; b += 64) {
+                            __builtin_prefetch(kr + b, 0, 1);
+                            __builtin_prefetch(vr + b, 0, 1);
+                        }
+                    }
                     for (int64_t t = 0; t < nt; t++) {
                         const int64_t p = p0 + t;
                         row[t] = ((table[p / bs] * bs + p % bs) * Hkv + h) * d;
                         dots(qf, G, k, kv_bf16, row[t], d, sc + t, TILE);
                     }
                     for (int64_t g = 0; g < G; g++) {
+                        float *sg = sc + g * TILE;
                         float m = mx[g];
-                        for (int64_t t = 0; t < nt; t++) m = sc[g * TILE + t] > m ? sc[g * TILE + t] : m;
+                        for (int64_t t = 0; t < nt; t++) m = sg[t] > m ? sg[t] : m;
                         const float c = expf(mx[g] - m); /* exp(-inf) = 0 on the first tile */
                         float l = sum[g] * c;
-                        for (int64_t t = 0; t < nt; t++) {
-                            const float e = expf(sc[g * TILE + t] - m);
-                            sc[g * TILE + t] = e;
+                        int64_t t = 0;
+                        if (nt == TILE) { /* whole tiles: the exponentials VL at a time */
+                            vec lv = vzero();
+                            for (; t < TILE; t += VL) {
+                                const vec e = vexp(vsub(vload_x(sg + t), vset1(m)));
+                                vstore(sg + t, e);
+                                lv = vadd(lv, e);
+                            }
+                            l += vsum(lv);
+                        }
+                        for (; t < nt; t++) {
+                            const float e = expf(sg[t] - m);
+                            sg[t] = e;
                             l += e;
                         }
                         mx[g] = m;
                         sum[g] = l;
-                        /* the rescale rides on the first value row of the tile */
-                        axpy_row(acc + g * d, c, sc[g * TILE], v, kv_bf16, row[0], d);
+                        corr[g] = c;
                     }
-                    for (int64_t t = 1; t < nt; t++)
-                        for (int64_t g = 0; g < G; g++)
-                            add_row(acc + g * d, sc[g * TILE + t], v, kv_bf16, row[t], d);
+                    accumulate_tile(acc, G, corr, sc, row, nt, v, kv_bf16, d);
                 }
                 for (int64_t g = 0; g < G; g++) {
                     const float inv = 1.0f / sum[g];

@@ -1,10 +1,9 @@
 """Weight-only int8 with one scale per output row (symmetric, round-to-nearest).
 
-Why: decoding one token reads every weight once, so its speed is the speed of matrix-vector products.  On
-CPUs without native bf16, PyTorch's bf16 GEMV converts as it goes and reads ~1.5 G weights/s per core, while
-its int8 weight kernel (``aten._weight_int8pack_mm``, bf16 activations) reads ~7 G/s: the same model decodes
-several times faster at half the weight memory.  Prompt chunks (many rows) are compute-bound instead and run
-as float32 matmuls on weights widened on the fly.
+Why: decoding one token reads every weight once, so its speed is the speed of matrix-vector products, and int8
+weights are half the bytes of bf16.  The products go through ``qwen35.kernels.ops.linear_int8``: few rows on
+the native kernel (dequantised in registers, the weight streamed once), prompt chunks (many rows,
+compute-bound) as float32 matmuls on the weight dequantised on the fly.
 
 Error: |w − ŵ| ≤ scale/2 = max|w_row| / 254 per weight, i.e. ≤ 0.4% of the row's largest weight.
 """
@@ -12,14 +11,9 @@ Error: |w − ŵ| ≤ scale/2 = max|w_row| / 254 per weight, i.e. ≤ 0.4% of th
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.ops import grouped_experts, swiglu
-
-# up to this many rows per call the int8 kernel wins (1 thread: 7x faster than bf16 at 1 row, 2.9x at 16, on par
-# with widening at ~48); above it, widen to float32 and use the matmul kernel
-INT8_KERNEL_MAX_ROWS = 48
+from ..kernels.ops import grouped_experts, linear_int8, swiglu
 
 # tiny projections whose outputs steer everything downstream (decay, write strength, routing): kept exact
 KEEP = ("linear_attn.in_proj_a", "linear_attn.in_proj_b", "mlp.gate", "shared_expert_gate")
@@ -31,16 +25,6 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = wf.abs().amax(-1).clamp(min=1e-12) / 127.0
     q = torch.round(wf / scale[..., None]).clamp_(-127, 127).to(torch.int8)
     return q, scale
-
-
-def _int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, scale_bf16: torch.Tensor) -> torch.Tensor:
-    rows = x.numel() // x.shape[-1]
-    x2 = x.reshape(rows, x.shape[-1])
-    if x.dtype == torch.bfloat16 and rows <= INT8_KERNEL_MAX_ROWS and x.device.type == "cpu":
-        y = torch._weight_int8pack_mm(x2.contiguous(), q, scale_bf16)
-    else:
-        y = F.linear(x2.float(), q.float() * scale[:, None]).to(x.dtype)
-    return y.reshape(*x.shape[:-1], q.shape[0])
 
 
 class Int8Linear(nn.Module):
@@ -57,7 +41,7 @@ class Int8Linear(nn.Module):
         return self.qweight.float() * self.scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _int8_linear(x, self.qweight, self.scale, self.scale_bf16)
+        y = linear_int8(x, self.qweight, self.scale, self.scale_bf16)
         return y if self.bias is None else y + self.bias
 
 
@@ -74,7 +58,7 @@ class Int8Experts(nn.Module):
             self.register_buffer(f"{name}_scale_bf16", scale.to(torch.bfloat16))
 
     def project(self, name: str, e: int, x: torch.Tensor) -> torch.Tensor:
-        return _int8_linear(x, getattr(self, f"{name}_q")[e], getattr(self, f"{name}_scale")[e],
+        return linear_int8(x, getattr(self, f"{name}_q")[e], getattr(self, f"{name}_scale")[e],
                             getattr(self, f"{name}_scale_bf16")[e])
 
     def forward(self, x: torch.Tensor, routing) -> torch.Tensor:

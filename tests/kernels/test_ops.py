@@ -244,3 +244,34 @@ def test_cli_and_llm_name_a_bad_switch_before_loading(monkeypatch, capsys):
         LLM(None)
     monkeypatch.delenv(ops.CPU_BF16_SWITCH)
     kernels.reset()
+
+
+@needs_native
+@pytest.mark.parametrize("x_dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 3, 9, 47, 60])
+def test_linear_int8_equals_the_dequantized_product(native_kernels, cpu_kind, x_dtype, rows):
+    from qwen35.quant.int8 import quantize_rows
+
+    g = torch.Generator().manual_seed(rows)
+    q, scale = quantize_rows(torch.randn(37, 200, generator=g) * 0.05)
+    x = torch.randn(rows, 200, generator=g).to(x_dtype)
+    with torch.inference_mode():
+        got = ops.linear_int8(x, q, scale, scale.bfloat16())
+    want = ops.linear_int8_reference(x, q, scale)
+    assert_close_for(x_dtype, got, want, f32=(1e-5, 1e-5), bf16=(1e-2, 1e-2))
+    # one row alone (the streaming path) and inside a batch (the blocked path) agree to float32 rounding
+    with torch.inference_mode():
+        solo = torch.cat([native_kernels.linear_int8(x[i:i + 1], q, scale) for i in range(rows)])
+        batch = native_kernels.linear_int8(x, q, scale)
+    assert_close_for(x_dtype, solo, batch, f32=(1e-5, 1e-5), bf16=(1e-2, 1e-2))
+
+
+@needs_native
+def test_linear_int8_rejects_bad_weights(native_kernels):
+    x = torch.randn(2, 16)
+    with pytest.raises(ValueError, match="int8 weights"):
+        native_kernels.linear_int8(x, torch.zeros(4, 16, dtype=torch.int16), torch.ones(4))
+    with pytest.raises(ValueError, match="float32 scales"):
+        native_kernels.linear_int8(x, torch.zeros(4, 16, dtype=torch.int8), torch.ones(3))
+    with pytest.raises(ValueError, match=r"\[N, 16\]"):
+        native_kernels.linear_int8(x, torch.zeros(4, 8, dtype=torch.int8), torch.ones(4))

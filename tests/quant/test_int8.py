@@ -55,7 +55,8 @@ def test_quantized_model_equals_its_dequantized_twin():
         q, twin = dequantized_twin(tiny_model(moe))
         ids = torch.tensor([prompts_of([40], seed=1)[0]])
         with torch.no_grad():
-            torch.testing.assert_close(q(ids).logits, twin(ids).logits, rtol=1e-5, atol=1e-5)
+            # float32 both ways; the int8 kernel sums each row in its own order: float32 noise through the layers
+            torch.testing.assert_close(q(ids).logits, twin(ids).logits, rtol=1e-4, atol=1e-4)
         assert any(isinstance(m, Int8Linear) for m in q.modules())
         assert not any(isinstance(m, Int8Linear) for n, m in q.named_modules() if n.endswith("in_proj_a"))
 
