@@ -4,9 +4,9 @@
  * over the pool.  In PyTorch that means gathering the history into a contiguous (and, for a batch, zero-padded)
  * copy every step and layer, then SDPA over the copy: at 16K tokens of Qwen3.5-0.8B that is 64 MB copied per
  * step per sequence, and decode slows with depth several times faster than the reading itself requires.
- * Here each (sequence, KV head) walks its block table and reads every key and value row once, where it lies,
- * for all the query heads that share it (GQA), with an online softmax (running max and sum, rescaled per
- * tile of keys) so nothing of size L is materialised.
+ * Here each sequence's block table is walked and every key and value row read once, where it lies, for all
+ * the query heads that share it (GQA), with an online softmax (running max and sum, rescaled per tile of keys)
+ * so nothing of size L is materialised; a long sequence's keys are split between threads (flash-decoding).
  *
  * q [n, H, d] (rows of stride ldq), pools k, v [R, Hkv, d] (flat rows: position p of sequence s is row
  * tables[s * max_blocks + p / bs] * bs + p % bs), lengths [n] keys per sequence (>= 1), out [n, H, d]
@@ -21,170 +21,236 @@
 #include "simd.h"
 
 #define TILE 32 /* keys scored before their values are accumulated */
+#define MAX_SPLITS 64
+#define GMAX 8  /* query heads handled together per KV head (larger GQA groups are split into chunks of 8) */
 
-/* a row of d values from a float32 or bf16 buffer, as float32 vectors */
-static inline vec load_row(const void *p, int bf16, int64_t i) {
-    return bf16 ? vload_w((const uint16_t *)p + i) : vload_x((const float *)p + i);
+/* VL values of a float32 (KB = 0) or bf16 (KB = 1) row, as float32 */
+static inline __attribute__((always_inline)) vec load_row(const int KB, const void *p, int64_t i) {
+    return KB ? vload_w((const uint16_t *)p + i) : vload_x((const float *)p + i);
 }
 
-static inline float load_one(const void *p, int bf16, int64_t i) {
-    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+static inline __attribute__((always_inline)) float load_one(const int KB, const void *p, int64_t i) {
+    return KB ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
-/* the scores of one key row against the G queries that share it, in one pass over the row (it is widened
- * once per vector, not once per query head) — GQA groups of up to 8 in registers, larger ones 8 at a time */
-#define GMAX 8
-static inline void dots_upto8(const float *q, int64_t G, const void *k, int kv_bf16, int64_t off, int64_t d,
-                              float *out, int64_t out_stride) {
-    vec acc[GMAX];
-#pragma GCC unroll 8
-    for (int g = 0; g < GMAX; g++) acc[g] = vzero();
-    int64_t i = 0;
-    for (; i + VL <= d; i += VL) {
-        const vec kv = load_row(k, kv_bf16, off + i);
-#pragma GCC unroll 8
-        for (int g = 0; g < GMAX; g++)
-            if (g < G) acc[g] = vfma(vload_x(q + g * d + i), kv, acc[g]);
-    }
-    for (int64_t g = 0; g < G; g++) {
-        float s = vsum(acc[g]);
-        for (int64_t t = i; t < d; t++) s += q[g * d + t] * load_one(k, kv_bf16, off + t);
-        out[g * out_stride] = s;
-    }
-}
-
-static inline void dots(const float *q, int64_t G, const void *k, int kv_bf16, int64_t off, int64_t d, float *out,
-                        int64_t out_stride) {
-    for (int64_t g0 = 0; g0 < G; g0 += GMAX)
-        dots_upto8(q + g0 * d, G - g0 < GMAX ? G - g0 : GMAX, k, kv_bf16, off, d, out + g0 * out_stride, out_stride);
-}
-
-/* acc[g][0..d) = acc[g] · c[g] + Σ_t p[g][t] · v_t over the nt keys of a tile, for the G query heads of a KV head.
- * d is walked one vector at a time with the G accumulators in registers across all keys of the tile: each value
- * row is widened once per vector for every head, and the accumulators are loaded and stored once per tile, not
- * once per key (the tile's value rows, 32 x d, stay in L1 between the passes). */
-static inline void accumulate_tile(float *acc, int64_t G, const float *c, const float *p, const int64_t *row,
-                                   int64_t nt, const void *v, int kv_bf16, int64_t d) {
-    for (int64_t g0 = 0; g0 < G; g0 += GMAX) {
-        const int64_t gn = G - g0 < GMAX ? G - g0 : GMAX;
-        float *a0 = acc + g0 * d;
-        const float *p0 = p + g0 * TILE;
+/* One tile of nt keys for one chunk of GC query heads of a KV head, folded into that chunk's running softmax
+ * state (mx, sum: per head; acc [GC, d]).  GC and KB are compile-time constants at every call site (see the
+ * dispatch below), so the per-head accumulators of both passes live in registers:
+ *   scores: each key row is widened once per vector and multiplied into GC running dot products;
+ *   values: d is walked one vector at a time with GC accumulators held across the tile's keys, each value row
+ *           widened once per vector (the tile's rows stay in L1 between the vectors).
+ * row[t] is the element offset of key t's row for this KV head; qf [GC, d] is pre-scaled; sc [GC, TILE]. */
+static inline __attribute__((always_inline)) void attend_tile(const int GC, const int KB, const float *qf,
+                                                              const void *k, const void *v, const int64_t *row,
+                                                              int64_t nt, int64_t d, float *mx, float *sum,
+                                                              float *acc, float *sc) {
+    float corr[GMAX];
+    /* scores: two accumulator chains per head when the group is small, to keep both FMA pipes busy */
+    for (int64_t t = 0; t < nt; t++) {
+        const int64_t off = row[t];
+        vec a[GMAX], b2[GMAX];
+        for (int g = 0; g < GC; g++) a[g] = b2[g] = vzero();
         int64_t i = 0;
+        if (GC <= 4)
+            for (; i + 2 * VL <= d; i += 2 * VL) {
+                const vec k0 = load_row(KB, k, off + i), k1 = load_row(KB, k, off + i + VL);
+                for (int g = 0; g < GC; g++) {
+                    a[g] = vfma(vload_x(qf + g * d + i), k0, a[g]);
+                    b2[g] = vfma(vload_x(qf + g * d + i + VL), k1, b2[g]);
+                }
+            }
         for (; i + VL <= d; i += VL) {
-            vec a[GMAX] = {0};
-#pragma GCC unroll 8
-            for (int g = 0; g < GMAX; g++)
-                if (g < gn) a[g] = vmul(vload_x(a0 + g * d + i), vset1(c[g0 + g]));
-            for (int64_t t = 0; t < nt; t++) {
-                const vec vv = load_row(v, kv_bf16, row[t] + i);
-#pragma GCC unroll 8
-                for (int g = 0; g < GMAX; g++)
-                    if (g < gn) a[g] = vfma(vset1(p0[g * TILE + t]), vv, a[g]);
-            }
-#pragma GCC unroll 8
-            for (int g = 0; g < GMAX; g++)
-                if (g < gn) vstore(a0 + g * d + i, a[g]);
+            const vec kv = load_row(KB, k, off + i);
+            for (int g = 0; g < GC; g++) a[g] = vfma(vload_x(qf + g * d + i), kv, a[g]);
         }
-        for (; i < d; i++)
-            for (int64_t g = 0; g < gn; g++) {
-                float s = a0[g * d + i] * c[g0 + g];
-                for (int64_t t = 0; t < nt; t++) s += p0[g * TILE + t] * load_one(v, kv_bf16, row[t] + i);
-                a0[g * d + i] = s;
-            }
+        for (int g = 0; g < GC; g++) {
+            float sg = vsum(vadd(a[g], b2[g]));
+            for (int64_t r = i; r < d; r++) sg += qf[g * d + r] * load_one(KB, k, off + r);
+            sc[g * TILE + t] = sg;
+        }
     }
+    /* online softmax: new running max, rescale of what was accumulated, exponentials of this tile */
+    for (int g = 0; g < GC; g++) {
+        float *sg = sc + g * TILE;
+        float m = mx[g];
+        for (int64_t t = 0; t < nt; t++) m = sg[t] > m ? sg[t] : m;
+        const float c = expf(mx[g] - m); /* exp(-inf) = 0 on the first tile */
+        float l = sum[g] * c;
+        int64_t t = 0;
+        if (nt == TILE) {
+            vec lv = vzero();
+            for (; t < TILE; t += VL) {
+                const vec e = vexp(vsub(vload_x(sg + t), vset1(m)));
+                vstore(sg + t, e);
+                lv = vadd(lv, e);
+            }
+            l += vsum(lv);
+        }
+        for (; t < nt; t++) {
+            const float e = expf(sg[t] - m);
+            sg[t] = e;
+            l += e;
+        }
+        mx[g] = m;
+        sum[g] = l;
+        corr[g] = c;
+    }
+    /* values (two vectors of d at a time when the group is small: two accumulator chains per head) */
+    int64_t i = 0;
+    if (GC <= 4)
+        for (; i + 2 * VL <= d; i += 2 * VL) {
+            vec a[GMAX], b2[GMAX];
+            for (int g = 0; g < GC; g++) {
+                a[g] = vmul(vload_x(acc + g * d + i), vset1(corr[g]));
+                b2[g] = vmul(vload_x(acc + g * d + i + VL), vset1(corr[g]));
+            }
+            for (int64_t t = 0; t < nt; t++) {
+                const vec v0 = load_row(KB, v, row[t] + i), v1 = load_row(KB, v, row[t] + i + VL);
+                for (int g = 0; g < GC; g++) {
+                    const vec pw = vset1(sc[g * TILE + t]);
+                    a[g] = vfma(pw, v0, a[g]);
+                    b2[g] = vfma(pw, v1, b2[g]);
+                }
+            }
+            for (int g = 0; g < GC; g++) {
+                vstore(acc + g * d + i, a[g]);
+                vstore(acc + g * d + i + VL, b2[g]);
+            }
+        }
+    for (; i + VL <= d; i += VL) {
+        vec a[GMAX];
+        for (int g = 0; g < GC; g++) a[g] = vmul(vload_x(acc + g * d + i), vset1(corr[g]));
+        for (int64_t t = 0; t < nt; t++) {
+            const vec vv = load_row(KB, v, row[t] + i);
+            for (int g = 0; g < GC; g++) a[g] = vfma(vset1(sc[g * TILE + t]), vv, a[g]);
+        }
+        for (int g = 0; g < GC; g++) vstore(acc + g * d + i, a[g]);
+    }
+    for (; i < d; i++)
+        for (int g = 0; g < GC; g++) {
+            float a = acc[g * d + i] * corr[g];
+            for (int64_t t = 0; t < nt; t++) a += sc[g * TILE + t] * load_one(KB, v, row[t] + i);
+            acc[g * d + i] = a;
+        }
 }
 
+#define TILE_CASE(gc)                                                                                         \
+    case gc:                                                                                                  \
+        if (kv_bf16)                                                                                          \
+            attend_tile(gc, 1, qf, k, v, hrow, nt, d, mx, sum, acc, sc);                                      \
+        else                                                                                                  \
+            attend_tile(gc, 0, qf, k, v, hrow, nt, d, mx, sum, acc, sc);                                      \
+        break;
+
+/* Work items are (sequence, key range): each walks its keys tile by tile and, per tile, every KV head and chunk
+ * of query heads, so the rows it reads (all heads of a token are adjacent in the pool) form one stream.  When
+ * there are fewer sequences than threads, a sequence's keys are split between several items (flash-decoding),
+ * whose partial softmax states (max, sum, unnormalised output) are merged at the end. */
 int q35_paged_decode_attention(const void *q, int q_bf16, int64_t ldq, const void *k, const void *v, int kv_bf16,
                                const int64_t *tables, int64_t max_blocks, const int64_t *lengths, int64_t n,
                                int64_t H, int64_t Hkv, int64_t d, int64_t bs, float scale, void *out,
                                int threads) {
     if (n <= 0 || H <= 0 || Hkv <= 0 || H % Hkv || d <= 0 || bs <= 0 || max_blocks <= 0 || ldq < H * d) return -1;
-    for (int64_t s = 0; s < n; s++)
+    int64_t longest = 0;
+    for (int64_t s = 0; s < n; s++) {
         if (lengths[s] < 1 || lengths[s] > max_blocks * bs) return -1;
-    const int64_t G = H / Hkv, items = n * Hkv;
+        if (lengths[s] > longest) longest = lengths[s];
+    }
     if (threads < 1) threads = 1;
+    const int64_t G = H / Hkv, chunks = (G + GMAX - 1) / GMAX;
+    /* splits per sequence: enough items for every thread, each at least 8 tiles long */
+    int64_t splits = (threads + n - 1) / n;
+    const int64_t max_splits = (longest + 8 * TILE - 1) / (8 * TILE);
+    if (splits > max_splits) splits = max_splits;
+    if (splits > MAX_SPLITS) splits = MAX_SPLITS;
+    if (splits < 1) splits = 1;
+    const int64_t items = n * splits;
     if (threads > items) threads = (int)items;
+    /* partial state per item: the running max [H] and sum [H] and the unnormalised outputs [H, d] */
+    const int64_t pstride = H * (2 + d);
+    float *part = (float *)malloc(sizeof(float) * (size_t)(items * pstride));
+    if (!part) return -2;
     int rc = 0;
 #pragma omp parallel num_threads(threads) reduction(min : rc)
     {
-        /* per thread: G queries and accumulators of d values, G x TILE scores, G running max / sum / rescale */
-        float *buf = (float *)malloc(sizeof(float) * (size_t)(2 * G * d + G * TILE + 3 * G));
+        float *buf = (float *)malloc(sizeof(float) * (size_t)(H * d + GMAX * TILE));
         if (!buf) {
             rc = -2;
         } else {
-            float *qf = buf, *acc = buf + G * d, *sc = acc + G * d, *mx = sc + G * TILE, *sum = mx + G,
-                  *corr = sum + G;
+            float *qf_all = buf, *sc = buf + H * d;
 #pragma omp for schedule(dynamic, 1)
             for (int64_t it = 0; it < items; it++) {
-                const int64_t s = it / Hkv, h = it % Hkv, L = lengths[s];
+                const int64_t s = it / splits, sp = it % splits, L = lengths[s];
+                const int64_t per = ((L + splits - 1) / splits + TILE - 1) / TILE * TILE;
+                const int64_t a = sp * per, b = a + per < L ? a + per : L;
                 const int64_t *table = tables + s * max_blocks;
-                for (int64_t g = 0; g < G; g++) {
-                    const int64_t qoff = s * ldq + (h * G + g) * d;
-                    for (int64_t i = 0; i < d; i++) qf[g * d + i] = load_one(q, q_bf16, qoff + i) * scale;
-                    for (int64_t i = 0; i < d; i++) acc[g * d + i] = 0.0f;
-                    mx[g] = -INFINITY;
-                    sum[g] = 0.0f;
-                }
-                for (int64_t p0 = 0; p0 < L; p0 += TILE) {
-                    const int64_t nt = L - p0 < TILE ? L - p0 : TILE;
-                    int64_t row[TILE];
-                    /* the next tile's rows are fetched while this one computes: blocks lie anywhere in the pool,
-                     * so the hardware prefetcher loses the stream at every block boundary */
-                    const int64_t esz = kv_bf16 ? 2 : 4;
-                    for (int64_t p = p0 + TILE; p < p0 + 2 * TILE && p < L; p++) {
-                        const char *kr = (const char *)k + ((table[p / bs] * bs + p % bs) * Hkv + h) * d * esz;
-                        const char *vr = (const char *)v + ((table[p / bs] * bs + p % bs) * Hkv + h) * d * esz;
-                        for (int64_t b = 0; b < d * esz; b += 64) {
-                            __builtin_prefetch(kr + b, 0, 1);
-                            __builtin_prefetch(vr + b, 0, 1);
-                        }
-                    }
-                    for (int64_t t = 0; t < nt; t++) {
-                        const int64_t p = p0 + t;
-                        row[t] = ((table[p / bs] * bs + p % bs) * Hkv + h) * d;
-                        dots(qf, G, k, kv_bf16, row[t], d, sc + t, TILE);
-                    }
-                    for (int64_t g = 0; g < G; g++) {
-                        float *sg = sc + g * TILE;
-                        float m = mx[g];
-                        for (int64_t t = 0; t < nt; t++) m = sg[t] > m ? sg[t] : m;
-                        const float c = expf(mx[g] - m); /* exp(-inf) = 0 on the first tile */
-                        float l = sum[g] * c;
-                        int64_t t = 0;
-                        if (nt == TILE) { /* whole tiles: the exponentials VL at a time */
-                            vec lv = vzero();
-                            for (; t < TILE; t += VL) {
-                                const vec e = vexp(vsub(vload_x(sg + t), vset1(m)));
-                                vstore(sg + t, e);
-                                lv = vadd(lv, e);
-                            }
-                            l += vsum(lv);
-                        }
-                        for (; t < nt; t++) {
-                            const float e = expf(sg[t] - m);
-                            sg[t] = e;
-                            l += e;
-                        }
-                        mx[g] = m;
-                        sum[g] = l;
-                        corr[g] = c;
-                    }
-                    accumulate_tile(acc, G, corr, sc, row, nt, v, kv_bf16, d);
-                }
-                for (int64_t g = 0; g < G; g++) {
-                    const float inv = 1.0f / sum[g];
-                    const int64_t o = (s * H + h * G + g) * d;
+                float *pmx = part + it * pstride, *psum = pmx + H, *pacc = psum + H;
+                for (int64_t hh = 0; hh < H; hh++) {
+                    pmx[hh] = -INFINITY;
+                    psum[hh] = 0.0f;
                     for (int64_t i = 0; i < d; i++) {
-                        const float y = acc[g * d + i] * inv;
-                        if (q_bf16)
-                            ((uint16_t *)out)[o + i] = f32_to_bf16(y);
-                        else
-                            ((float *)out)[o + i] = y;
+                        qf_all[hh * d + i] = load_one(q_bf16, q, s * ldq + hh * d + i) * scale;
+                        pacc[hh * d + i] = 0.0f;
+                    }
+                }
+                const int64_t esz = kv_bf16 ? 2 : 4;
+                int64_t tok[TILE], hrow[TILE];
+                for (int64_t p0 = a; p0 < b; p0 += TILE) {
+                    const int64_t nt = b - p0 < TILE ? b - p0 : TILE;
+                    for (int64_t t = 0; t < nt; t++) tok[t] = table[(p0 + t) / bs] * bs + (p0 + t) % bs;
+                    /* the next tile's rows are fetched while this one computes: blocks may lie anywhere in the
+                     * pool, and the hardware prefetcher loses the stream at every block boundary */
+                    for (int64_t p = p0 + TILE; p < p0 + 2 * TILE && p < b; p++) {
+                        const int64_t off = (table[p / bs] * bs + p % bs) * Hkv * d * esz;
+                        for (int64_t by = 0; by < Hkv * d * esz; by += 64) {
+                            __builtin_prefetch((const char *)k + off + by, 0, 1);
+                            __builtin_prefetch((const char *)v + off + by, 0, 1);
+                        }
+                    }
+                    for (int64_t h = 0; h < Hkv; h++) {
+                        for (int64_t t = 0; t < nt; t++) hrow[t] = (tok[t] * Hkv + h) * d;
+                        for (int64_t c = 0; c < chunks; c++) {
+                            const int64_t g0 = h * G + c * GMAX, gc = G - c * GMAX < GMAX ? G - c * GMAX : GMAX;
+                            const float *qf = qf_all + g0 * d;
+                            float *mx = pmx + g0, *sum = psum + g0, *acc = pacc + g0 * d;
+                            switch (gc) { TILE_CASE(1) TILE_CASE(2) TILE_CASE(3) TILE_CASE(4) TILE_CASE(5)
+                                          TILE_CASE(6) TILE_CASE(7) TILE_CASE(8) }
+                        }
                     }
                 }
             }
             free(buf);
         }
     }
+    if (rc == 0) { /* merge the splits of every (sequence, head) and normalise */
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t sh = 0; sh < n * H; sh++) {
+            const int64_t s = sh / H, hh = sh % H;
+            float m = -INFINITY;
+            for (int64_t sp = 0; sp < splits; sp++) {
+                const float mi = part[(s * splits + sp) * pstride + hh];
+                m = mi > m ? mi : m;
+            }
+            float l = 0.0f, w[MAX_SPLITS];
+            for (int64_t sp = 0; sp < splits; sp++) {
+                const float *pi = part + (s * splits + sp) * pstride;
+                const float li = pi[H + hh];
+                w[sp] = li > 0.0f ? expf(pi[hh] - m) : 0.0f; /* an empty split adds nothing */
+                l += li * w[sp];
+            }
+            const float inv = 1.0f / l;
+            for (int64_t i = 0; i < d; i++) {
+                float y = 0.0f;
+                for (int64_t sp = 0; sp < splits; sp++)
+                    y += part[(s * splits + sp) * pstride + 2 * H + hh * d + i] * w[sp];
+                y *= inv;
+                if (q_bf16)
+                    ((uint16_t *)out)[(s * H + hh) * d + i] = f32_to_bf16(y);
+                else
+                    ((float *)out)[(s * H + hh) * d + i] = y;
+            }
+        }
+    }
+    free(part);
     return rc;
 }

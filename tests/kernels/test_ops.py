@@ -275,3 +275,23 @@ def test_linear_int8_rejects_bad_weights(native_kernels):
         native_kernels.linear_int8(x, torch.zeros(4, 16, dtype=torch.int8), torch.ones(3))
     with pytest.raises(ValueError, match=r"\[N, 16\]"):
         native_kernels.linear_int8(x, torch.zeros(4, 8, dtype=torch.int8), torch.ones(4))
+
+
+@needs_native
+@pytest.mark.parametrize("lengths", [[2000], [1500, 37], [300, 300, 300]])
+def test_paged_decode_attention_split_between_threads_merges_exactly(native_kernels, lengths):
+    """With more threads than sequences a sequence's keys are split between threads (flash-decoding); the
+    merged result equals the reference and the one-thread result to float32 rounding."""
+    q, keys, values, tables, lens = _paged_case(torch.float32, lengths, block_size=16, H=8, Hkv=2, d=64)
+    old = torch.get_num_threads()
+    try:
+        outs = {}
+        for threads in (1, 4):
+            torch.set_num_threads(threads)
+            with torch.inference_mode():
+                outs[threads] = native_kernels.paged_decode_attention(q, keys, values, tables, lens, 16, 0.125)
+    finally:
+        torch.set_num_threads(old)
+    want = ops.paged_decode_attention_reference(q, keys, values, tables, lens, 16, 0.125)
+    for got in outs.values():
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
