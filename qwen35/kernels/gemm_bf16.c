@@ -147,6 +147,21 @@ static void gemv_rows(const float *x, const uint16_t *w, int64_t K, int nb, void
     }
 }
 
+/* The activation rows as float32: x itself, or (x_bf16) a widened copy in *scratch (the caller frees it), whose
+ * row stride replaces *ldx.  NULL when the copy cannot be allocated.  Widening once here lets every inner loop
+ * read float32. */
+static const float *float_rows(const void *x_in, int x_bf16, int64_t *ldx, int64_t M, int64_t K, float **scratch) {
+    *scratch = NULL;
+    if (!x_bf16) return (const float *)x_in;
+    float *f = (float *)malloc((size_t)(M * K) * sizeof(float));
+    if (!f) return NULL;
+    for (int64_t i = 0; i < M; i++)
+        for (int64_t t = 0; t < K; t++) f[i * K + t] = bf16_to_f32(((const uint16_t *)x_in)[i * *ldx + t]);
+    *scratch = f;
+    *ldx = K;
+    return f;
+}
+
 const char *q35_isa(void) { return ISA; }
 
 /* y = x · [W_0 | W_1 | …]ᵀ: several weights that read the same activations (a layer's input projections) in one
@@ -170,16 +185,9 @@ int q35_linear_bf16_multi(const void *x_in, int x_bf16, int64_t ldx, int nw, con
         first_block[i + 1] = first_block[i] + (Ns[i] + rows_per_block - 1) / rows_per_block;
     }
     if (ldy < total_cols) return -1;
-    const float *x = (const float *)x_in;
     float *scratch = NULL;
-    if (x_bf16) {
-        scratch = (float *)malloc((size_t)(M * K) * sizeof(float));
-        if (!scratch) return -2;
-        for (int64_t i = 0; i < M; i++)
-            for (int64_t t = 0; t < K; t++) scratch[i * K + t] = bf16_to_f32(((const uint16_t *)x_in)[i * ldx + t]);
-        x = scratch;
-        ldx = K;
-    }
+    const float *x = float_rows(x_in, x_bf16, &ldx, M, K, &scratch);
+    if (!x) return -2;
     const int64_t nblocks = first_block[nw];
     if (threads < 1) threads = 1;
     if (threads > nblocks) threads = (int)nblocks;
@@ -235,16 +243,9 @@ static inline float dot_q8_row(const float *x, const int8_t *w, float scale, int
 int q35_linear_int8(const void *x_in, int x_bf16, int64_t ldx, const int8_t *w, const float *scale, void *y,
                     int y_bf16, int64_t M, int64_t N, int64_t K, int threads) {
     if (M <= 0 || N <= 0 || K <= 0 || ldx < K) return -1;
-    const float *x = (const float *)x_in;
     float *scratch = NULL;
-    if (x_bf16) {
-        scratch = (float *)malloc((size_t)(M * K) * sizeof(float));
-        if (!scratch) return -2;
-        for (int64_t i = 0; i < M; i++)
-            for (int64_t t = 0; t < K; t++) scratch[i * K + t] = bf16_to_f32(((const uint16_t *)x_in)[i * ldx + t]);
-        x = scratch;
-        ldx = K;
-    }
+    const float *x = float_rows(x_in, x_bf16, &ldx, M, K, &scratch);
+    if (!x) return -2;
     const int64_t per = M == 1 ? GEMV_NB : NB, nblocks = (N + per - 1) / per;
     if (threads < 1) threads = 1;
     if (threads > nblocks) threads = (int)nblocks;

@@ -52,8 +52,10 @@ class Limits:
 # Each number points at what set it (benchmarks/RESULTS.md has the runs).
 LIMITS: dict[str, Limits] = {
     "emulated": Limits(
-        # benchmarks/bench_ops.py, 2-core AVX-512 without bf16, 1 thread: the native product wins below ~48 rows;
-        # widening beats the emulated bf16 GEMM from ~24 rows (1.8x at 64, 3x at 256)
+        # benchmarks/bench_ops.py (linear).  2-core AVX-512 without bf16, 1 thread (session 2): the native product
+        # wins below ~48 rows; widening beats the emulated bf16 GEMM from ~24 rows (1.8x at 64, 3x at 256).
+        # 2-core AVX2 EPYC, 2 threads (session 4): native 1.4x faster than widening at 48 rows, even at 128,
+        # widening 1.3-1.5x faster at 256; the AVX-512 cut-off is kept for both until it is re-measured there
         linear_max_rows=48, widen_min_rows=32,
         # bench_ops.py (int8): the native int8 product against dequantise + float32 F.linear
         int8_max_rows=48,
