@@ -33,12 +33,14 @@
 #define NB 2
 #endif
 
-/* One block: mb activation rows (<= MB) times nb weight rows (<= NB).  mb, nb and wf32 are compile-time
+/* One block: mb activation rows (<= MB) times nb weight rows (<= NB).  mb, nb, wf32 and xb are compile-time
  * constants at every call site (see block()), so the accumulator array lives in registers.  The weight rows are
- * bf16, or (wf32) float32 rows already widened into a scratch block. */
-static inline __attribute__((always_inline)) void micro(const int mb, const int nb, const int wf32, const float *x,
-                                                        int64_t ldx, const void *w, int64_t K, void *y,
-                                                        int64_t ldy, int y_bf16) {
+ * bf16, or (wf32) float32 rows already widened into a scratch block; the activation rows float32, or (xb) bf16
+ * widened as they are read — half the bytes, so 16 rows of K <= 1,024 stay in L1 across weight blocks (measured
+ * on the AVX2 EPYC, 16 x 1,024 -> 3,584: 85 against 75 GFLOP/s with float32 activation rows). */
+static inline __attribute__((always_inline)) void micro(const int mb, const int nb, const int wf32, const int xb,
+                                                        const void *x, int64_t ldx, const void *w, int64_t K,
+                                                        void *y, int64_t ldy, int y_bf16) {
     vec acc[MB][NB];
 #pragma GCC unroll 8
     for (int i = 0; i < mb; i++)
@@ -52,7 +54,7 @@ static inline __attribute__((always_inline)) void micro(const int mb, const int 
             wv[j] = wf32 ? vload_x((const float *)w + j * K + k) : vload_w((const uint16_t *)w + j * K + k);
 #pragma GCC unroll 8
         for (int i = 0; i < mb; i++) {
-            vec xv = vload_x(x + i * ldx + k);
+            vec xv = xb ? vload_w((const uint16_t *)x + i * ldx + k) : vload_x((const float *)x + i * ldx + k);
 #pragma GCC unroll 4
             for (int j = 0; j < nb; j++) acc[i][j] = vfma(xv, wv[j], acc[i][j]);
         }
@@ -61,7 +63,8 @@ static inline __attribute__((always_inline)) void micro(const int mb, const int 
         for (int j = 0; j < nb; j++) {
             float s = vsum(acc[i][j]);
             for (int64_t t = k; t < K; t++)
-                s += x[i * ldx + t] * (wf32 ? ((const float *)w)[j * K + t] : bf16_to_f32(((const uint16_t *)w)[j * K + t]));
+                s += (xb ? bf16_to_f32(((const uint16_t *)x)[i * ldx + t]) : ((const float *)x)[i * ldx + t]) *
+                     (wf32 ? ((const float *)w)[j * K + t] : bf16_to_f32(((const uint16_t *)w)[j * K + t]));
             if (y_bf16)
                 ((uint16_t *)y)[i * ldy + j] = f32_to_bf16(s);
             else
@@ -69,7 +72,7 @@ static inline __attribute__((always_inline)) void micro(const int mb, const int 
         }
 }
 
-#define CASE_NB(m, n) case n: micro(m, n, wf32, x, ldx, w, K, y, ldy, y_bf16); return;
+#define CASE_NB(m, n) case n: micro(m, n, wf32, xb, x, ldx, w, K, y, ldy, y_bf16); return;
 #if NB > 2
 #define CASE_NB3(m) CASE_NB(m, 3)
 #else
@@ -80,10 +83,10 @@ static inline __attribute__((always_inline)) void micro(const int mb, const int 
         switch (nb) { CASE_NB(m, 1) CASE_NB(m, 2) CASE_NB3(m) } \
         return;
 
-#define DEFINE_BLOCK(name, WF32)                                                                                   \
-    static void name(int mb, int nb, const float *x, int64_t ldx, const void *w, int64_t K, void *y, int64_t ldy, \
+#define DEFINE_BLOCK(name, WF32, XB)                                                                               \
+    static void name(int mb, int nb, const void *x, int64_t ldx, const void *w, int64_t K, void *y, int64_t ldy,  \
                      int y_bf16) {                                                                                 \
-        const int wf32 = WF32;                                                                                     \
+        const int wf32 = WF32, xb = XB;                                                                            \
         switch (mb) { CASE_MB(1) CASE_MB(2) CASE_MB(3) CASE_MB(4) MORE_MB }                                        \
     }
 #if MB > 4
@@ -91,15 +94,18 @@ static inline __attribute__((always_inline)) void micro(const int mb, const int 
 #else
 #define MORE_MB
 #endif
-DEFINE_BLOCK(block, 0)     /* bf16 weight rows, widened as they are read */
-DEFINE_BLOCK(block_f32, 1) /* weight rows widened once into scratch */
+DEFINE_BLOCK(block, 0, 0)        /* bf16 weight rows, widened as they are read */
+DEFINE_BLOCK(block_f32, 1, 0)    /* weight rows widened once into scratch */
+DEFINE_BLOCK(block_f32_xb, 1, 1) /* weight rows widened once, bf16 activation rows */
 
 /* y rows [0, M) for one block of nb weight rows: with more activation rows than one register block holds, the
  * weight rows are widened to float32 once (nb x K floats, L1/L2-resident) and every row block reads those,
- * instead of widening the same bf16 values M / MB times. */
-static void rows_block(int64_t M, int nb, const float *x, int64_t ldx, const uint16_t *w, int64_t K, void *y,
-                       int64_t ldy, int y_bf16, float *wscratch) {
-    if (M > MB && wscratch) {
+ * instead of widening the same bf16 values M / MB times.  x is float32 rows, or (x_bf16, only with scratch) the
+ * caller's bf16 rows read in place. */
+static void rows_block(int64_t M, int nb, const void *x, int x_bf16, int64_t ldx, const uint16_t *w, int64_t K,
+                       void *y, int64_t ldy, int y_bf16, float *wscratch) {
+    const int widened = M > MB && wscratch;
+    if (widened) {
         for (int j = 0; j < nb; j++) {
             int64_t k = 0;
             for (; k + VL <= K; k += VL) vstore(wscratch + j * K + k, vload_w(w + j * K + k));
@@ -109,10 +115,12 @@ static void rows_block(int64_t M, int nb, const float *x, int64_t ldx, const uin
     for (int64_t m0 = 0; m0 < M; m0 += MB) {
         const int mb = (int)(M - m0 < MB ? M - m0 : MB);
         void *yb = y_bf16 ? (void *)((uint16_t *)y + m0 * ldy) : (void *)((float *)y + m0 * ldy);
-        if (M > MB && wscratch)
-            block_f32(mb, nb, x + m0 * ldx, ldx, wscratch, K, yb, ldy, y_bf16);
+        if (widened && x_bf16)
+            block_f32_xb(mb, nb, (const uint16_t *)x + m0 * ldx, ldx, wscratch, K, yb, ldy, y_bf16);
+        else if (widened)
+            block_f32(mb, nb, (const float *)x + m0 * ldx, ldx, wscratch, K, yb, ldy, y_bf16);
         else
-            block(mb, nb, x + m0 * ldx, ldx, w, K, yb, ldy, y_bf16);
+            block(mb, nb, (const float *)x + m0 * ldx, ldx, w, K, yb, ldy, y_bf16);
     }
 }
 
@@ -185,17 +193,23 @@ int q35_linear_bf16_multi(const void *x_in, int x_bf16, int64_t ldx, int nw, con
         first_block[i + 1] = first_block[i] + (Ns[i] + rows_per_block - 1) / rows_per_block;
     }
     if (ldy < total_cols) return -1;
+    /* bf16 activations are widened once up front for the one-row and small-block paths; the widened-weight path
+     * (M > MB) reads them in place */
+    const int x_in_place = x_bf16 && M > MB;
     float *scratch = NULL;
-    const float *x = float_rows(x_in, x_bf16, &ldx, M, K, &scratch);
+    const void *x = x_in_place ? x_in : (const void *)float_rows(x_in, x_bf16, &ldx, M, K, &scratch);
     if (!x) return -2;
     const int64_t nblocks = first_block[nw];
     if (threads < 1) threads = 1;
     if (threads > nblocks) threads = (int)nblocks;
-#pragma omp parallel num_threads(threads)
+    int rc = 0;
+#pragma omp parallel num_threads(threads) reduction(min : rc)
     {
         float *wscratch = M > MB ? (float *)malloc((size_t)(NB * K) * sizeof(float)) : NULL;
+        if (M > MB && !wscratch) rc = -2; /* bf16 rows read in place need the widened weights */
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < nblocks; b++) {
+            if (M > MB && !wscratch) continue;
             int wi = 0;
             while (b >= first_block[wi + 1]) wi++;
             const int64_t N = Ns[wi], n0 = (b - first_block[wi]) * rows_per_block;
@@ -203,15 +217,15 @@ int q35_linear_bf16_multi(const void *x_in, int x_bf16, int64_t ldx, int nw, con
             const int64_t c = col0[wi] + n0;
             void *yc = y_bf16 ? (void *)((uint16_t *)y + c) : (void *)((float *)y + c);
             if (M == 1) {
-                gemv_rows(x, w, K, (int)(N - n0 < GEMV_NB ? N - n0 : GEMV_NB), yc, y_bf16);
+                gemv_rows((const float *)x, w, K, (int)(N - n0 < GEMV_NB ? N - n0 : GEMV_NB), yc, y_bf16);
                 continue;
             }
-            rows_block(M, (int)(N - n0 < NB ? N - n0 : NB), x, ldx, w, K, yc, ldy, y_bf16, wscratch);
+            rows_block(M, (int)(N - n0 < NB ? N - n0 : NB), x, x_in_place, ldx, w, K, yc, ldy, y_bf16, wscratch);
         }
         free(wscratch);
     }
     free(scratch);
-    return 0;
+    return rc;
 }
 
 /* ---- int8 weights with one float32 scale per row (qwen35/quant/int8.py) ----------------------------------------
