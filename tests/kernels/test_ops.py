@@ -58,8 +58,8 @@ def test_linears_equal_one_linear_each(native_kernels, cpu_kind, x_dtype, rows):
     ws = [torch.randn(n, 48, generator=g).bfloat16() for n in (16, 5, 1)]
     with torch.inference_mode():
         got = ops.linears(x, ws)
-    for y, w in zip(got, ws):
-        assert_close_for(x_dtype, y, ops.linear_reference(x, w), f32=(1e-5, 1e-4))
+    for y, want in zip(got, ops.linears_reference(x, ws)):
+        assert_close_for(x_dtype, y, want, f32=(1e-5, 1e-4))
 
 
 @needs_native
