@@ -15,14 +15,18 @@ __all__ = ["load_model", "load_config", "ConfigError", "CheckpointError", "LLM",
 if TYPE_CHECKING:  # pragma: no cover
     from .checkpoint import CheckpointError, load_model
     from .config import ConfigError, load_config
-    from .engine import LLM, AsyncLLM, SamplingParams
+    from .engine import AsyncLLM, SamplingParams
+    from .llm import LLM
 
 
 def __getattr__(name: str) -> Any:
     if name in ("load_model", "CheckpointError"):
         from . import checkpoint
         return getattr(checkpoint, name)
-    if name in ("LLM", "AsyncLLM", "SamplingParams"):
+    if name == "LLM":
+        from . import llm
+        return llm.LLM
+    if name in ("AsyncLLM", "SamplingParams"):
         from . import engine
         return getattr(engine, name)
     if name in ("load_config", "ConfigError"):

@@ -16,6 +16,7 @@ import json
 import mmap
 import os
 import re
+import shutil
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -369,6 +370,7 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype | None = "auto"
     leftover = [n for n, p in model.named_parameters() if p.is_meta]
     if leftover:  # cannot happen when the coverage check above passed; guard against silent garbage
         raise CheckpointError(f"{folder}: no data was loaded for {', '.join(leftover[:5])}")
+    model.source_path = folder  # save_pretrained copies the tokenizer files from here
     return model
 
 
@@ -387,11 +389,25 @@ def _materialize(model: torch.nn.Module, pname: str, meta: torch.Tensor, device:
 # saving
 
 
-def save_pretrained(model, folder: str | os.PathLike, max_shard_bytes: int = 4 * 1024 ** 3) -> None:
+# Files besides config and weights that make a folder loadable by a tokenizer and a chat front end.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
+                   "special_tokens_map.json", "generation_config.json", "vocab.json", "merges.txt")
+
+
+def save_pretrained(model, folder: str | os.PathLike, max_shard_bytes: int = 4 * 1024 ** 3,
+                    tokenizer_from: str | os.PathLike | None = None) -> None:
     """Write config.json and safetensors (sharded with an index past ``max_shard_bytes``) in official naming:
-    ``model.language_model.`` for multimodal configs, ``model.`` for text-only ones; experts fused."""
+    ``model.language_model.`` for multimodal configs, ``model.`` for text-only ones; experts fused.
+
+    The tokenizer, chat template and generation_config are copied from ``tokenizer_from`` (default: the folder the
+    model was loaded from, when it was), so the written folder loads in :class:`qwen35.LLM` and transformers."""
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
+    source = tokenizer_from if tokenizer_from is not None else getattr(model, "source_path", None)
+    if source is not None and Path(source).resolve() != out.resolve():
+        for name in TOKENIZER_FILES:
+            if (Path(source) / name).is_file():
+                shutil.copyfile(Path(source) / name, out / name)
     config: ModelConfig = model.config
     body = config.to_dict()
     body["dtype"] = str(model.dtype).removeprefix("torch.")

@@ -125,8 +125,8 @@ def _run_info(args: argparse.Namespace) -> int:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="PATH", help="checkpoint folder (config.json, safetensors, tokenizer.json); "
-                   "default: the embedded model (a random-weight demo model until the trained one ships)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
+                   "default: the embedded model (a 5.5M-parameter Qwen3.5-MoE trained by this project)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                    help="weight and activation dtype (auto: bf16 for bf16/FP8 checkpoints, else as stored)")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--cache-memory", metavar="SIZE", help="memory for the KV blocks and DeltaNet state slots, "
@@ -169,14 +169,9 @@ def _sampling_params(args: argparse.Namespace, tokenizer):
 
 
 def _load_llm(args: argparse.Namespace):
-    from .engine import LLM
     from .checkpoint import CheckpointError
+    from .llm import LLM
 
-    if args.model is None:
-        from .demo import embedded_model_path
-        if embedded_model_path() is None:
-            print("note: no trained embedded model in this build yet; using the random-weight demo model "
-                  "(its text is noise). Pass --model PATH for a real checkpoint.", file=sys.stderr)
     try:
         return LLM(args.model, dtype=args.dtype, threads=args.threads, cache_memory=args.cache_memory,
                    max_model_len=args.max_model_len, quantization=args.quantization)
@@ -401,7 +396,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise CommandError(f"the server needs the 'serve' extra (pip install 'qwen35[serve]'): {e}") from None
     from .checkpoint import CheckpointError
-    from .engine.llm import parse_bytes
+    from .llm import parse_bytes
 
     if not 0 < args.port < 65536:
         raise CommandError(f"--port must be in 1..65535, got {args.port}")
@@ -413,11 +408,6 @@ def _run_serve(args: argparse.Namespace) -> int:
         max_body = parse_bytes(args.max_body_size)
     except ValueError as e:
         raise CommandError(str(e)) from None
-    if args.model is None:
-        from .demo import embedded_model_path
-        if embedded_model_path() is None:
-            print("note: no trained embedded model in this build yet; serving the random-weight demo model "
-                  "(its text is noise). Pass --model PATH for a real checkpoint.", file=sys.stderr)
     try:
         serve(args.model, host=args.host, port=args.port, api_key=args.api_key,
               served_model_name=args.served_model_name, dtype=args.dtype, max_num_seqs=args.max_num_seqs,

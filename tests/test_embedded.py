@@ -8,7 +8,7 @@ import re
 import pytest
 
 import qwen35
-from qwen35.demo import embedded_model_path
+from qwen35.llm import embedded_model_path
 from qwen35.train.data import CALCULATOR_TOOL
 
 

@@ -37,7 +37,7 @@ import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .parsers import (
     FUNCTION_START,
@@ -52,9 +52,6 @@ from .parsers import (
 )
 from .template import validate_tools
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..engine import LLM, RequestOutput, SamplingParams
-
 __all__ = [
     "ChatChoice",
     "ChatDelta",
@@ -63,7 +60,6 @@ __all__ = [
     "ChatStreamProcessor",
     "ParsedChat",
     "build_chat_prompt",
-    "chat",
     "chat_finish_reason",
     "chat_result",
     "normalize_tool_choice",
@@ -95,8 +91,8 @@ class ChatPrompt:
     forced_function: str | None = None
     stop: tuple[str, ...] = ()  # stop strings the request needs on top of the caller's
 
-    def sampling_params(self, params: SamplingParams) -> SamplingParams:
-        """``params`` with this prompt's extra stop strings added."""
+    def sampling_params(self, params: Any) -> Any:
+        """``params`` (engine SamplingParams, a frozen dataclass) with this prompt's extra stop strings added."""
         extra = tuple(s for s in self.stop if s not in params.stop)
         return dataclasses.replace(params, stop=params.stop + extra) if extra else params
 
@@ -380,8 +376,8 @@ class ChatResult:
         return self.choices[0].message
 
 
-def chat_result(prompt: ChatPrompt, output: RequestOutput) -> ChatResult:
-    """Parse a finished engine output of a chat prompt."""
+def chat_result(prompt: ChatPrompt, output: Any) -> ChatResult:
+    """Parse a finished engine output (an engine ``RequestOutput``) of a chat prompt."""
     choices = []
     for o in output.outputs:
         parsed = parse_chat_output(prompt, o.text)
@@ -390,36 +386,3 @@ def chat_result(prompt: ChatPrompt, output: RequestOutput) -> ChatResult:
             finish_reason=chat_finish_reason(o.finish_reason, bool(parsed.tool_calls)), stop_reason=o.stop_reason,
             text=o.text, token_ids=list(o.token_ids), logprobs=o.logprobs, top_logprobs=o.top_logprobs))
     return ChatResult(output.request_id, prompt.text, list(output.prompt_token_ids), choices)
-
-
-# =============================================================================================
-# LLM.chat
-
-
-def _is_batch(messages: Any) -> bool:
-    return isinstance(messages, (list, tuple)) and bool(messages) and isinstance(messages[0], (list, tuple))
-
-
-def chat(
-    llm: LLM,
-    messages: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
-    params: SamplingParams | None = None,
-    tools: Sequence[Mapping[str, Any]] | None = None,
-    tool_choice: ToolChoice = "auto",
-    enable_thinking: bool | None = None,
-    chat_template_kwargs: Mapping[str, Any] | None = None,
-    parallel_tool_calls: bool = True,
-    use_tqdm: bool = False,
-) -> ChatResult | list[ChatResult]:
-    """The body of :meth:`qwen35.LLM.chat`: one conversation -> a ChatResult; a list of them -> a list, batched."""
-    from ..engine.params import SamplingParams
-
-    batch = _is_batch(messages)
-    conversations = list(messages) if batch else [messages]
-    prompts = [build_chat_prompt(llm.tokenizer, conv, tools=tools, tool_choice=tool_choice,
-                                 enable_thinking=enable_thinking, chat_template_kwargs=chat_template_kwargs,
-                                 parallel_tool_calls=parallel_tool_calls) for conv in conversations]
-    base = params if params is not None else SamplingParams()
-    outputs = llm.generate([p.text for p in prompts], [p.sampling_params(base) for p in prompts], use_tqdm=use_tqdm)
-    results = [chat_result(p, o) for p, o in zip(prompts, outputs)]
-    return results if batch else results[0]

@@ -7,7 +7,7 @@ the range it may take, so the engine and the server never meet a half-valid requ
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,3 +136,20 @@ def _normalise_stop_token_ids(ids: Any) -> tuple[int, ...]:
         if not _is_int(i) or i < 0:
             raise ValueError(f"stop_token_ids must be a list of ints >= 0, got element {i!r}")
     return ids
+
+
+def sampling_defaults(generation_config: Mapping[str, Any]) -> dict[str, Any]:
+    """SamplingParams keyword arguments a checkpoint recommends in its generation_config.json: only the
+    well-typed ones (a bad file must not break every request); ``do_sample: false`` means greedy.  The one set of
+    defaults for LLM, the CLI and the server."""
+    out: dict[str, Any] = {}
+    for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+        value = generation_config.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = float(value)
+    top_k = generation_config.get("top_k")
+    if isinstance(top_k, int) and not isinstance(top_k, bool):
+        out["top_k"] = top_k
+    if generation_config.get("do_sample") is False:
+        out["temperature"] = 0.0
+    return out

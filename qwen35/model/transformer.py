@@ -81,11 +81,12 @@ class Qwen35ForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.extra_tensors: dict[str, torch.Tensor] = {}  # checkpoint tensors kept aside (vision, MTP)
 
-    def save_pretrained(self, folder, max_shard_bytes: int = 4 * 1024 ** 3) -> None:
-        """Write an official-layout checkpoint folder (see qwen35.checkpoint.save_pretrained)."""
+    def save_pretrained(self, folder, max_shard_bytes: int = 4 * 1024 ** 3, tokenizer_from=None) -> None:
+        """Write an official-layout checkpoint folder, tokenizer files included when the model was loaded from a
+        folder that has them (see qwen35.checkpoint.save_pretrained)."""
         from ..checkpoint import save_pretrained
 
-        save_pretrained(self, folder, max_shard_bytes)
+        save_pretrained(self, folder, max_shard_bytes, tokenizer_from=tokenizer_from)
 
     @property
     def text_config(self) -> TextConfig:

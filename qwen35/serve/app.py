@@ -42,13 +42,12 @@ from ..chat.completion import (
     chat_result,
 )
 from ..engine.llm_engine import CompletionOutput, RequestOutput
-from ..engine.params import SamplingParams
+from ..engine.params import SamplingParams, sampling_defaults
 from .metrics import ServerMetrics
 from .protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     APIError,
-    generation_defaults,
     sampling_params,
 )
 
@@ -209,7 +208,7 @@ class _Server:
         self.max_model_len: int = async_llm.engine.max_model_len
         self.vocab_size: int = async_llm.engine.model.config.text.vocab_size
         self.max_tokens_cap = max_tokens_cap or self.max_model_len
-        self.defaults = generation_defaults(getattr(self.tokenizer, "generation_config", None) or {})
+        self.defaults = sampling_defaults(getattr(self.tokenizer, "generation_config", None) or {})
         self.token_text = _TokenText(self.tokenizer)
         self.metrics = ServerMetrics(async_llm)
         self.created = int(time.time())

@@ -166,20 +166,3 @@ def sampling_params(req: ChatCompletionRequest | CompletionRequest, defaults: di
             skip_special_tokens=req.skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output)
     except ValueError as e:
         raise APIError(str(e), _param_of(str(e))) from None
-
-
-def generation_defaults(generation_config: dict[str, Any]) -> dict[str, Any]:
-    """The sampling settings a checkpoint recommends (only the well-typed ones; a bad file must not break
-    every request)."""
-    out: dict[str, Any] = {}
-    for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
-        value = generation_config.get(name)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[name] = float(value)
-    top_k = generation_config.get("top_k")
-    if isinstance(top_k, int) and not isinstance(top_k, bool):
-        out["top_k"] = top_k
-    if generation_config.get("do_sample") is False:
-        out["temperature"] = 0.0
-    return out
-

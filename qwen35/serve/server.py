@@ -17,7 +17,7 @@ def serve(model: str | os.PathLike | None = None, *, host: str = "127.0.0.1", po
           max_model_len: int | None = None, threads: int | None = None, max_tokens_cap: int | None = None,
           max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, quantization: str | None = None,
           log_level: str = "info") -> None:
-    """Load ``model`` (default: the embedded / demo model) and serve it until interrupted.
+    """Load ``model`` (default: the embedded model) and serve it until interrupted.
 
     Binds to the loopback interface unless ``host`` says otherwise: exposing a model to the network is a decision
     to make explicitly (with ``api_key`` set).  The model is served as ``served_model_name`` (default: the
@@ -25,7 +25,8 @@ def serve(model: str | os.PathLike | None = None, *, host: str = "127.0.0.1", po
     """
     import uvicorn
 
-    from ..engine import LLM, AsyncLLM
+    from ..engine import AsyncLLM
+    from ..llm import LLM
 
     extra = {"quantization": quantization} if quantization else {}  # e.g. "int8" weights
     llm = LLM(model, dtype=dtype, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,

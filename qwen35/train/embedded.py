@@ -221,14 +221,14 @@ def evaluate(model_dir: str | Path, per_task: int = 50, tasks: Sequence[str] | N
 
     Returns ``{"exact_match": {task: rate}, "exact_match_mean": ..., "tool_calls": {...}, "mtp": {...},
     "samples": {task: first generated answer}, "seconds": ...}``."""
-    import qwen35
+    from qwen35.checkpoint import load_model
     from qwen35.chat import Tokenizer, parse_tool_calls, split_reasoning
     from qwen35.model.mtp import load_mtp
     from qwen35.train.data import VERIFIABLE_TASKS, check_answer, prompt_for
 
     t0 = time.perf_counter()
     model_dir = Path(model_dir)
-    model = qwen35.load_model(model_dir, dtype="float32").eval().to(device)
+    model = load_model(model_dir, dtype="float32").eval().to(device)
     tok = Tokenizer(model_dir)
     raw_tok = _raw_tokenizer(model_dir)
     stop = sorted(tok.stop_token_ids)
@@ -354,7 +354,7 @@ def compare_mtp_hidden_sources(model_dir: str | Path, steps: int = 300, batch_si
 
     The trunk is shared and frozen, so the only difference is the hidden source.  (A trunk trained jointly
     with one of the two heads may slightly favour that one.)"""
-    import qwen35
+    from qwen35.checkpoint import load_model
     from qwen35.model.mtp import HIDDEN_SOURCES, MTPHead
     from qwen35.train.data import generate_split
     from qwen35.train.loop import BatchStream, encode_examples, init_weights, lr_factor, make_optimizer
@@ -363,7 +363,7 @@ def compare_mtp_hidden_sources(model_dir: str | Path, steps: int = 300, batch_si
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    model = qwen35.load_model(model_dir, dtype="float32").eval()
+    model = load_model(model_dir, dtype="float32").eval()
     tok = _raw_tokenizer(Path(model_dir))
     train_ex, _ = generate_split(steps * batch_size, 0, seed + 1000)
     data = encode_examples(tok, train_ex, 640)

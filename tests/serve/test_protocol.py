@@ -6,11 +6,11 @@ import pytest
 
 pytest.importorskip("pydantic")
 
+from qwen35.engine.params import sampling_defaults
 from qwen35.serve.protocol import (  # noqa: E402
     ChatCompletionRequest,
     CompletionRequest,
     APIError,
-    generation_defaults,
     sampling_params,
 )
 
@@ -18,13 +18,13 @@ MESSAGES = [{"role": "user", "content": "hi"}]
 
 
 def test_checkpoint_defaults_fill_what_the_request_leaves_out():
-    defaults = generation_defaults({"temperature": 0.6, "top_k": 20, "top_p": 0.95, "do_sample": True,
+    defaults = sampling_defaults({"temperature": 0.6, "top_k": 20, "top_p": 0.95, "do_sample": True,
                                     "presence_penalty": "bad"})
     assert defaults == {"temperature": 0.6, "top_k": 20, "top_p": 0.95}
     req = ChatCompletionRequest.model_validate({"messages": MESSAGES, "top_p": 0.5})
     params = sampling_params(req, defaults, max_tokens_cap=100)
     assert (params.temperature, params.top_k, params.top_p, params.max_tokens) == (0.6, 20, 0.5, 100)
-    assert generation_defaults({"do_sample": False})["temperature"] == 0.0
+    assert sampling_defaults({"do_sample": False})["temperature"] == 0.0
 
 
 def test_chat_fields_map_to_sampling_params():

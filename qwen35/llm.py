@@ -1,0 +1,219 @@
+"""``LLM``: the text-level facade over the engine, for scripts, the CLI and the server.
+
+    llm = qwen35.LLM()                                     # the embedded model; or LLM("path/to/Qwen3.5-0.8B")
+    print(llm.chat([{"role": "user", "content": "What is 47 + 38?"}]).content)
+    out = llm.generate(["Hello"], qwen35.SamplingParams(max_tokens=32))[0]
+
+It owns what turns text into tokens and back: loading the checkpoint (and int8 quantization), the tokenizer, the
+chat template and the reasoning / tool-call parsers (``qwen35.chat``).  The token-level engine it drives lives in
+``qwen35.engine`` and knows none of these.
+
+Sampling defaults: a call without ``params`` uses :meth:`LLM.get_default_sampling_params` -- the checkpoint's
+``generation_config.json`` (greedy when it says ``do_sample: false``), with no token limit other than the context,
+so a chat answer runs to the end of its turn.  The CLI and the server take the same defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .engine import EngineConfig, LLMEngine, RequestOutput, SamplingParams
+from .engine.params import sampling_defaults
+
+__all__ = ["LLM", "embedded_model_path", "parse_bytes"]
+
+Prompt = str | list[int]
+
+EMBEDDED_MODEL_DIR = Path(__file__).parent / "assets" / "default"
+
+
+def embedded_model_path() -> Path | None:
+    """The model shipped inside the package (trained by ``qwen35.train.embedded``), or None if this build lacks it."""
+    p = EMBEDDED_MODEL_DIR
+    return p if (p / "config.json").exists() and (p / "tokenizer.json").exists() else None
+
+
+def default_model_path() -> Path:
+    """The model used when none is given: the embedded one.  A build without it says so instead of guessing."""
+    path = embedded_model_path()
+    if path is None:
+        raise ValueError(f"this build of qwen35 has no embedded model ({EMBEDDED_MODEL_DIR} is missing or "
+                         "incomplete); pass a checkpoint folder")
+    return path
+
+
+def parse_bytes(value: int | str | None) -> int | None:
+    """'2GiB', '512MiB', '1.5GB', '300000000' or an int -> bytes."""
+    if value is None or isinstance(value, int):
+        return value
+    s = str(value).strip()
+    units = {"kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40, "kb": 10 ** 3, "mb": 10 ** 6,
+             "gb": 10 ** 9, "tb": 10 ** 12, "k": 2 ** 10, "m": 2 ** 20, "g": 2 ** 30, "b": 1}
+    low = s.lower()
+    for unit in sorted(units, key=len, reverse=True):
+        if low.endswith(unit):
+            try:
+                return int(float(low[: -len(unit)]) * units[unit])
+            except ValueError:
+                break
+    try:
+        return int(s)
+    except ValueError:
+        raise ValueError(f"cannot read {value!r} as a memory size (e.g. '2GiB', '512MiB')") from None
+
+
+class LLM:
+    """A loaded model with its tokenizer and an engine; every method batches continuously.
+
+    ``model``: a checkpoint folder (None: the embedded model).  ``tokenizer``: a folder (or tokenizer.json) to take
+    the tokenizer from instead of the checkpoint's.  ``skip_tokenizer_init=True`` loads no tokenizer at all:
+    prompts must then be token ids and outputs carry ids only (``text`` stays empty), as in vLLM.
+    """
+
+    def __init__(self, model: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto", *,
+                 tokenizer: str | os.PathLike | None = None, skip_tokenizer_init: bool = False,
+                 max_num_seqs: int = 16, max_num_batched_tokens: int = 512, block_size: int = 16,
+                 cache_memory: int | str | None = None, max_model_len: int | None = None,
+                 threads: int | None = None, quantization: str | None = None) -> None:
+        from .chat.tokenizer import Tokenizer, TokenizerError
+        from .checkpoint import load_model
+        from .kernels.ops import check_switches
+
+        check_switches()  # a bad QWEN35_CPU_BF16 / QWEN35_NATIVE_ISA fails here, not in the first forward
+        if threads is not None:
+            if threads < 1:
+                raise ValueError(f"threads must be >= 1, got {threads}")
+            torch.set_num_threads(threads)
+        if quantization not in (None, "int8"):
+            raise ValueError(f"quantization must be None or 'int8', got {quantization!r}")
+        if isinstance(dtype, str) and dtype == "float16":
+            # fp16 overflows in the DeltaNet and MoE paths of these models (activations past 65504): refuse by
+            # name rather than produce inf after a token or two.
+            raise ValueError("dtype 'float16' is not supported (Qwen3.5 activations overflow it); use 'bfloat16' "
+                             "or 'float32'")
+        path = Path(model) if model is not None else default_model_path()
+        self.model_path = path
+        self.model = load_model(path, dtype=dtype)
+        if quantization == "int8":
+            from .quant import quantize_int8
+            quantize_int8(self.model)
+        self.tokenizer: Tokenizer | None = None
+        if not skip_tokenizer_init:
+            source = Path(tokenizer) if tokenizer is not None else path
+            try:
+                self.tokenizer = Tokenizer(source)
+            except TokenizerError as e:
+                if tokenizer is None:
+                    raise TokenizerError(f"{e}; pass tokenizer=PATH (a folder with a tokenizer.json), or "
+                                         "skip_tokenizer_init=True to work with token ids only") from None
+                raise
+        config = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                              block_size=block_size, cache_memory=parse_bytes(cache_memory),
+                              max_model_len=max_model_len)
+        self.engine = LLMEngine(self.model, self.tokenizer, config)
+
+    # -- defaults -------------------------------------------------------------------------------------------
+    @property
+    def generation_config(self) -> dict[str, Any]:
+        """The checkpoint's generation_config.json ({} without a tokenizer or file)."""
+        return dict(getattr(self.tokenizer, "generation_config", None) or {})
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What a call without ``params`` uses: the checkpoint's recommended sampling (generation_config.json;
+        greedy when it says ``do_sample: false``), no limit but the context."""
+        return SamplingParams(max_tokens=None, **sampling_defaults(self.generation_config))
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write a folder this class loads again: weights and config in the official layout, plus the tokenizer,
+        chat template and generation_config of the checkpoint this was loaded from."""
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self.model, folder, tokenizer_from=self.tokenizer.path if self.tokenizer else None)
+
+    # -- batch ----------------------------------------------------------------------------------------------
+    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Run every prompt to completion (continuously batched); one RequestOutput per prompt, in order."""
+        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
+        plist: list[Prompt] = [prompts] if single else list(prompts)
+        if isinstance(params, SamplingParams) or params is None:
+            params_list = [params or self.get_default_sampling_params()] * len(plist)
+        else:
+            params_list = list(params)
+            if len(params_list) != len(plist):
+                raise ValueError(f"got {len(params_list)} SamplingParams for {len(plist)} prompts")
+        ids = [self.engine.add_request(p, sp) for p, sp in zip(plist, params_list)]
+        done: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+            bar = tqdm(total=len(ids), desc="generating", unit="req")
+        try:
+            while len(done) < len(ids):
+                for out in self.engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+        except BaseException:
+            for rid in ids:
+                self.engine.abort(rid)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [done[r] for r in ids]
+
+    # -- chat -----------------------------------------------------------------------------------------------
+    def chat(self, messages: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
+             params: SamplingParams | None = None, tools: Sequence[Mapping[str, Any]] | None = None,
+             tool_choice: str | Mapping[str, Any] | None = "auto", enable_thinking: bool | None = None,
+             chat_template_kwargs: Mapping[str, Any] | None = None, parallel_tool_calls: bool = True,
+             use_tqdm: bool = False) -> Any:
+        """Answer a conversation (OpenAI-style messages) through the chat template.
+
+        Returns a :class:`~qwen35.chat.completion.ChatResult`: ``reasoning`` (the thinking), ``content``,
+        ``tool_calls`` (parsed from Qwen's XML calls, arguments as JSON text), ``finish_reason``, ``token_ids``,
+        ``usage``, ``message`` (to append to the history), and ``choices`` for ``params.n > 1``.  A list of
+        conversations gives a list of results, generated as one batch.  ``tool_choice`` is "auto", "none",
+        "required" or ``{"type": "function", "function": {"name": ...}}``; "required" and a named function are
+        forced by prefilling the start of a call (see qwen35/chat/completion.py).  Thinking is on unless
+        ``enable_thinking=False`` (or ``chat_template_kwargs={"enable_thinking": False}``).  Without ``params``
+        the answer runs to the end of its turn with the checkpoint's sampling defaults.
+        """
+        from .chat.completion import build_chat_prompt, chat_result
+
+        if self.tokenizer is None:
+            raise ValueError("chat needs a tokenizer (this LLM was made with skip_tokenizer_init=True)")
+        batch = isinstance(messages, (list, tuple)) and bool(messages) and isinstance(messages[0], (list, tuple))
+        conversations = list(messages) if batch else [messages]
+        prompts = [build_chat_prompt(self.tokenizer, conv, tools=tools, tool_choice=tool_choice,
+                                     enable_thinking=enable_thinking, chat_template_kwargs=chat_template_kwargs,
+                                     parallel_tool_calls=parallel_tool_calls) for conv in conversations]
+        base = params if params is not None else self.get_default_sampling_params()
+        outputs = self.generate([p.text for p in prompts], [p.sampling_params(base) for p in prompts],
+                                use_tqdm=use_tqdm)
+        results = [chat_result(p, o) for p, o in zip(prompts, outputs)]
+        return results if batch else results[0]
+
+    # -- streaming ------------------------------------------------------------------------------------------
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Yield a RequestOutput each step this request produced tokens; ``outputs[i].delta_text`` is the new
+        text (always whole UTF-8 characters), and the deltas concatenate to the final text."""
+        rid = self.engine.add_request(prompt, params if params is not None else self.get_default_sampling_params())
+        finished = False
+        try:
+            while not finished:
+                for out in self.engine.step():
+                    if out.request_id == rid:
+                        finished = out.finished
+                        yield out
+        finally:
+            if not finished:
+                self.engine.abort(rid)
+
