@@ -36,10 +36,12 @@ follows it (so text on both sides of a call stays separated).
 from __future__ import annotations
 
 import ast
+import io
 import json
 import math
 import re
 import secrets
+import tokenize
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -312,16 +314,29 @@ def convert_parameter(raw: str, schema: Mapping[str, Any] | None) -> Any:
     if "integer" in types and re.fullmatch(r"[+-]?\d+", stripped):
         return int(stripped)
     if types & {"object", "array"}:
-        try:
-            literal = ast.literal_eval(stripped)
-        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-            literal = None
-        if isinstance(literal, (dict, list)):
-            try:
-                return _loads(json.dumps(literal))  # only keep it if it is plain JSON data
-            except (TypeError, ValueError):
-                pass
+        literal = _python_literal(stripped)
+        if isinstance(literal, (dict, list)) and _json_type(literal) in types:
+            return literal
     return parsed if parsed_ok else raw
+
+
+_JSON_CONSTANTS = {"true": "True", "false": "False", "null": "None"}
+
+
+def _python_literal(text: str) -> Any:
+    """A dict or list written as a Python literal (``{'a': 1, 'b': True}``), also with JSON's constants mixed in
+    (``{'a': true}``, which models write too); None if it is not one or holds anything but plain JSON data."""
+    if not text or text[0] not in "[{" or len(text) > 1_000_000:
+        return None
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(text).readline))
+        # true/false/null as bare names (never inside strings: those are STRING tokens) become Python's
+        source = tokenize.untokenize((t.type, _JSON_CONSTANTS.get(t.string, t.string) if t.type == tokenize.NAME
+                                      else t.string) for t in tokens)
+        literal = ast.literal_eval(source)
+        return _loads(json.dumps(literal, allow_nan=False))  # only plain JSON data (no sets, tuples as lists)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError, tokenize.TokenError):
+        return None
 
 
 def _parameter_schemas(tools: Sequence[Mapping[str, Any]] | None) -> dict[str, dict[str, Any]] | None:
@@ -393,20 +408,107 @@ class ToolStreamDelta:
 _PARAMETER_HEADER = re.compile(r"<parameter=([^>\n]*)>")
 _FUNCTION_HEADER = re.compile(r"<function=([^>\n]*)>")
 
+# Verdicts on a possible end of a parameter value (see ToolCallStreamParser._value_end).
+_CLOSE, _WAIT, _NO, _FALLBACK = "close", "wait", "no", "fallback"
+_VALUE_MARKERS = (PARAMETER_END, FUNCTION_END, TOOL_CALL_END)
+
+
+def _skip_ws(text: str, i: int) -> int:
+    while i < len(text) and text[i].isspace():
+        i += 1
+    return i
+
+
+_TAG_DEPTH = {TOOL_CALL_START: ("call", 1), TOOL_CALL_END: ("call", -1), FUNCTION_START: ("function", 1),
+              FUNCTION_END: ("function", -1), PARAMETER_START: ("parameter", 1), PARAMETER_END: ("parameter", -1)}
+_TAGS = re.compile("|".join(re.escape(t) for t in _TAG_DEPTH))
+
+
+_LONGEST_TAG = max(map(len, _TAG_DEPTH))
+
+
+class _PossibleEnd:
+    """A possible end of a value (closing tags followed by other text), with the tag depths of the text after it.
+
+    That text must never close more tags than it opens for this to be the real end (prose or more calls
+    follow, not the rest of a value that quoted a call).  The depths are counted incrementally, so a long
+    held value is scanned once."""
+
+    def __init__(self, pos: int, after: int) -> None:
+        self.pos = pos  # where the closing tags start
+        self.scanned = after  # text after the closing tags is counted up to here
+        self.depth = {"call": 0, "function": 0, "parameter": 0}
+        self.ok = True
+
+    def shift(self, n: int) -> None:
+        self.pos -= n
+        self.scanned -= n
+
+    def advance(self, buf: str, stop: int) -> None:
+        """Count the tags of ``buf[scanned:stop]`` (only tags wholly inside it)."""
+        if not self.ok or stop <= self.scanned:
+            return
+        last = self.scanned
+        for match in _TAGS.finditer(buf, self.scanned, stop):
+            kind, step = _TAG_DEPTH[match.group()]
+            self.depth[kind] += step
+            last = match.end()
+            if self.depth[kind] < 0:
+                self.ok = False
+                return
+        # a tag may straddle ``stop``: leave its possible start to the next count
+        self.scanned = max(last, stop - _LONGEST_TAG + 1, self.scanned)
+
+    def holds_until(self, buf: str, stop: int) -> bool:
+        """Is this the real end, given the text up to ``stop``?  (Does not move the count.)"""
+        probe = _PossibleEnd(self.pos, self.scanned)
+        probe.depth, probe.ok = dict(self.depth), self.ok
+        probe.advance(buf, stop)  # every tag wholly before ``stop`` is counted: the text is final up to there
+        return probe.ok
+
+
+def _json_fragment(text: str) -> str:
+    """``text`` escaped as the inside of a JSON string; fragments concatenate to the escaped whole."""
+    return json.dumps(text, ensure_ascii=False)[1:-1]
+
 
 class ToolCallStreamParser:
     """Incremental Qwen XML tool-call parser; :func:`parse_tool_calls` runs it in one go.
 
     ``tools`` are the request's OpenAI tool definitions: they decide which function names count
-    as calls and how parameter values are typed.  ``tools=None`` accepts any function name and
-    types values by trying JSON.
+    as calls, which parameter names exist and how values are typed.  ``tools=None`` accepts any
+    function and parameter name and types values by trying JSON.
 
-    A call is announced (id and name) as soon as its ``<function=NAME>`` header is complete, and
-    each parameter is sent as an argument fragment when its ``</parameter>`` arrives.  Output cut
-    off inside a call (``max_tokens``) still yields that call with the parameters completed so
-    far.  A ``<tool_call>`` block without a usable header (unknown function, garbage, cut off
-    before the header) is returned as content.  A JSON body ``{"name": ..., "arguments": ...}``
-    between the tags, which some deployments see instead of XML, is accepted as a call too.
+    **Where a value ends.**  Values are raw text and may themselves contain the format's tags (a
+    coding agent writing a file about tool calls, a test fixture quoting one), so a tag ends a value
+    only when what follows it is structure, not more value:
+
+    * ``</parameter>`` followed by the header of a parameter of this function's schema that has not
+      been given yet (any new name when the schema lists none) -- the next parameter;
+    * ``</parameter>`` (optional) + ``</function>`` + ``</tool_call>`` (optional) followed by the
+      end of the output, the next ``<tool_call>`` or the next ``<function=`` -- the end of the call;
+    * ``</parameter>`` at the end of the output.
+
+    Anything else -- a ``</parameter>`` followed by prose, a name outside the schema or one already
+    given, a ``<parameter=`` header without the ``</parameter>`` before it, a nested ``<tool_call>``
+    block -- is value text, so a call never gets a key twice.  Closing tags followed by other text
+    are a *possible* end: the value ends at the first of them after which the output never closes
+    more tags than it opens (prose or more calls follow, not the rest of a value that quoted a call),
+    decided when a certain end arrives or the output ends.  Without any end the call was cut off: a
+    string value keeps what was written (it has been streamed), a typed one is dropped.
+
+    **Streaming.**  A call is announced (id and name) once its ``<function=NAME>`` header is
+    complete.  A string-typed parameter is streamed as it arrives: ``"name": "`` and then escaped
+    text fragments, held back only while a tag might be ending the value; other types are sent
+    whole when their value ends (they are converted by the schema).  The fragments of a call
+    concatenate to its :attr:`ToolCall.arguments` whatever the chunking.
+
+    **Lenient forms.**  A call written without the ``<tool_call>`` wrapper (``<function=NAME>``
+    of a known tool at the start of the answer or of a line, followed by a parameter or
+    ``</function>``) is a call; a JSON body ``{"name": ..., "arguments": ...}`` between the tags is
+    a call; an object or array parameter written as a Python literal is converted.  A
+    ``<tool_call>`` block without a usable header (unknown function, garbage, cut off before the
+    header) is returned as content: malformed output never becomes an error.
     """
 
     def __init__(self, tools: Sequence[Mapping[str, Any]] | None = None) -> None:
@@ -426,16 +528,23 @@ class ToolCallStreamParser:
         self._call_name = ""
         self._call_schemas: dict[str, Any] = {}
         self._call_args: list[str] = []
+        self._given: set[str] = set()
+        # the parameter value being parsed: ``_buf`` holds its undecided tail
         self._param_name = ""
-        # Scanned part of a long held value (parameter or JSON body): kept as a list so that a
-        # value streamed token by token is copied and searched once, not once per token.
+        self._param_streams = False  # string-typed: sent as it arrives
+        self._value_parts: list[str] = []  # decided value text (already sent when streaming)
+        self._value_started = False  # the newline after the header has been dealt with
+        self._scan = 0  # _buf[:_scan] holds no possible end of the value except those in _fallbacks
+        self._fallbacks: list[_PossibleEnd] = []  # ends in _buf to take if the output brings no certain one
+        # Scanned part of a long JSON body: kept as a list so that a body streamed token by token
+        # is copied and searched once, not once per token.
         self._held: list[str] = []
 
     # ------------------------------------------------------------------ public
 
     @property
     def in_tool_call(self) -> bool:
-        """Inside a ``<tool_call>`` block (a constrained decoder or stop logic may want to know)."""
+        """Inside a tool call (a constrained decoder or stop logic may want to know)."""
         return self._mode != "content"
 
     def feed(self, delta: str) -> ToolStreamDelta:
@@ -449,8 +558,8 @@ class ToolCallStreamParser:
             self._run(final=True)
             if self._mode in ("header", "json"):
                 self._reject_call()  # the rest is text again and may hold another <tool_call>
-            elif self._mode in ("function", "parameter", "after_function"):
-                self._buf, self._held = "", []  # truncated call: keep complete parameters, drop a partial value
+            elif self._mode in ("function", "after_function"):
+                self._buf = ""  # truncated call: keep the parameters completed so far
                 self._close_call()
             else:
                 break
@@ -469,9 +578,10 @@ class ToolCallStreamParser:
     def _run(self, final: bool) -> None:
         # Modes: "content" -> (<tool_call>) "header" -> (<function=NAME>) "function", which
         # alternates with "parameter" for each <parameter=ARG> ... </parameter>, then
-        # "after_function" -> (</tool_call>) "content"; "json" handles a JSON body instead.
-        # Each step consumes what it can from the buffer and returns True to go on (possibly in
-        # another mode) or False to wait for more text; ``final`` marks the end of the output.
+        # "after_function" -> (</tool_call>) "content"; "json" handles a JSON body instead.  A
+        # call without the wrapper goes from "content" straight to "function".  Each step
+        # consumes what it can from the buffer and returns True to go on (possibly in another
+        # mode) or False to wait for more text; ``final`` marks the end of the output.
         step = {
             "content": self._step_content,
             "header": self._step_header,
@@ -484,24 +594,64 @@ class ToolCallStreamParser:
             pass
 
     def _step_content(self, final: bool) -> bool:
-        start = self._buf.find(TOOL_CALL_START)
-        if start < 0:
-            # Hold back a trailing '<tool_ca...' that the next delta may complete.
-            hold = len(self._buf)
-            for i in range(max(0, len(self._buf) - len(TOOL_CALL_START) + 1), len(self._buf)):
-                if _could_become(self._buf[i:], TOOL_CALL_START):
-                    hold = i
-                    break
-            if final:
-                return False  # finish() flushes the rest
-            self._emit_content(self._buf[:hold])
-            self._buf = self._buf[hold:]
-            return False
-        self._emit_content(self._buf[:start])
-        self._ws_before_call, self._content_ws = self._content_ws, ""
-        self._buf = self._buf[start + len(TOOL_CALL_START):]
-        self._mode = "header"
-        return True
+        buf = self._buf
+        i = 0
+        while True:
+            i = buf.find("<", i)
+            if i < 0:
+                break
+            tail = buf[i:]
+            if tail.startswith(TOOL_CALL_START):
+                self._emit_content(buf[:i])
+                self._ws_before_call, self._content_ws = self._content_ws, ""
+                self._buf = buf[i + len(TOOL_CALL_START):]
+                self._mode = "header"
+                return True
+            bare = self._bare_call_at(buf, i, final)
+            if bare is _WAIT or (not final and _could_become(tail, TOOL_CALL_START)):
+                break  # hold from here: the next delta decides
+            if bare is not None:
+                match, end = bare
+                self._emit_content(buf[:i])
+                self._ws_before_call, self._content_ws = self._content_ws, ""
+                self._start_call(match)
+                self._buf = buf[end:]
+                self._mode = "function"
+                return True
+            i += 1
+        if final:
+            return False  # finish() flushes the rest
+        hold = len(buf) if i < 0 else i
+        self._emit_content(buf[:hold])
+        self._buf = buf[hold:]
+        return False
+
+    def _bare_call_at(self, buf: str, i: int, final: bool) -> Any:
+        """A ``<function=NAME>`` call without the wrapper at ``i``: (name, end of header), _WAIT, or None."""
+        if self._schemas is None:
+            return None  # without a tool list a bare header is too easily prose
+        tail = buf[i:]
+        if not tail.startswith(FUNCTION_START):
+            return _WAIT if not final and _could_become(tail, FUNCTION_START) else None
+        line_start = buf.rfind("\n", 0, i) + 1
+        if buf[line_start:i].strip():
+            return None  # only at the start of a line
+        if line_start == 0 and self._emitted_content and not self._after_call \
+                and "\n" not in self._content_ws + buf[:i]:
+            return None  # the line began in content already sent
+        match = _FUNCTION_HEADER.match(buf, i)
+        if match is None:
+            return _WAIT if not final and not re.search(r"[>\n]", tail) else None
+        name = match.group(1).strip()
+        if not self._known(name):
+            return None
+        after = _skip_ws(buf, match.end())
+        rest = buf[after:]
+        if rest.startswith(PARAMETER_START) or rest.startswith(FUNCTION_END):
+            return name, match.end()
+        if not final and (not rest or _could_become(rest, PARAMETER_START) or _could_become(rest, FUNCTION_END)):
+            return _WAIT
+        return None
 
     def _step_header(self, final: bool) -> bool:
         head = self._buf.lstrip()
@@ -553,10 +703,11 @@ class ToolCallStreamParser:
         return True
 
     def _step_function(self, final: bool) -> bool:
-        found = self._earliest(self._buf, (PARAMETER_START, FUNCTION_END, TOOL_CALL_END))
+        markers = (PARAMETER_START, FUNCTION_END, TOOL_CALL_END)
+        found = self._earliest(self._buf, markers)
         if found is None:
             # Text between parameters carries nothing; keep only a possible partial marker.
-            self._buf = self._buf[self._partial_start(self._buf, (PARAMETER_START, FUNCTION_END, TOOL_CALL_END)):]
+            self._buf = self._buf[self._partial_start(self._buf, markers):]
             return False
         pos, marker = found
         if marker == PARAMETER_START:
@@ -567,9 +718,12 @@ class ToolCallStreamParser:
                     return False  # header still being written
                 self._buf = self._buf[pos + len(PARAMETER_START):]  # not a header: skip it
                 return True
-            self._param_name = match.group(1).strip()
+            name = match.group(1).strip()
             self._buf = self._buf[match.end():]
-            self._mode = "parameter"
+            if name in self._given:  # only possible for a malformed first parameter; never a second key
+                self._mode = "function"
+                return True
+            self._start_parameter(name)
         elif marker == FUNCTION_END:
             self._buf = self._buf[pos + len(FUNCTION_END):]
             self._mode = "after_function"
@@ -579,28 +733,197 @@ class ToolCallStreamParser:
         return True
 
     def _step_parameter(self, final: bool) -> bool:
-        # The value ends at </parameter>; a missing closing tag is tolerated when the next
-        # parameter, the end of the function or the end of the call follows.
-        markers = (PARAMETER_END, PARAMETER_START, FUNCTION_END, TOOL_CALL_END)
-        found = self._earliest(self._buf, markers)
-        if found is None:
-            self._hold_scanned(markers)
-            return False
-        pos, marker = found
-        self._add_parameter(self._param_name, "".join(self._held) + self._buf[:pos])
-        self._held = []
-        self._buf = self._buf[pos + len(PARAMETER_END):] if marker == PARAMETER_END else self._buf[pos:]
-        self._mode = "function"
-        return True
+        buf = self._buf
+        if not self._value_started:
+            if not buf and not final:
+                return False
+            if buf.startswith("\n"):  # the format puts the value on its own lines
+                buf = self._buf = buf[1:]
+            self._value_started = True
+        i = self._scan
+        hold = len(buf)
+        while True:
+            i = buf.find("<", i)
+            if i < 0:
+                break
+            verdict = self._value_end(buf, i, final)
+            if verdict is _CLOSE:
+                self._end_value(self._first_real_end(buf, i, final))
+                return True
+            if verdict is _WAIT:
+                hold = i
+                break
+            if verdict is _FALLBACK:
+                self._fallbacks.append(_PossibleEnd(i, self._closing_tags_end(buf, i)))
+            i += 1
+        if final:
+            end = self._first_real_end(buf, None, final)
+            if end is not None:
+                self._end_value(end)
+            elif self._param_streams:
+                self._end_value(len(buf))  # cut off: keep what was written (it has been sent)
+            else:
+                self._reset_value()  # cut off: a partial typed value is dropped
+                self._buf = ""
+                self._mode = "function"
+            return True
+        # Everything before the first undecided end is value text; a fallback end keeps the rest
+        # held, since the value may yet turn out to end there.
+        for end in self._fallbacks:
+            end.advance(buf, len(buf))
+        self._fallbacks = [end for end in self._fallbacks if end.ok]  # quoted closes: value text after all
+        settled = self._fallbacks[0].pos if self._fallbacks else hold
+        if settled and buf[settled - 1] == "\n":
+            settled -= 1  # may be the newline before the closing tag, which is not part of the value
+        if settled:
+            self._add_value_text(buf[:settled])
+            self._buf = buf[settled:]
+            for end in self._fallbacks:
+                end.shift(settled)
+        self._scan = hold - settled
+        return False
 
     def _step_after_function(self, final: bool) -> bool:
-        end = self._buf.find(TOOL_CALL_END)
-        if end < 0:
-            self._buf = self._buf[self._partial_start(self._buf, (TOOL_CALL_END,)):]
+        head = self._buf.lstrip()
+        if head.startswith(TOOL_CALL_END):
+            self._buf = head[len(TOOL_CALL_END):]
+        elif not final and (not head or _could_become(head, TOOL_CALL_END)):
             return False
-        self._buf = self._buf[end + len(TOOL_CALL_END):]
+        # else: no wrapper (or none closed it): the call ends here and the rest is content
         self._close_call()
         return True
+
+    # ------------------------------------------------------------------ values
+
+    def _first_real_end(self, buf: str, certain: int | None, final: bool) -> int | None:
+        """The end of the value: the first possible end whose following text (up to and including the closing
+        tags at ``certain``, or to the end of the output) never closes more than it opens; else ``certain``."""
+        stop = len(buf) if certain is None else self._closing_tags_end(buf, certain)
+        for end in self._fallbacks:
+            if end.holds_until(buf, stop):
+                return end.pos
+        return certain
+
+    @staticmethod
+    def _closing_tags_end(buf: str, i: int) -> int:
+        """Where the run of closing tags (</parameter>, </function>, </tool_call>, whitespace) at ``i`` ends."""
+        while True:
+            j = _skip_ws(buf, i)
+            for tag in _VALUE_MARKERS:
+                if buf.startswith(tag, j):
+                    i = j + len(tag)
+                    break
+            else:
+                return i
+
+    def _value_end(self, buf: str, i: int, final: bool) -> str:
+        """Is the '<' at ``buf[i]`` the end of the current value?  _CLOSE, _NO, _WAIT (more text
+        decides) or _FALLBACK (not now, but the end to take if the output brings no better one)."""
+        tail = buf[i:]
+        if tail.startswith(PARAMETER_END):
+            j = _skip_ws(buf, i + len(PARAMETER_END))
+            rest = buf[j:]
+            if not rest:
+                return _CLOSE if final else _WAIT
+            if rest.startswith(PARAMETER_START):
+                match = _PARAMETER_HEADER.match(buf, j)
+                if match is None:
+                    return _WAIT if not final and not re.search(r"[>\n]", rest) else _NO
+                return _CLOSE if self._may_follow(match.group(1).strip()) else _NO
+            if not final and _could_become(rest, PARAMETER_START):
+                return _WAIT
+            return self._call_end(buf, j, final)
+        if tail.startswith((FUNCTION_END, TOOL_CALL_END)):
+            return self._call_end(buf, i, final)  # closing tags without </parameter>
+        if not final and any(_could_become(tail, m) for m in _VALUE_MARKERS):
+            return _WAIT
+        return _NO
+
+    def _call_end(self, buf: str, i: int, final: bool) -> str:
+        """Verdict for ``</function>`` / ``</tool_call>`` at ``i`` (after a ``</parameter>``)."""
+        tail = buf[i:]
+        if tail.startswith(FUNCTION_END):
+            j = _skip_ws(buf, i + len(FUNCTION_END))
+            rest = buf[j:]
+            if rest.startswith(TOOL_CALL_END):
+                return self._after_call_end(buf, j + len(TOOL_CALL_END), final)
+            if not final and (not rest or _could_become(rest, TOOL_CALL_END)):
+                return _WAIT
+            return self._after_call_end(buf, j, final)  # the bare form has no </tool_call>
+        if tail.startswith(TOOL_CALL_END):
+            return self._after_call_end(buf, i + len(TOOL_CALL_END), final)
+        if not final and (_could_become(tail, FUNCTION_END) or _could_become(tail, TOOL_CALL_END)):
+            return _WAIT
+        return _NO
+
+    @staticmethod
+    def _after_call_end(buf: str, i: int, final: bool) -> str:
+        """A call's closing tags end at ``i``: real if the output ends or another call follows."""
+        j = _skip_ws(buf, i)
+        rest = buf[j:]
+        if not rest:
+            return _CLOSE if final else _WAIT
+        if rest.startswith((TOOL_CALL_START, FUNCTION_START)):
+            return _CLOSE
+        if rest.startswith(_VALUE_MARKERS):
+            return _NO  # more closing tags: these were quoted inside the value
+        if not final and any(_could_become(rest, m) for m in (TOOL_CALL_START, FUNCTION_START) + _VALUE_MARKERS):
+            return _WAIT
+        return _FALLBACK
+
+    def _may_follow(self, name: str) -> bool:
+        """Can ``<parameter=name>`` start the next parameter of the current call?"""
+        if not name or name == self._param_name or name in self._given:
+            return False
+        return not self._call_schemas or name in self._call_schemas
+
+    def _start_parameter(self, name: str) -> None:
+        self._param_name = name
+        self._mode = "parameter"
+        self._reset_value()
+        types = _schema_types(self._call_schemas.get(name))
+        self._param_streams = bool(types) and types <= {"string"}
+        if self._param_streams:
+            self._emit_args(self._key(name) + '"')
+
+    def _reset_value(self) -> None:
+        self._value_parts = []
+        self._value_started = False
+        self._scan = 0
+        self._fallbacks = []
+
+    def _add_value_text(self, text: str) -> None:
+        self._value_parts.append(text)
+        if self._param_streams and text:
+            self._emit_args(_json_fragment(text))
+
+    def _end_value(self, end: int) -> None:
+        """The value ends at ``_buf[end]``; record it and go back to the function body."""
+        raw = self._buf[:end]
+        if raw.endswith("\n") and end < len(self._buf):
+            raw = raw[:-1]  # the newline before the closing tag
+        rest = self._buf[end:]
+        if rest.startswith(PARAMETER_END):
+            rest = rest[len(PARAMETER_END):]
+        name = self._param_name
+        if self._param_streams:
+            self._add_value_text(raw)
+            self._emit_args('"')
+        else:
+            value = convert_parameter("".join(self._value_parts) + raw, self._call_schemas.get(name))
+            self._emit_args(self._key(name) + json.dumps(value, ensure_ascii=False))
+        self._given.add(name)
+        self._reset_value()
+        self._buf = rest
+        self._mode = "function"
+
+    def _key(self, name: str) -> str:
+        opening = "{" if not self._call_args else ", "
+        return opening + json.dumps(name, ensure_ascii=False) + ": "
+
+    def _emit_args(self, piece: str) -> None:
+        self._call_args.append(piece)
+        self._out.tool_calls.append(ToolCallDelta(index=len(self.calls), arguments=piece))
 
     # ------------------------------------------------------------------ helpers
 
@@ -612,19 +935,8 @@ class ToolCallStreamParser:
         self._call_name = name
         self._call_schemas = (self._schemas or {}).get(name, {})
         self._call_args = []
+        self._given = set()
         self._out.tool_calls.append(ToolCallDelta(index=len(self.calls), id=self._call_id, name=name))
-
-    def _add_parameter(self, name: str, raw: str) -> None:
-        # The format puts the value on its own lines: drop exactly one newline on each side.
-        if raw.startswith("\n"):
-            raw = raw[1:]
-        if raw.endswith("\n"):
-            raw = raw[:-1]
-        value = convert_parameter(raw, self._call_schemas.get(name))
-        piece = ("{" if not self._call_args else ", ") + json.dumps(name, ensure_ascii=False) + ": " \
-            + json.dumps(value, ensure_ascii=False)
-        self._call_args.append(piece)
-        self._out.tool_calls.append(ToolCallDelta(index=len(self.calls), arguments=piece))
 
     def _close_call(self) -> None:
         self._finish_call(closing="}" if self._call_args else "{}")

@@ -220,9 +220,14 @@ def test_only_one_newline_is_stripped_from_values():
     assert json.loads(calls[0].arguments) == {"body": "\n  indented\n"}
 
 
-def test_unknown_parameter_is_kept():
-    _, calls = parse_tool_calls(_call("search", query="x", extra="[1]", free="some text"), TOOLS)
-    assert json.loads(calls[0].arguments) == {"query": "x", "extra": [1], "free": "some text"}
+def test_a_parameter_outside_the_schema_is_value_text():
+    # A name the schema does not list cannot start a parameter: the text is part of the value before it.
+    _, calls = parse_tool_calls(_call("search", query="x", extra="[1]", top_k="2"), TOOLS)
+    assert json.loads(calls[0].arguments) == {
+        "query": "x\n</parameter>\n<parameter=extra>\n[1]", "top_k": 2}
+    # without a tool list any new name is a parameter
+    _, calls = parse_tool_calls(_call("search", query="x", extra="[1]"))
+    assert json.loads(calls[0].arguments) == {"query": "x", "extra": [1]}
 
 
 def test_content_around_calls():
@@ -245,9 +250,14 @@ def test_json_body_fallback():
 
 
 def test_missing_closing_tags_are_tolerated():
-    text = "<tool_call>\n<function=search>\n<parameter=query>\nx\n<parameter=top_k>\n2\n</tool_call>"
+    # </parameter> and </function> may be left out before the end of the call ...
+    text = "<tool_call>\n<function=search>\n<parameter=query>\nx\n</parameter>\n<parameter=top_k>\n2\n</tool_call>"
     content, calls = parse_tool_calls(text, TOOLS)
     assert content == "" and json.loads(calls[0].arguments) == {"query": "x", "top_k": 2}
+    # ... but a parameter header without the </parameter> before it is value text (it may be quoted code)
+    text = "<tool_call>\n<function=search>\n<parameter=query>\nx\n<parameter=top_k>\n2\n</tool_call>"
+    content, calls = parse_tool_calls(text, TOOLS)
+    assert content == "" and json.loads(calls[0].arguments) == {"query": "x\n<parameter=top_k>\n2"}
 
 
 MALFORMED = [
@@ -346,12 +356,14 @@ def test_stream_announces_name_first_then_arguments():
     assert parser.feed("Let me search.\n\n<tool_ca").content == "Let me search."
     assert parser.feed("ll>\n<function=sea").tool_calls == []
     first = parser.feed("rch>\n<parameter=query>\nca").tool_calls
-    assert len(first) == 1 and first[0].name == "search" and first[0].id and first[0].arguments == ""
+    assert first[0].name == "search" and first[0].id and first[0].arguments == ""
     assert first[0].to_openai() == {"index": 0, "id": first[0].id, "type": "function",
                                     "function": {"name": "search", "arguments": ""}}
-    assert [d.arguments for d in parser.feed("ts\n</parameter>\n").tool_calls] == ['{"query": "cats"']
-    assert [d.arguments for d in parser.feed("</function>\n</tool_call>").tool_calls] == ["}"]
-    assert parser.feed("\n").content == "" and parser.finish().content == ""
+    # a string parameter streams as it arrives; the closing quote waits until the value is known to end
+    assert [d.arguments for d in first[1:]] == ['{"query": "', "ca"]
+    assert [d.arguments for d in parser.feed("ts\n</parameter>\n").tool_calls] == ["ts"]
+    assert [d.arguments for d in parser.feed("</function>\n</tool_call>").tool_calls] == []
+    assert [d.arguments for d in parser.finish().tool_calls] == ['"', "}"]
     assert parser.calls[0].arguments == '{"query": "cats"}'
 
 
