@@ -76,7 +76,7 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
                    help="checkpoint folder holding config.json (or the config.json file itself)")
     p.add_argument("--preset", metavar="NAME",
                    help="an official size instead of PATH: 0.8B, 2B, 4B, 9B, 27B, 35B-A3B, 122B-A10B, 397B-A17B "
-                        "(case-insensitive; 'qwen3.5-27b' also works)")
+                        "(case-insensitive; 'qwen3.5-27b' also works), or Qwen3.6-27B / Qwen3.6-35B-A3B")
     p.add_argument("--json", action="store_true", help="print the report as JSON (counts and sizes in plain units)")
     p.add_argument("--memory", type=float, metavar="GB",
                    help="memory budget in GB (10^9 bytes) for the fit: longest context and sequences at once")
@@ -92,7 +92,7 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
 def _run_info(args: argparse.Namespace) -> int:
     from .config import load_config
     from .memory import format_report, report_dict
-    from .presets import normalize_preset_name, preset_config
+    from .presets import normalize_preset_name, preset_config, preset_display_name
 
     if args.path and args.preset:
         raise CommandError("give either PATH or --preset, not both")
@@ -101,7 +101,9 @@ def _run_info(args: argparse.Namespace) -> int:
             key = normalize_preset_name(args.preset)
         except ValueError as e:
             raise CommandError(str(e)) from None
-        cfg, name = preset_config(key), f"Qwen3.5-{key} (preset)"
+        display = preset_display_name(args.preset)
+        same = f"; the shapes of Qwen3.5-{key}" if display.startswith("Qwen3.6") else ""
+        cfg, name = preset_config(key), f"{display} (preset{same})"
     elif args.path:
         cfg, name = load_config(args.path), args.path  # ConfigError names the file and the field
     else:
@@ -126,7 +128,7 @@ def _run_info(args: argparse.Namespace) -> int:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="PATH", help="checkpoint folder (config.json, safetensors, tokenizer.json); "
                    "default: the embedded model (a 5.5M-parameter Qwen3.5-MoE trained by this project)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
                    help="weight and activation dtype (auto: bf16 for bf16/FP8 checkpoints, else as stored)")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--cache-memory", metavar="SIZE", help="memory for the KV blocks and DeltaNet state slots, "
@@ -137,33 +139,36 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "decoding on CPUs without native bf16)")
 
 
-def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
-    g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens to generate at most ({max_tokens})")
+def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int | None) -> None:
+    g = p.add_argument_group("sampling", "defaults are the checkpoint's generation_config.json (greedy when it says "
+                             "do_sample: false, as the embedded model's does), the same as the server's")
+    limit = f"default: {max_tokens}" if max_tokens else "default: until the end of the turn or the context"
+    g.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens to generate at most ({limit})")
     g.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's "
-                   "generation_config, else 0.7)")
+                   "generation_config, else 1.0)")
     g.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (0 = off)")
     g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (1 = off)")
-    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
-    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeating tokens")
-    g.add_argument("--presence-penalty", type=float, default=0.0, help="subtracted once per token already generated")
-    g.add_argument("--frequency-penalty", type=float, default=0.0, help="subtracted per occurrence")
+    g.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p x the top probability")
+    g.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeating tokens")
+    g.add_argument("--presence-penalty", type=float, default=None, help="subtracted once per token already generated")
+    g.add_argument("--frequency-penalty", type=float, default=None, help="subtracted per occurrence")
     g.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
 
 
-def _sampling_params(args: argparse.Namespace, tokenizer):
-    from .engine import SamplingParams
+_SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                   "frequency_penalty")
 
-    gen = getattr(tokenizer, "generation_config", None) or {}
-    temperature = args.temperature if args.temperature is not None else gen.get("temperature", 0.7)
-    top_k = args.top_k if args.top_k is not None else gen.get("top_k", 0)
-    top_p = args.top_p if args.top_p is not None else gen.get("top_p", 1.0)
+
+def _sampling_params(args: argparse.Namespace, tokenizer):
+    """The flags over the checkpoint's generation_config.json: the same defaults as LLM and the server."""
+    from .engine import SamplingParams
+    from .engine.params import sampling_defaults
+
+    chosen = sampling_defaults(getattr(tokenizer, "generation_config", None) or {})
+    chosen.update({name: getattr(args, name) for name in _SAMPLING_FLAGS if getattr(args, name) is not None})
     try:
-        return SamplingParams(max_tokens=args.max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                              min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                              presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                              seed=args.seed, stop=tuple(args.stop))
+        return SamplingParams(max_tokens=args.max_tokens, seed=args.seed, stop=tuple(args.stop), **chosen)
     except ValueError as e:
         raise CommandError(str(e)) from None
 
@@ -247,7 +252,7 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--system", metavar="TEXT", help="a system message")
     p.add_argument("--no-think", action="store_true", help="start with thinking off")
     _add_model_args(p)
-    _add_sampling_args(p, 1024)
+    _add_sampling_args(p, None)
     p.set_defaults(func=_run_chat)
 
 
@@ -342,6 +347,7 @@ def _run_chat(args: argparse.Namespace) -> int:
 _SERVE_DESCRIPTION = """\
 Serve a model over HTTP with an OpenAI-compatible API: POST /v1/chat/completions (reasoning_content, tools,
 streaming), POST /v1/completions, GET /v1/models, GET /health and GET /metrics (Prometheus).
+Open http://HOST:PORT/ in a browser for a chat page (streaming, thinking, tool calls; works offline).
 Listens on 127.0.0.1 (this machine only) unless --host says otherwise; set --api-key before exposing it.
 """
 
@@ -474,6 +480,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(args.command, str(e))
     try:
         return args.func(args)
+    except BrokenPipeError:  # the reader went away (`qwen35 info ... | head`): not an error of ours
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error while exiting
+        return 0
     except (CommandError, ConfigError, OSError) as e:  # OSError: a folder or file that cannot be read
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         return _fail(args.command, message)

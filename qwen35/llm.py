@@ -91,11 +91,6 @@ class LLM:
             torch.set_num_threads(threads)
         if quantization not in (None, "int8"):
             raise ValueError(f"quantization must be None or 'int8', got {quantization!r}")
-        if isinstance(dtype, str) and dtype == "float16":
-            # fp16 overflows in the DeltaNet and MoE paths of these models (activations past 65504): refuse by
-            # name rather than produce inf after a token or two.
-            raise ValueError("dtype 'float16' is not supported (Qwen3.5 activations overflow it); use 'bfloat16' "
-                             "or 'float32'")
         path = Path(model) if model is not None else default_model_path()
         self.model_path = path
         self.model = load_model(path, dtype=dtype)

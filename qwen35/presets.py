@@ -20,7 +20,7 @@ from typing import Any
 
 from .config import ModelConfig, config_from_dict
 
-__all__ = ["PRESETS", "preset_config", "preset_names", "normalize_preset_name"]
+__all__ = ["PRESETS", "QWEN36_SIZES", "normalize_preset_name", "preset_config", "preset_display_name", "preset_names"]
 
 # Shared by every size (facts §1.1 / §1.2 / §1.3).
 _VOCAB = 248_320
@@ -142,20 +142,37 @@ def preset_names() -> list[str]:
     return list(PRESETS)
 
 
+# Qwen3.6 shares Qwen3.5's architecture, classes and config keys (facts §1.3); these sizes were released.
+QWEN36_SIZES = ("27B", "35B-A3B")
+
+
+def _split_family(name: str) -> tuple[str, str]:
+    """("Qwen3.5" | "Qwen3.6", the rest upper-cased) of a preset name; no family prefix means Qwen3.5."""
+    key = name.strip().upper().rsplit("/", 1)[-1]  # a hub-style owner prefix is accepted
+    match = re.match(r"^QWEN3[._]?([56])[-_ ]?", key)
+    family = "Qwen3.6" if match and match.group(1) == "6" else "Qwen3.5"
+    return family, (key[match.end():] if match else key).replace("_", "-")
+
+
 def normalize_preset_name(name: str) -> str:
     """Map "397b-a17b", "Qwen3.5-397B-A17B", "qwen/qwen3.6-27b" etc. to a PRESETS key.
 
-    Raises ValueError listing the valid names when nothing matches.
+    Raises ValueError listing the valid names when nothing matches, and for a Qwen3.6 size that was not released.
     """
-    key = name.strip().upper()
-    # Accept a hub-style owner prefix and the family prefix; Qwen3.6 shares the shapes (facts §1.3).
-    key = key.rsplit("/", 1)[-1]
-    key = re.sub(r"^QWEN3[._]?[56][-_ ]?", "", key)
-    key = key.replace("_", "-")
+    family, key = _split_family(name)
     for preset in PRESETS:
         if preset.upper() == key:
+            if family == "Qwen3.6" and preset not in QWEN36_SIZES:
+                raise ValueError(f"there is no Qwen3.6-{preset}: Qwen3.6 was released as "
+                                 f"{' and '.join(QWEN36_SIZES)} (the Qwen3.5 sizes are {', '.join(PRESETS)})")
             return preset
-    raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)} (Qwen3.5), and "
+                     f"{', '.join(QWEN36_SIZES)} as Qwen3.6-...")
+
+
+def preset_display_name(name: str) -> str:
+    """"Qwen3.6-35B-A3B" for a Qwen3.6 name, "Qwen3.5-35B-A3B" otherwise (the shapes are the same)."""
+    return f"{_split_family(name)[0]}-{normalize_preset_name(name)}"
 
 
 def preset_config(name: str) -> ModelConfig:

@@ -3,14 +3,19 @@
 # torch is pinned to the CPU build (2.13.0); an unpinned torch would pull a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+step() { printf '\n==> %s\n' "$*"; }
+step "creating .venv"
 python3 -m venv .venv
 . .venv/bin/activate
 pip install -q --upgrade pip >/dev/null 2>&1 || true
-pip install -q torch==2.13.0
+step "installing torch 2.13.0 (CPU)"
+pip install --progress-bar on torch==2.13.0
 if [[ "${1:-}" == "--test" ]]; then
-  pip install -q -e '.[test,serve,train]'
+  step "installing qwen35 with the serve, train and test extras"
+  pip install --progress-bar on -e '.[test,serve,train]'
 else
-  pip install -q -e '.[serve]'
+  step "installing qwen35 with the serve extra"
+  pip install --progress-bar on -e '.[serve]'
 fi
-# build the native CPU kernels now rather than on the first request (PyTorch is used where they cannot build)
+step "building the native CPU kernels (once; PyTorch is used where they cannot build)"
 python -c "import qwen35.kernels as k; n = k.native(); print('native kernels:', n.isa if n else 'unavailable, using PyTorch')"

@@ -136,6 +136,42 @@ def test_bad_preset(capsys):
     assert_one_line_error(*run(capsys, "info", "--preset", "7B"), "unknown preset '7B'", "397B-A17B", "0.8B")
 
 
+def test_qwen36_presets_are_named_as_such(capsys):
+    rc, out, _ = run(capsys, "info", "--preset", "Qwen3.6-35B-A3B", "--json")
+    rc35, out35, _ = run(capsys, "info", "--preset", "35B-A3B", "--json")
+    assert rc == rc35 == 0
+    report, report35 = json.loads(out), json.loads(out35)
+    assert report["model"]["name"].startswith("Qwen3.6-35B-A3B")
+    assert report35["model"]["name"].startswith("Qwen3.5-35B-A3B")
+    report["model"].pop("name"), report35["model"].pop("name")
+    assert report == report35  # same architecture, same shapes
+    assert_one_line_error(*run(capsys, "info", "--preset", "qwen3.6-9b"), "no Qwen3.6-9B", "27B and 35B-A3B")
+
+
+def test_a_closed_pipe_is_not_an_error(monkeypatch, capsys):
+    import sys
+
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+        def fileno(self):
+            return sys.__stdout__.fileno()
+
+    import os
+    saved = os.dup(sys.__stdout__.fileno())
+    try:
+        monkeypatch.setattr(sys, "stdout", ClosedPipe())
+        assert main(["info", "--preset", "0.8B"]) == 0
+    finally:
+        os.dup2(saved, sys.__stdout__.fileno())
+        os.close(saved)
+    assert "error" not in capsys.readouterr().err
+
+
 def test_bad_path(tmp_path, capsys):
     missing = tmp_path / "nowhere"
     assert_one_line_error(*run(capsys, "info", str(missing)), str(missing), "no config.json")
