@@ -35,6 +35,7 @@ class Sequence:
     finish_reason: str | None = None
     generator: torch.Generator | None = None
     arrival: float = field(default_factory=time.monotonic)
+    first_scheduled: float | None = None  # time.monotonic() when the scheduler first ran it (queue time ends)
     num_preemptions: int = 0
 
     @property

@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP API on top of :class:`~qwen35.engine.AsyncLLM`.
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (both streamed as server-sent events on
-request), ``GET /v1/models``, ``GET /health``, ``GET /metrics``.
+request), ``GET /v1/models``, ``GET /health``, ``GET /metrics``; ``GET /`` is a chat page (static/chat.*) for a browser.
 
 Error policy: whatever a client sends, the answer is a JSON body ``{"error": {"message", "type", "param", "code"}}``
 with a 4xx status that says what to fix (400 for a malformed or invalid request, 401 for a missing or wrong API
@@ -43,7 +43,7 @@ from ..chat.completion import (
 )
 from ..engine.llm_engine import CompletionOutput, RequestOutput
 from ..engine.params import SamplingParams, sampling_defaults
-from .metrics import ServerMetrics
+from .metrics import RequestTimer, ServerMetrics
 from .protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -52,6 +52,7 @@ from .protocol import (
 )
 
 log = logging.getLogger("qwen35.serve")
+access_log = logging.getLogger("qwen35.access")  # one line per generation request, with its timings
 
 DEFAULT_MAX_BODY_BYTES = 16 * 2 ** 20
 DISCONNECT_POLL_S = 0.2  # how often a non-streaming request checks that its client is still there
@@ -180,6 +181,30 @@ class _TokenText:
 
 
 # =============================================================================================
+# the chat page
+
+_STATIC_TYPES = {"chat.html": "text/html; charset=utf-8", "chat.js": "text/javascript; charset=utf-8",
+                 "chat.css": "text/css; charset=utf-8"}
+# The page loads nothing from elsewhere (it must work offline) and runs only its own script; saying so in a policy
+# also keeps model output from ever running as code, were it put into the page as HTML by mistake.
+_PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+                               "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
+
+
+def _static_response(name: str) -> Response:
+    """A file of qwen35/serve/static named in _STATIC_TYPES (so never a path a client chose)."""
+    from importlib.resources import files
+
+    try:
+        body = (files(__package__) / "static" / name).read_bytes()
+    except OSError:  # an install without the package data
+        raise APIError(f"the chat page ({name}) is not installed with this package", status=404) from None
+    return Response(body, media_type=_STATIC_TYPES[name], headers=_PAGE_HEADERS)
+
+
+# =============================================================================================
 # the app
 
 
@@ -224,12 +249,18 @@ class _Server:
         app.add_api_route("/v1/models", self.models, methods=["GET"], dependencies=auth)
         app.add_api_route("/health", self.health, methods=["GET"])
         app.add_api_route("/metrics", self.metrics_endpoint, methods=["GET"])
+        # the chat page needs no key: it holds no secrets, and the API calls it makes carry the key
+        app.add_api_route("/", self.chat_page, methods=["GET"], include_in_schema=False)
+        app.add_api_route("/static/{name}", self.static_file, methods=["GET"], include_in_schema=False)
+
+        app.openapi = lambda: _openapi_document(app)  # type: ignore[method-assign]
 
         app.add_exception_handler(APIError, self._on_request_error)  # type: ignore[arg-type]
         app.add_exception_handler(RequestValidationError, self._on_validation_error)  # type: ignore[arg-type]
         app.add_exception_handler(StarletteHTTPException, self._on_http_error)  # type: ignore[arg-type]
         app.add_exception_handler(Exception, self._on_bug)
-        paths = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"}
+        paths = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/",
+                 *(f"/static/{name}" for name in _STATIC_TYPES)}
         app.add_middleware(_CountRequests, metrics=self.metrics, paths=paths)
         return app
 
@@ -267,6 +298,14 @@ class _Server:
     async def metrics_endpoint(self) -> Response:
         body, content_type = self.metrics.render()
         return Response(body, media_type=content_type)
+
+    def chat_page(self) -> Response:  # plain def: FastAPI reads the file in its thread pool
+        return _static_response("chat.html")
+
+    def static_file(self, name: str) -> Response:
+        if name not in _STATIC_TYPES:
+            raise APIError(f"no such file: /static/{name}", status=404)
+        return _static_response(name)
 
     async def models(self) -> JSONResponse:
         return JSONResponse({"object": "list", "data": [{
@@ -317,8 +356,11 @@ class _Server:
 
     async def _generate(self, ids: list[int], params: SamplingParams, request_id: str,
                         ) -> AsyncIterator[RequestOutput]:
-        """The engine's outputs for one request, counted in the metrics."""
+        """The engine's outputs for one request, counted and timed in the metrics, with one access-log line."""
         admitted = False
+        endpoint = "/v1/chat/completions" if request_id.startswith("chatcmpl-") else "/v1/completions"
+        timer = RequestTimer(self.metrics, request_id, endpoint)
+        status = "error"
         async with aclosing(self.llm.generate(ids, params, request_id)) as stream:
             try:
                 async for out in stream:
@@ -326,12 +368,18 @@ class _Server:
                         self.metrics.prompt_tokens.inc(len(out.prompt_token_ids))
                         admitted = True
                     self.metrics.generation_tokens.inc(sum(len(o.delta_token_ids) for o in out.outputs))
+                    timer.output(out)
+                    if out.finished:
+                        status = "ok"
                     yield out
                     if out.finished:
                         return
             except (asyncio.CancelledError, GeneratorExit):
                 self.metrics.aborted.inc()
+                status = "aborted"
                 raise
+            finally:
+                access_log.info("%s", timer.end(status))
 
     async def _final_output(self, request: Request, ids: list[int], params: SamplingParams,
                             request_id: str) -> RequestOutput | None:
@@ -571,6 +619,51 @@ class _Server:
         except Exception as e:  # the 200 is already sent: report in the stream, as OpenAI does
             yield _stream_error(e)
         yield _sse("[DONE]")
+
+
+# =============================================================================================
+# the API description
+
+_ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type"], "properties": {
+        "message": {"type": "string"}, "type": {"type": "string", "enum": ["invalid_request_error", "server_error"]},
+        "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+_ERROR_STATUSES = {"400": "The request is malformed or invalid; the message names the field.",
+                   "401": "Missing or wrong API key (when the server has one).",
+                   "404": "Unknown model name.", "413": "The body is larger than the server's limit.",
+                   "500": "A bug of the server or a failed engine step; the server keeps running."}
+_BODIES = {"/v1/chat/completions": (ChatCompletionRequest, "A chat completion, or server-sent events of "
+                                    "chat.completion.chunk objects when stream is true."),
+           "/v1/completions": (CompletionRequest, "A text completion, or server-sent events when stream is true.")}
+
+
+def _openapi_document(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document plus what it cannot see: the handlers read their bodies themselves (to enforce the size
+    limit before parsing and to answer 400 in OpenAI's error shape), so the request schemas and the error
+    responses are added here from the same pydantic models the handlers validate with."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    schemas["Error"] = _ERROR_SCHEMA
+    errors = {code: {"description": text, "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/Error"}}}} for code, text in _ERROR_STATUSES.items()}
+    for path, (model, answer) in _BODIES.items():
+        operation = doc["paths"][path]["post"]
+        body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(body.pop("$defs", {}))
+        schemas[model.__name__] = body
+        operation["requestBody"] = {"required": True, "content": {"application/json": {
+            "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+        operation["responses"] = {"200": {"description": answer, "content": {
+            "application/json": {"schema": {"type": "object"}}, "text/event-stream": {"schema": {"type": "string"}}}},
+            **errors}
+    for path in ("/v1/models",):
+        doc["paths"][path]["get"]["responses"].update({"401": errors["401"]})
+    app.openapi_schema = doc
+    return doc
 
 
 def _delta_pieces(delta: ChatDelta) -> list[dict[str, Any]]:
