@@ -242,103 +242,311 @@ def _run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+_CHAT_DESCRIPTION = """\
+An interactive chat in the terminal: the answer streams as it is generated, the model's thinking is shown set
+apart (dimmed on a terminal), and the conversation is kept until /reset. With --message it answers one message
+and exits.
+
+Tools: --mcp 'CMD ARGS' starts a stdio MCP server and offers its tools to the model (repeatable, one server
+each); --python-tool offers a sandboxed Python interpreter. The model may call tools several times before it
+answers (at most --max-rounds model turns). Every call is shown, e.g. [tool call] calculator(expression="2+2"),
+then its result, [tool result] 4. Unless --yes is given, each call is asked about first (y/n); when stdin is not
+a terminal there is no one to ask, so calls are refused and the model told so -- pass --yes to run them.
+"""
+
+_CHAT_EPILOG = """\
+commands (in the REPL):
+  /help            list the commands
+  /reset           clear the conversation (the --system message stays)
+  /think on|off    switch thinking on or off (/think alone says which it is)
+  /tools           list the tools offered to the model
+  /exit, /quit     leave (Ctrl-D too); Ctrl-C stops the answer being generated
+  //text           send a message that starts with '/' (as /text)
+
+the python tool (--python-tool):
+  each call runs in a fresh `python -I` process in a scratch folder deleted afterwards, with an empty
+  environment, no network (a network namespace via `unshare --net` where Linux allows it, else sockets disabled
+  in the process), 20 s of CPU, 30 s of wall clock, 1 GiB of memory, 64 MiB per file written, no subprocesses,
+  and the first 8000 characters of stdout / stderr given back. It is not a filesystem jail: the code can read
+  what your account can.
+
+examples:
+  qwen35 chat
+  qwen35 chat --python-tool -m 'Use python to compute 2**100'
+  qwen35 chat --mcp 'python my_server.py' --mcp 'npx -y @modelcontextprotocol/server-filesystem /tmp'
+  echo 'What is 123 * 45?' | qwen35 chat --mcp 'python calc_server.py' --yes
+
+MCP support needs the MCP Python SDK: pip install 'qwen35[mcp]'.
+"""
+
+# REPL commands and what /help says about them, in the order it lists them.
+_CHAT_COMMANDS = {
+    "/help": "list these commands",
+    "/reset": "clear the conversation (the system message stays)",
+    "/think on|off": "switch thinking on or off (/think alone says which it is)",
+    "/tools": "list the tools offered to the model",
+    "/exit": "leave (also /quit and Ctrl-D)",
+    "//text": "send a message that starts with '/'",
+}
+
+
+class _ChatHelpFormatter(argparse.HelpFormatter):
+    """Keeps text laid out by hand (any with a newline: chat's description and epilog) as it is, and wraps the
+    rest (the argument groups' descriptions) as usual."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
 def _add_chat(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("chat", help="chat in the terminal (thinking shown apart from the answer)",
-                       description="An interactive chat that streams the answer, shows the model's thinking set "
-                                   "apart (dimmed), and keeps the conversation history. Commands: /reset clears "
-                                   "the history, /think on|off switches thinking, /exit quits. With --message "
-                                   "it answers one message and exits.")
+    p = sub.add_parser("chat", help="chat in the terminal, with tools (MCP servers, a sandboxed python)",
+                       description=_CHAT_DESCRIPTION, epilog=_CHAT_EPILOG, formatter_class=_ChatHelpFormatter)
     p.add_argument("--message", "-m", metavar="TEXT", help="answer this one message and exit")
     p.add_argument("--system", metavar="TEXT", help="a system message")
     p.add_argument("--no-think", action="store_true", help="start with thinking off")
+    g = p.add_argument_group("tools")
+    g.add_argument("--mcp", action="append", default=[], metavar="'CMD ARGS'",
+                   help="start this stdio MCP server and offer its tools (repeatable; split like a shell command "
+                        "line, so quote it as one argument)")
+    g.add_argument("--python-tool", action="store_true",
+                   help="offer a 'python' tool that runs code in a sandbox (see below)")
+    g.add_argument("--yes", "-y", action="store_true",
+                   help="run tool calls without asking (default: show each call and ask y/n on the terminal)")
+    g.add_argument("--max-rounds", type=int, default=8, metavar="N",
+                   help="model turns per message at most, tool calls included (default: 8)")
     _add_model_args(p)
     _add_sampling_args(p, None)
     p.set_defaults(func=_run_chat)
 
 
-def _chat_turn(llm, params, messages: list[dict], thinking: bool, out=sys.stdout) -> dict:
-    """Stream one assistant turn; returns the assistant message (with reasoning_content) for the history."""
-    from .chat.parsers import ReasoningStreamParser
+def _indented(text: str, first: str, limit: int = 40) -> str:
+    """``first`` + the text, later lines indented under it; long results are cut for the screen (the model
+    still gets all of it)."""
+    lines = text.splitlines() or [""]
+    more = len(lines) - limit
+    lines = lines[:limit] + ([f"... ({more} more lines)"] if more > 0 else [])
+    return "\n".join([first + lines[0]] + ["  " + line for line in lines[1:]])
 
-    prompt = llm.tokenizer.apply_chat_template(messages, enable_thinking=thinking)
-    parser = ReasoningStreamParser(thinking=thinking)
-    tty = out.isatty()
-    dim, reset = ("\033[2m", "\033[0m") if tty else ("", "")
-    reasoning, content = [], []
-    state = None
-    timer = _Timer()
-    n_prompt = 0
 
-    def show(kind: str, text: str) -> None:
-        nonlocal state
-        if not text:
-            return
-        if kind != state:
-            if kind == "reasoning":
-                out.write(f"{dim}[thinking]\n")
-            else:
-                out.write(f"{reset}\n[answer]\n" if state == "reasoning" else "")
-            state = kind
-        out.write(text)
+class _ChatView:
+    """The terminal side of the agent loop.  :meth:`chat` has ``LLM.chat``'s signature, so ``run_agent`` drives
+    it like an LLM, but it streams each model turn as it is generated: the output goes through
+    ChatStreamProcessor, so thinking, answer and tool calls come apart and a call is never shown as raw XML.
+    :meth:`event` shows the calls and results the loop reports; :meth:`confirm` asks before each call."""
+
+    def __init__(self, llm, out=None, ask: bool = True) -> None:
+        self.llm = llm
+        self.out = out or sys.stdout
+        self.ask = ask
+        tty = self.out.isatty()
+        self.dim, self.reset = ("\033[2m", "\033[0m") if tty else ("", "")
+
+    def chat(self, messages, params=None, tools=None, tool_choice="auto", enable_thinking=None):
+        from .chat.completion import ChatStreamProcessor, build_chat_prompt, chat_result
+
+        prompt = build_chat_prompt(self.llm.tokenizer, messages, tools=tools, tool_choice=tool_choice,
+                                   enable_thinking=enable_thinking)
+        processor = ChatStreamProcessor(prompt)
+        base = params if params is not None else self.llm.get_default_sampling_params()
+        timer, last, state = _Timer(), None, None
+        out = self.out
+
+        def show(kind: str, text: str) -> None:
+            nonlocal state
+            if not text:
+                return
+            if kind != state:
+                if kind == "reasoning":
+                    out.write(f"{self.dim}[thinking]\n")
+                elif state == "reasoning":
+                    out.write(f"{self.reset}\n[answer]\n")
+                state = kind
+            out.write(text)
+            out.flush()
+
+        stream = self.llm.stream(prompt.text, prompt.sampling_params(base))
+        try:
+            for item in stream:
+                last = item
+                o = item.outputs[0]
+                timer.token(len(o.delta_token_ids))
+                delta = processor.feed(o.delta_text)
+                show("reasoning", delta.reasoning)
+                show("content", delta.content)
+        finally:
+            stream.close()  # an interrupted turn: abort the request in the engine
+        delta = processor.finish()
+        show("reasoning", delta.reasoning)
+        show("content", delta.content)
+        if state is not None:
+            out.write(f"{self.reset}\n")
         out.flush()
+        print(f"({timer.report(len(last.prompt_token_ids))})", file=sys.stderr)
+        return chat_result(prompt, last)
 
-    for item in llm.stream(prompt, params):
-        n_prompt = len(item.prompt_token_ids)
-        o = item.outputs[0]
-        timer.token(len(o.delta_token_ids))
-        d = parser.feed(o.delta_text)
-        reasoning.append(d.reasoning)
-        content.append(d.content)
-        show("reasoning", d.reasoning)
-        show("content", d.content)
-    d = parser.finish()
-    reasoning.append(d.reasoning)
-    content.append(d.content)
-    show("reasoning", d.reasoning)
-    show("content", d.content)
-    out.write(f"{reset}\n")
-    print(f"({timer.report(n_prompt)})", file=sys.stderr)
-    msg = {"role": "assistant", "content": "".join(content).strip()}
-    if "".join(reasoning).strip():
-        msg["reasoning_content"] = "".join(reasoning).strip()
-    return msg
+    def event(self, event) -> None:
+        from .agent import format_call
+
+        if event.kind == "tool_call":
+            print(_indented(format_call(event.call.name, event.call.arguments), "[tool call] "), file=self.out,
+                  flush=True)
+        elif event.kind == "tool_result":
+            print(_indented(event.text, "[tool result] "), file=self.out, flush=True)
+        elif event.kind == "declined":
+            print(f"[tool call declined] {event.call.name} was not run", file=self.out, flush=True)
+        elif event.kind == "max_rounds":
+            print("(stopped: the model still wanted tools after --max-rounds turns)", file=sys.stderr)
+
+    def confirm(self, call) -> bool:
+        if not self.ask:
+            return True
+        if not sys.stdin.isatty():
+            print(f"qwen35 chat: not running {call.name}: stdin is not a terminal to ask on; pass --yes to run "
+                  "tool calls without asking", file=sys.stderr)
+            return False
+        while True:
+            try:
+                answer = input(f"run {call.name}? [y/n] ").strip().lower()
+            except EOFError:
+                return False
+            if answer in ("y", "yes"):
+                return True
+            if answer in ("n", "no"):
+                return False
+
+
+def _chat_tools(args: argparse.Namespace, stack) -> list:
+    """The tools asked for on the command line; MCP servers are closed by ``stack``."""
+    import logging
+
+    from .agent import MCPClient, MCPError, PythonTool
+
+    tools = [PythonTool()] if args.python_tool else []
+    if args.mcp:
+        # the SDK logs unreadable server output with a traceback through logging's last-resort handler: keep the
+        # terminal for the chat (a broken server is reported as one line instead)
+        logging.getLogger("mcp").addHandler(logging.NullHandler())
+        try:
+            client = MCPClient(args.mcp)
+        except (MCPError, ValueError) as e:  # ValueError: a command that cannot be split
+            raise CommandError(str(e).splitlines()[0]) from None
+        stack.callback(client.close)
+        names = {t.name for t in tools}
+        for tool in client.tools:
+            if tool.name in names:
+                raise CommandError(f"two tools are named {tool.name!r} (the second from MCP server "
+                                   f"'{tool.extra.get('server')}')")
+            names.add(tool.name)
+            tools.append(tool)
+    return tools
+
+
+def _chat_turn(view: _ChatView, params, messages: list[dict], thinking: bool, tools: list,
+               max_rounds: int) -> list[dict]:
+    """One user message through the agent loop, streamed; returns the conversation with the new turns."""
+    from .agent import run_agent
+
+    result = run_agent(view, messages, tools, confirm=view.confirm, max_rounds=max_rounds, on_event=view.event,
+                       params=params, enable_thinking=thinking)
+    return result.messages
+
+
+class _ChatSession:
+    """The REPL's state and commands."""
+
+    def __init__(self, view: _ChatView, params, tools: list, base: list[dict], thinking: bool,
+                 max_rounds: int) -> None:
+        self.view, self.params, self.tools, self.base = view, params, tools, base
+        self.thinking, self.max_rounds = thinking, max_rounds
+        self.messages = list(base)
+
+    def send(self, text: str) -> None:
+        try:
+            self.messages = _chat_turn(self.view, self.params, self.messages + [{"role": "user", "content": text}],
+                                       self.thinking, self.tools, self.max_rounds)
+        except KeyboardInterrupt:  # the history stays as it was before this message
+            print("\n(interrupted)", file=sys.stderr)
+
+    def command(self, line: str) -> bool:
+        """Run a /command; True when the REPL should end."""
+        name, *rest = line.split()
+        if name in ("/exit", "/quit"):
+            return True
+        if name == "/help":
+            width = max(map(len, _CHAT_COMMANDS))
+            print("\n".join(f"  {cmd:<{width}}  {what}" for cmd, what in _CHAT_COMMANDS.items()))
+        elif name == "/reset":
+            self.messages = list(self.base)
+            print("history cleared", file=sys.stderr)
+        elif name == "/think":
+            if len(rest) > 1 or (rest and rest[0] not in ("on", "off")):
+                print(f"usage: /think on|off (got {' '.join(rest)!r})", file=sys.stderr)
+            else:
+                if rest:
+                    self.thinking = rest[0] == "on"
+                print(f"thinking {'on' if self.thinking else 'off'}", file=sys.stderr)
+        elif name == "/tools":
+            if not self.tools:
+                print("no tools (start the chat with --mcp 'CMD ARGS' or --python-tool)")
+            width = max((len(t.name) for t in self.tools), default=0)
+            for tool in self.tools:
+                summary = (tool.description or "").strip().split(". ")[0].splitlines()[0] if tool.description else ""
+                summary = summary if len(summary) <= 80 else summary[:77] + "..."
+                print(f"  {tool.name:<{width}}  {summary}  [{tool.source}]")
+        else:
+            print(f"unknown command {name}; the commands are: {', '.join(_CHAT_COMMANDS)}", file=sys.stderr)
+        return False
 
 
 def _run_chat(args: argparse.Namespace) -> int:
-    llm = _load_llm(args)
-    params = _sampling_params(args, llm.tokenizer)
-    thinking = not args.no_think
-    base = [{"role": "system", "content": args.system}] if args.system else []
-    messages = list(base)
-    if args.message is not None:
-        messages.append({"role": "user", "content": args.message})
-        _chat_turn(llm, params, messages, thinking)
-        return 0
-    print("qwen35 chat — /reset, /think on|off, /exit", file=sys.stderr)
-    while True:
+    import contextlib
+
+    from .agent import ToolUnavailableError
+
+    if args.max_rounds < 1:
+        raise CommandError(f"--max-rounds must be a positive integer, got {args.max_rounds}")
+    with contextlib.ExitStack() as stack:
+        tools = _chat_tools(args, stack)  # before the model: a bad --mcp fails fast
+        llm = _load_llm(args)
+        params = _sampling_params(args, llm.tokenizer)
+        view = _ChatView(llm, ask=not args.yes)
+        base = [{"role": "system", "content": args.system}] if args.system else []
+        session = _ChatSession(view, params, tools, base, not args.no_think, args.max_rounds)
         try:
-            line = input("> ")
-        except (EOFError, KeyboardInterrupt):
-            print(file=sys.stderr)
-            return 0
-        cmd = line.strip()
-        if not cmd:
-            continue
-        if cmd in ("/exit", "/quit"):
-            return 0
-        if cmd == "/reset":
-            messages = list(base)
-            continue
-        if cmd.startswith("/think"):
-            thinking = cmd.split()[-1] != "off"
-            print(f"thinking {'on' if thinking else 'off'}", file=sys.stderr)
-            continue
-        messages.append({"role": "user", "content": line})
-        try:
-            messages.append(_chat_turn(llm, params, messages, thinking))
-        except KeyboardInterrupt:
-            print("\n(interrupted)", file=sys.stderr)
-            messages.pop()
+            if args.message is not None:
+                try:
+                    _chat_turn(view, params, base + [{"role": "user", "content": args.message}], session.thinking,
+                               tools, args.max_rounds)
+                except ValueError as e:  # a prompt longer than the context, say
+                    raise CommandError(str(e).splitlines()[0]) from None
+                except KeyboardInterrupt:
+                    print("\n(interrupted)", file=sys.stderr)
+                    return 130
+                return 0
+            names = ", ".join(t.name for t in tools)
+            print(f"qwen35 chat{f' (tools: {names})' if tools else ''} - /help lists the commands, /exit quits",
+                  file=sys.stderr)
+            while True:
+                try:
+                    line = input("> ")
+                except (EOFError, KeyboardInterrupt):
+                    print(file=sys.stderr)
+                    return 0
+                text = line.strip()
+                if not text:
+                    continue
+                if text.startswith("/") and not text.startswith("//"):
+                    if session.command(text):
+                        return 0
+                    continue
+                try:
+                    session.send(text[1:] if text.startswith("//") else line)
+                except ValueError as e:  # a conversation past the context: say so, let /reset fix it
+                    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        except ToolUnavailableError as e:  # an MCP server that crashed: one line, exit status 2
+            raise CommandError(str(e).splitlines()[0]) from None
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -27,7 +27,8 @@ ALLOWED: dict[str, set[str]] = {
     "llm": BASE | MODEL | {"engine", "chat", "llm"},
     "train": BASE | MODEL | {"chat", "train"},
     "serve": BASE | MODEL | {"engine", "chat", "llm", "serve"},
-    "cli": BASE | MODEL | {"engine", "chat", "llm", "serve", "train", "cli"},
+    "agent": BASE | MODEL | {"engine", "chat", "llm", "agent"},
+    "cli": BASE | MODEL | {"engine", "chat", "llm", "serve", "train", "agent", "cli"},
     "root": {"checkpoint", "config", "engine", "llm"},  # qwen35/__init__.py: lazy re-exports only
 }
 
