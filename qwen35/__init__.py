@@ -10,12 +10,13 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 __all__ = ["load_model", "load_config", "ConfigError", "CheckpointError", "LLM", "AsyncLLM", "SamplingParams",
+           "StructuredSpec",
            "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .checkpoint import CheckpointError, load_model
     from .config import ConfigError, load_config
-    from .engine import AsyncLLM, SamplingParams
+    from .engine import AsyncLLM, SamplingParams, StructuredSpec
     from .llm import LLM
 
 
@@ -26,7 +27,7 @@ def __getattr__(name: str) -> Any:
     if name == "LLM":
         from . import llm
         return llm.LLM
-    if name in ("AsyncLLM", "SamplingParams"):
+    if name in ("AsyncLLM", "SamplingParams", "StructuredSpec"):
         from . import engine
         return getattr(engine, name)
     if name in ("load_config", "ConfigError"):

@@ -574,7 +574,8 @@ examples:
 requests:
   thinking is on by default; switch it per request with "chat_template_kwargs": {"enable_thinking": false}.
   The reasoning comes back as message.reasoning_content (and .reasoning), tool calls as message.tool_calls.
-  tool_choice "required" or a named function is forced by prefilling the start of the call (no grammar).
+  tool_choice "required" or a named function, and response_format (json_object / json_schema), are enforced by
+  grammar-constrained decoding (llguidance: pip install 'qwen35[structured]').
   Sampling parameters a request leaves out come from the checkpoint's generation_config.json.
 """
 

@@ -169,7 +169,7 @@ class LLM:
              params: SamplingParams | None = None, tools: Sequence[Mapping[str, Any]] | None = None,
              tool_choice: str | Mapping[str, Any] | None = "auto", enable_thinking: bool | None = None,
              chat_template_kwargs: Mapping[str, Any] | None = None, parallel_tool_calls: bool = True,
-             use_tqdm: bool = False) -> Any:
+             use_tqdm: bool = False, response_format: Mapping[str, Any] | None = None) -> Any:
         """Answer a conversation (OpenAI-style messages) through the chat template.
 
         Returns a :class:`~qwen35.chat.completion.ChatResult`: ``reasoning`` (the thinking), ``content``,
@@ -177,7 +177,10 @@ class LLM:
         ``usage``, ``message`` (to append to the history), and ``choices`` for ``params.n > 1``.  A list of
         conversations gives a list of results, generated as one batch.  ``tool_choice`` is "auto", "none",
         "required" or ``{"type": "function", "function": {"name": ...}}``; "required" and a named function are
-        forced by prefilling the start of a call (see qwen35/chat/completion.py).  Thinking is on unless
+        forced by prefilling the start of a call and a grammar for the rest (see qwen35/chat/completion.py).
+        ``response_format`` is OpenAI's (``{"type": "json_object"}``, ``{"type": "json_schema", "json_schema":
+        {"name": ..., "schema": {...}}}``), enforced by grammar-constrained decoding after the reasoning; the
+        grammars need ``pip install 'qwen35[structured]'``.  Thinking is on unless
         ``enable_thinking=False`` (or ``chat_template_kwargs={"enable_thinking": False}``).  Without ``params``
         the answer runs to the end of its turn with the checkpoint's sampling defaults.
         """
@@ -189,7 +192,8 @@ class LLM:
         conversations = list(messages) if batch else [messages]
         prompts = [build_chat_prompt(self.tokenizer, conv, tools=tools, tool_choice=tool_choice,
                                      enable_thinking=enable_thinking, chat_template_kwargs=chat_template_kwargs,
-                                     parallel_tool_calls=parallel_tool_calls) for conv in conversations]
+                                     parallel_tool_calls=parallel_tool_calls, response_format=response_format)
+                   for conv in conversations]
         base = params if params is not None else self.get_default_sampling_params()
         outputs = self.generate([p.text for p in prompts], [p.sampling_params(base) for p in prompts],
                                 use_tqdm=use_tqdm)

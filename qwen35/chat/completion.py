@@ -17,15 +17,23 @@ the answer.  ``"none"``: the conversation is rendered *without* the tools, so th
 call one, and nothing is parsed as a call.
 
 ``"required"`` and a named function (``{"type": "function", "function": {"name": NAME}}``) must force a call.  The
-engine has no grammar-constrained decoding, so the call is forced by *prefilling* the assistant turn instead:
-thinking is skipped (an empty ``<think>\\n\\n</think>\\n\\n`` block, which is what the template renders with thinking
-off), then the prompt ends with the opening of a call, ``<tool_call>\\n<function=``, followed by ``NAME>\\n`` for a
-named function (or for "required" with a single tool, where the name is not in doubt).  The model continues from
-there, and the prefilled text plus the generated text are parsed together, so the result is a call.  What the model
-writes after the prefix is not constrained: arguments may be incomplete, and for "required" with several tools the
-model may write a function name that does not exist; such output is returned as plain content, never as an error.
-A named choice asks for exactly one call, so generation also stops at the first ``</tool_call>``
-(``parallel_tool_calls=False`` does the same for any call).
+assistant turn is *prefilled*: thinking is skipped (an empty ``<think>\\n\\n</think>\\n\\n`` block, which is what
+the template renders with thinking off), then the prompt ends with the opening of a call, ``<tool_call>\\n<function=``,
+followed by ``NAME>\\n`` for a named function (or for "required" with a single tool, where the name is not in doubt).
+The prefilled text plus the generated text are parsed together.  The rest of the call is then enforced by a grammar
+(grammar-constrained decoding, :attr:`ChatPrompt.structured`, needs ``llguidance``): one of the tools' names, then
+the parameters in the order of the tool's schema, every required one present, each value of its type, in exactly
+the format the parser reads (see :func:`tool_call_grammar`), so a call that is not cut off by ``max_tokens``
+always parses into arguments that validate against the tool's schema.  A named choice asks for exactly one call,
+so generation also stops at the first ``</tool_call>`` (``parallel_tool_calls=False`` does the same for any call).
+
+``response_format``
+-------------------
+OpenAI's shapes: ``{"type": "text"}`` (the default), ``{"type": "json_object"}`` (the answer is one JSON object) and
+``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}}`` (one JSON value valid
+against the schema), enforced by the same grammar mechanism.  With thinking on the reasoning stays free text and the
+constraint starts after ``</think>``.  With tools in "auto" mode the answer is either the JSON or tool calls; a
+forced call (above) takes precedence over ``response_format``.
 
 ``finish_reason`` is ``"tool_calls"`` when at least one call was parsed and generation ended normally; a call cut
 off by ``max_tokens`` keeps ``"length"`` so that a client can tell its arguments may be incomplete.
@@ -34,13 +42,17 @@ off by ``max_tokens`` keeps ``"length"`` so that a client can tell its arguments
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .parsers import (
+    FUNCTION_END,
     FUNCTION_START,
+    PARAMETER_END,
+    PARAMETER_START,
     THINK_END,
     THINK_START,
     TOOL_CALL_END,
@@ -62,8 +74,10 @@ __all__ = [
     "build_chat_prompt",
     "chat_finish_reason",
     "chat_result",
+    "normalize_response_format",
     "normalize_tool_choice",
     "parse_chat_output",
+    "tool_call_grammar",
 ]
 
 # Template variables the caller may not set through chat_template_kwargs: they are arguments of their own.
@@ -90,11 +104,21 @@ class ChatPrompt:
     tool_choice: str = "none"  # "auto", "none" or "required" (a named function is "required" + forced_function)
     forced_function: str | None = None
     stop: tuple[str, ...] = ()  # stop strings the request needs on top of the caller's
+    # The grammar the output must follow, as the fields of the engine's StructuredSpec (kind, value, after, strict);
+    # None: free text.  ``structured_source`` names the request field it comes from, for error messages.
+    structured: dict[str, Any] | None = None
+    structured_source: str | None = None  # "response_format" or "tools"
 
     def sampling_params(self, params: Any) -> Any:
-        """``params`` (engine SamplingParams, a frozen dataclass) with this prompt's extra stop strings added."""
+        """``params`` (engine SamplingParams, a frozen dataclass) with this prompt's extra stop strings and its
+        grammar added (the prompt's grammar replaces one the caller's params carry)."""
+        changes: dict[str, Any] = {}
         extra = tuple(s for s in self.stop if s not in params.stop)
-        return dataclasses.replace(params, stop=params.stop + extra) if extra else params
+        if extra:
+            changes["stop"] = params.stop + extra
+        if self.structured is not None:
+            changes["structured"] = dict(self.structured)
+        return dataclasses.replace(params, **changes) if changes else params
 
 
 def normalize_tool_choice(tool_choice: ToolChoice, tools: Sequence[Mapping[str, Any]] | None) -> tuple[str, str | None]:
@@ -174,8 +198,9 @@ def build_chat_prompt(
     enable_thinking: bool | None = None,
     chat_template_kwargs: Mapping[str, Any] | None = None,
     parallel_tool_calls: bool = True,
+    response_format: Mapping[str, Any] | None = None,
 ) -> ChatPrompt:
-    """Render a conversation for generation (see the module docstring for ``tool_choice``).
+    """Render a conversation for generation (see the module docstring for ``tool_choice`` and ``response_format``).
 
     ``enable_thinking`` wins over ``chat_template_kwargs["enable_thinking"]``; when neither is given thinking is on
     (the Qwen3.5 default).  Whether the output starts inside a ``<think>`` block is read off the rendered prompt, so
@@ -202,11 +227,13 @@ def build_chat_prompt(
         raise ValueError(f"enable_thinking must be true or false, got {thinking!r}")
     if not isinstance(parallel_tool_calls, bool):
         raise ValueError(f"parallel_tool_calls must be true or false, got {parallel_tool_calls!r}")
+    answer_format = normalize_response_format(response_format)
 
     force_call = mode == "required"
     text = tokenizer.apply_chat_template(_canonical_roles(messages), tools=tools if mode != "none" else None,
                                          enable_thinking=thinking and not force_call, **kwargs)
     prefill = ""
+    name = None
     if force_call:
         if _opens_think(text):  # a template that thinks regardless: close the block ourselves
             text += f"\n{THINK_END}\n\n"
@@ -214,9 +241,297 @@ def build_chat_prompt(
         prefill = f"{TOOL_CALL_START}\n{FUNCTION_START}" + (f"{name}>\n" if name else "")
         text += prefill
     one_call = forced is not None or (mode != "none" and not parallel_tool_calls)
-    return ChatPrompt(text=text, prefill=prefill, thinking=not force_call and _opens_think(text),
+    thinking_out = not force_call and _opens_think(text)
+    structured: dict[str, Any] | None = None
+    source: str | None = None
+    if force_call:
+        grammar = tool_call_grammar(tools, forced=forced, name_prefilled=name is not None, opened=True,
+                                    parallel=not one_call)
+        structured, source = {"kind": "lark", "value": grammar}, "tools"
+    elif answer_format is not None:
+        if mode == "auto":  # the answer is the JSON, or tool calls
+            grammar = tool_call_grammar(tools, parallel=not one_call, alternative=answer_format)
+            structured, source = {"kind": "lark", "value": grammar}, "response_format"
+        else:
+            structured, source = dict(answer_format), "response_format"
+        if thinking_out:  # the reasoning is free; the format applies to the answer after it
+            structured["after"] = THINK_END
+            # the parser ends the reasoning at a tool call too: the grammar must not let one pass as reasoning
+            structured["after_excludes"] = (TOOL_CALL_START,)
+    return ChatPrompt(text=text, prefill=prefill, thinking=thinking_out,
                       tools=tools if mode != "none" else None, tool_choice=mode, forced_function=forced,
-                      stop=(TOOL_CALL_END,) if one_call else ())
+                      stop=(TOOL_CALL_END,) if one_call else (), structured=structured, structured_source=source)
+
+
+# =============================================================================================
+# structured output: response_format and the tool-call grammar
+
+_SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_RESPONSE_FORMAT_KEYS = {"text": {"type"}, "json_object": {"type"}, "json_schema": {"type", "json_schema"}}
+_JSON_SCHEMA_KEYS = {"name", "schema", "strict", "description"}
+
+# The markers that end a parameter value in the parser; a value may contain none of them, so that the first one
+# the parser meets is the one the grammar wrote.
+_VALUE_MARKERS = (PARAMETER_END, PARAMETER_START, FUNCTION_END, TOOL_CALL_END)
+# JSON as the chat template writes it (tojson): no free whitespace, which a model that does not know JSON fills
+# with spaces until max_tokens.  Lenient: a schema keyword the compiler cannot enforce is ignored, not an error.
+_JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "lenient": True}
+
+
+def normalize_response_format(response_format: Any) -> dict[str, Any] | None:
+    """OpenAI's ``response_format`` -> the fields of an engine StructuredSpec, or None for plain text.
+
+    Raises ``ValueError`` naming the field (``response_format...``) for a malformed value.
+    """
+    if response_format is None:
+        return None
+    if not isinstance(response_format, Mapping):
+        raise ValueError(f"response_format must be an object such as {{'type': 'json_object'}}, got "
+                         f"{type(response_format).__name__}")
+    kind = response_format.get("type")
+    if not isinstance(kind, str) or kind not in _RESPONSE_FORMAT_KEYS:
+        raise ValueError(f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}")
+    unknown = sorted(set(response_format) - _RESPONSE_FORMAT_KEYS[kind])
+    if unknown:
+        raise ValueError(f"response_format has unknown field(s) for type {kind!r}: {', '.join(unknown)}")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"kind": "json_object"}
+    spec = response_format.get("json_schema")
+    if not isinstance(spec, Mapping):
+        raise ValueError("response_format.json_schema must be an object with 'name' and 'schema'")
+    unknown = sorted(set(spec) - _JSON_SCHEMA_KEYS)
+    if unknown:
+        raise ValueError(f"response_format.json_schema has unknown field(s): {', '.join(unknown)}")
+    name = spec.get("name")
+    if not isinstance(name, str) or not _SCHEMA_NAME.fullmatch(name):
+        raise ValueError(f"response_format.json_schema.name must be 1-64 letters, digits, '_' or '-', got {name!r}")
+    if "description" in spec and not isinstance(spec["description"], str):
+        raise ValueError("response_format.json_schema.description must be a string")
+    strict = spec.get("strict")
+    if strict is not None and not isinstance(strict, bool):
+        raise ValueError(f"response_format.json_schema.strict must be true, false or null, got {strict!r}")
+    schema = spec.get("schema", {})
+    if not isinstance(schema, Mapping):
+        raise ValueError(f"response_format.json_schema.schema must be a JSON schema object, got "
+                         f"{type(schema).__name__}")
+    return {"kind": "json_schema", "value": dict(schema), "strict": bool(strict)}
+
+
+def _lark_string(text: str) -> str:
+    """A Lark string literal for ``text``."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r") \
+        .replace("\t", "\\t")
+    return f'"{escaped}"'
+
+
+_REGEX_META = set("\\.+*?()|[]{}^$#&-~/")
+
+
+def _regex_char(ch: str) -> str:
+    # only the metacharacters: in newer regex syntax an escaped '<' or '>' is a word boundary
+    return "\\" + ch if ch in _REGEX_META else ch
+
+
+def _no_markers_regex(markers: Sequence[str] = _VALUE_MARKERS) -> str:
+    """A regex for any text that contains none of ``markers`` (each starting with '<' and holding no other '<').
+
+    The text is cut into pieces: a character other than '<'; or '<' followed by a proper prefix ``p`` of a marker's
+    tail and then a character that does not continue any marker (nor is '<'); or '<' + ``p`` right before another
+    '<' or the end.  A marker can only start at a '<', and no piece completes one.
+    """
+    tails = [m[1:] for m in markers]
+    assert all(m.startswith("<") and "<" not in t for m, t in zip(markers, tails))
+    prefixes = sorted({t[:k] for t in tails for k in range(len(t))})
+    partial = "(?:" + "|".join("".join(_regex_char(c) for c in p) for p in prefixes if p) + ")?"
+    breaks = []
+    for p in prefixes:
+        nxt = sorted({t[len(p)] for t in tails if t.startswith(p) and len(t) > len(p)})
+        breaks.append("".join(_regex_char(c) for c in p) + "[^<" + "".join(_regex_char(c) for c in nxt) + "]")
+    broken = "<(?:" + "|".join(breaks) + ")"
+    return f"(?:[^<]|(?:<{partial})*{broken})*(?:<{partial})*"
+
+
+_TEXT_VALUE = _no_markers_regex()
+
+
+def _resolve(schema: Any, root: Mapping[str, Any]) -> Any:
+    """Follow a local ``$ref`` (``#/$defs/X``, ``#/definitions/X``) of a tool's parameter schema, a few levels."""
+    for _ in range(8):
+        if not isinstance(schema, Mapping) or not isinstance(schema.get("$ref"), str):
+            return schema
+        ref = schema["$ref"]
+        target: Any = None
+        for section in ("$defs", "definitions"):
+            prefix = f"#/{section}/"
+            if ref.startswith(prefix) and isinstance(root.get(section), Mapping):
+                target = root[section].get(ref[len(prefix):])
+        if target is None:
+            return schema
+        schema = target
+    return schema
+
+
+def _types(schema: Any, root: Mapping[str, Any]) -> set[str]:
+    """JSON types a schema admits, as the parser's convert_parameter reads them (empty: unknown)."""
+    schema = _resolve(schema, root)
+    if not isinstance(schema, Mapping):
+        return set()
+    types: set[str] = set()
+    declared = schema.get("type")
+    if isinstance(declared, str):
+        types.add(declared)
+    elif isinstance(declared, list):
+        types.update(t for t in declared if isinstance(t, str))
+    for key in ("anyOf", "oneOf", "allOf"):
+        for option in schema.get(key) or ():
+            types |= _types(option, root)
+    if not types:
+        values = list(schema.get("enum") or []) + ([schema["const"]] if "const" in schema else [])
+        types.update("string" if isinstance(v, str) else "other" for v in values)
+        if "properties" in schema:
+            types.add("object")
+        if "items" in schema:
+            types.add("array")
+    return types
+
+
+def _guard_strings(schema: Any) -> Any:
+    """A copy of a JSON schema whose free strings may not contain a parameter-ending marker (strings nested in an
+    object or array parameter are written inside the parameter's value)."""
+    if isinstance(schema, list):
+        return [_guard_strings(s) for s in schema]
+    if not isinstance(schema, Mapping):
+        return schema
+    out = {k: (_guard_strings(v) if k not in ("enum", "const", "default", "examples") else v)
+           for k, v in schema.items()}
+    declared = schema.get("type")
+    is_string = declared == "string" or (isinstance(declared, list) and "string" in declared)
+    if is_string and not ({"pattern", "enum", "const", "format"} & schema.keys()):
+        out["pattern"] = f"^{_TEXT_VALUE}$"
+    if isinstance(schema.get("properties"), Mapping):  # property names are not schemas
+        out["properties"] = {k: _guard_strings(v) for k, v in schema["properties"].items()}
+    return out
+
+
+def _pattern_regex(pattern: str) -> str:
+    """A JSON-schema ``pattern`` (a search, unless anchored) as a Lark regex body matching the whole value."""
+    body = pattern.replace("\\/", "/").replace("/", "\\/")
+    head = "" if body.startswith("^") else "(?s:.*)"
+    body = body[1:] if body.startswith("^") else body
+    anchored_end = body.endswith("$") and not body.endswith("\\$")
+    tail = "" if anchored_end else "(?s:.*)"
+    body = body[:-1] if anchored_end else body
+    return f"{head}(?:{body}){tail}"
+
+
+def _parameter_rules(key: str, pname: str, schema: Any, root: Mapping[str, Any], rules: list[str]) -> str:
+    """Rules for one ``<parameter=NAME>`` block; returns the rule name."""
+    head = _lark_string(f"{PARAMETER_START}{pname}>\n")
+    end = _lark_string(f"\n{PARAMETER_END}\n")
+    resolved = _resolve(schema, root)
+    types = _types(schema, root)
+    if types and "string" not in types and "other" not in types or types == {"other"}:
+        # a typed value is JSON text (convert_parameter parses it by the schema)
+        full = dict(resolved) if isinstance(resolved, Mapping) else {}
+        for section in ("$defs", "definitions"):  # keep the tool's definitions for the refs inside
+            if isinstance(root.get(section), Mapping) and section not in full:
+                full[section] = root[section]
+        full = _guard_strings(full)
+        full["x-guidance"] = {**_JSON_OPTIONS, **(full.get("x-guidance") or {})}
+        rules.append(f"{key}: {head} {key}_json {end}")
+        rules.append(f"{key}_json: %json {json.dumps(full, ensure_ascii=False)}")
+        return key
+    # a string (or untyped) value is raw text, kept verbatim by the parser: no marker may occur in it
+    value = "TEXT_VALUE"
+    if isinstance(resolved, Mapping):
+        options = list(resolved.get("enum") or []) + ([resolved["const"]] if "const" in resolved else [])
+        if options:
+            texts = [o if isinstance(o, str) else json.dumps(o, ensure_ascii=False) for o in options]
+            value = "(" + " | ".join(_lark_string(t) for t in texts) + ")"
+        elif types <= {"string", "null"}:
+            lo, hi = resolved.get("minLength"), resolved.get("maxLength")
+            if isinstance(lo, int) or isinstance(hi, int):
+                lo = lo if isinstance(lo, int) and lo > 0 else 0
+                hi_text = str(hi) if isinstance(hi, int) and hi >= 0 else ""
+                value = f"({value} & /(?s:.){{{lo},{hi_text}}}/)"
+            if isinstance(resolved.get("pattern"), str):
+                value = f"({value} & /{_pattern_regex(resolved['pattern'])}/)"
+    terminal = key.upper() + "_VALUE"
+    rules.append(f"{key}: {head} {terminal}")
+    rules.append(f"{terminal}: {value} {end}")
+    return key
+
+
+def _function_rules(k: int, function: Mapping[str, Any], rules: list[str]) -> str:
+    """Rules for the parameters of one function (schema order; required ones mandatory); returns the rule name."""
+    parameters = function.get("parameters") if isinstance(function.get("parameters"), Mapping) else {}
+    properties = parameters.get("properties") if isinstance(parameters.get("properties"), Mapping) else {}
+    required = [r for r in parameters.get("required") or () if isinstance(r, str)]
+    names = list(properties) + [r for r in required if r not in properties]
+    parts = []
+    for j, pname in enumerate(names):
+        writable = pname and pname == pname.strip() and not re.search(r"[>\n]", pname)
+        if not writable:
+            if pname in required:
+                raise ValueError(f"tools: the required parameter {pname!r} of {function['name']!r} cannot be written "
+                                 "in a tool call (a name may not contain '>' or a line break, nor start or end with "
+                                 "whitespace)")
+            continue
+        rule = _parameter_rules(f"f{k}_p{j}", pname, properties.get(pname), parameters, rules)
+        parts.append(rule if pname in required else f"{rule}?")
+    rules.append(f"f{k}_args: {' '.join(parts)}" if parts else f'f{k}_args: ""')
+    return f"f{k}_args"
+
+
+def tool_call_grammar(tools: Sequence[Mapping[str, Any]] | None, *, forced: str | None = None,
+                      name_prefilled: bool = False, opened: bool = False, parallel: bool = True,
+                      alternative: Mapping[str, Any] | None = None) -> str:
+    """A grammar (llguidance's Lark dialect) for tool calls in Qwen's XML format, as the template writes them::
+
+        <tool_call>\\n<function=NAME>\\n<parameter=ARG>\\nVALUE\\n</parameter>\\n...</function>\\n</tool_call>
+
+    Parameters come in the order of the tool's schema, required ones always, optional ones maybe.  A value whose
+    schema admits only non-string types is JSON of that schema (``%json``, with free strings inside it kept clear of
+    the markers); a string value is raw text containing none of ``</parameter>``, ``<parameter=``, ``</function>``,
+    ``</tool_call>`` (so the parser's reading of the value is never in doubt), limited to the schema's ``enum`` /
+    ``const``, ``minLength`` / ``maxLength`` and ``pattern`` where given (``format`` is not enforced).
+
+    ``opened``: the output continues a prefilled ``<tool_call>\\n<function=`` (and ``NAME>\\n`` too when
+    ``name_prefilled``); ``forced`` restricts the call to that function.  ``parallel``: further calls may follow,
+    each on a new line.  ``alternative`` (a response_format spec): the output is that JSON *or* the calls.
+    """
+    functions = [t["function"] for t in tools or ()]
+    if forced is not None:
+        functions = [f for f in functions if f["name"] == forced]
+    rules: list[str] = []
+    choices = []
+    for k, function in enumerate(functions):
+        args = _function_rules(k, function, rules)
+        rules.append(f"f{k}: {_lark_string(function['name'] + '>' + chr(10))} {args} "
+                     f"{_lark_string(FUNCTION_END + chr(10) + TOOL_CALL_END)}")
+        choices.append(f"f{k}")
+    call_start = _lark_string(f"{TOOL_CALL_START}\n{FUNCTION_START}")
+    rules.append(f"function: {' | '.join(choices)}")
+    rules.append(f"call: {call_start} function")
+    more = ' ("\\n" call)*' if parallel else ""
+    if opened:
+        first = f"f0_args {_lark_string(FUNCTION_END + chr(10) + TOOL_CALL_END)}" if name_prefilled else "function"
+        top = f"start: {first}{more}"
+    else:
+        top = f"start: call{more}"
+        if alternative is not None:
+            schema = alternative.get("value") if alternative.get("kind") == "json_schema" else {"type": "object"}
+            options = {**_JSON_OPTIONS, "lenient": not alternative.get("strict", False)}
+            body = dict(schema) if isinstance(schema, Mapping) else schema
+            if isinstance(body, dict):
+                body["x-guidance"] = {**options, **(body.get("x-guidance") or {})}
+            rules.append(f"answer: %json {json.dumps(body, ensure_ascii=False)}")
+            top = f"start: answer | call{more}"
+    if any("TEXT_VALUE" in r for r in rules):  # one definition, shared by the string parameters
+        rules.append(f"TEXT_VALUE: /{_TEXT_VALUE}/")
+    return "\n".join([top] + rules) + "\n"
 
 
 # =============================================================================================

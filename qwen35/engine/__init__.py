@@ -7,6 +7,7 @@ layer, checkpoint loading or quantization.
 
 from .async_llm import AsyncLLM
 from .llm_engine import CompletionOutput, EngineConfig, LLMEngine, RequestOutput
-from .params import SamplingParams
+from .params import SamplingParams, StructuredSpec
 
-__all__ = ["AsyncLLM", "LLMEngine", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["AsyncLLM", "LLMEngine", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput",
+           "StructuredSpec"]

@@ -3,11 +3,16 @@
 ``LLMEngine`` is synchronous and single-threaded (``step()`` does one forward); ``LLM`` (llm.py) and the async
 engine drive it.  It owns the model, the cache, the scheduler and the sampler, and turns sampled tokens into
 text with an incremental detokenizer per sequence, so stop strings are found even when split across tokens.
+
+Structured output: a request whose SamplingParams carry a ``structured`` spec gets a grammar matcher per sequence
+(engine/structured.py); each step the batch's constrained rows are masked to what their grammar allows, the
+sampled token advances the matcher, and a sequence whose grammar is complete ends with finish_reason "stop".
 """
 
 from __future__ import annotations
 
 import itertools
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +24,7 @@ from .sampler import Sampler
 from .scheduler import Scheduler
 from .sequence import Sequence
 from .stop import StopStringMatcher
+from .structured import GrammarMatcher, StructuredCompiler
 
 GiB = 1024 ** 3
 
@@ -66,6 +72,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool = False
+    scheduled_at: float | None = None  # time.monotonic() when the engine first ran the request (None: not yet)
 
 
 @dataclass
@@ -79,6 +86,7 @@ class _Request:
     decoders: list
     matchers: list[StopStringMatcher | None]
     emitted: list[int]  # tokens already reported per sequence
+    grammars: list[GrammarMatcher | None] = field(default_factory=list)  # structured output, per sequence
 
 
 class LLMEngine:
@@ -109,6 +117,23 @@ class LLMEngine:
         self.vocab_limit = len(tokenizer) if tokenizer is not None else None
         self.eos_ids: frozenset[int] = frozenset(tokenizer.stop_token_ids) if tokenizer is not None else frozenset(
             _config_eos(cfg))
+        self._structured: StructuredCompiler | None = None  # built on the first structured request
+        self._structured_lock = threading.Lock()
+
+    # -- structured output --------------------------------------------------------------------------------
+    @property
+    def structured(self) -> StructuredCompiler:
+        """The grammar compiler over this engine's tokenizer (``ValueError`` without llguidance or a tokenizer)."""
+        with self._structured_lock:  # the server compiles on worker threads while the engine thread runs
+            if self._structured is None:
+                self._structured = StructuredCompiler(self.tokenizer, self.eos_ids)
+        return self._structured
+
+    def check_structured(self, params: SamplingParams) -> None:
+        """Compile ``params.structured`` now (it is cached for the request), so that a caller can refuse a bad
+        grammar before it starts answering; ``ValueError`` naming the problem."""
+        if params.structured is not None:
+            self.structured.compile(params.structured)
 
     # -- requests -----------------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -138,6 +163,9 @@ class LLMEngine:
             raise ValueError(f"the prompt has {len(ids)} tokens but the context holds {self.max_model_len} "
                              f"(prompt + at least one generated token); shorten it or raise max_model_len / "
                              "cache_memory")
+        grammars: list[GrammarMatcher | None] = [None] * params.n
+        if params.structured is not None:
+            grammars = [self.structured.matcher(params.structured) for _ in range(params.n)]
         seqs, decoders, matchers = [], [], []
         for i in range(params.n):
             seq = Sequence(request_id, ids, params, index=i)
@@ -149,7 +177,7 @@ class LLMEngine:
             matchers.append(StopStringMatcher(params.stop, params.include_stop_str_in_output) if params.stop else None)
         outputs = [CompletionOutput(index=i, logprobs=[] if params.logprobs is not None else None,
                                     top_logprobs=[] if params.logprobs is not None else None) for i in range(params.n)]
-        req = _Request(request_id, text, ids, params, seqs, outputs, decoders, matchers, [0] * params.n)
+        req = _Request(request_id, text, ids, params, seqs, outputs, decoders, matchers, [0] * params.n, grammars)
         for seq in seqs:
             self.scheduler.add(seq)
             self._seq_owner[seq.seq_id] = req
@@ -181,7 +209,8 @@ class LLMEngine:
         if seqs:
             result = self.sampler(logits, [s.params for s in seqs], [s.output_ids for s in seqs],
                                   [s.generator for s in seqs], vocab_limit=self.vocab_limit,
-                                  min_tokens_mask_ids=[self._blocked(s) for s in seqs])
+                                  min_tokens_mask_ids=[self._blocked(s) for s in seqs],
+                                  allowed_token_mask=self._grammar_mask(seqs))
             for i, seq in enumerate(seqs):
                 tok = result.token_ids[i]
                 seq.output_ids.append(tok)
@@ -191,6 +220,24 @@ class LLMEngine:
                 self._after_token(req, seq, tok)
                 touched[req.request_id] = req
         return [self._report(req) for req in touched.values()]
+
+    def _grammar_of(self, seq: Sequence) -> GrammarMatcher | None:
+        req = self._seq_owner.get(seq.seq_id)
+        if req is None or not req.grammars:
+            return None
+        return req.grammars[seq.index]
+
+    def _grammar_mask(self, seqs: list[Sequence]) -> torch.Tensor | None:
+        """What the grammars of the constrained sequences allow next (None when none is constrained)."""
+        grammars = [self._grammar_of(s) for s in seqs]
+        if all(g is None for g in grammars):
+            return None
+        for g, s in zip(grammars, seqs):
+            if g is not None:
+                # The matcher follows output_ids, which preemption keeps: in sync, unless something replaced the
+                # tokens behind its back, and then it is rebuilt from them.
+                g.sync(s.output_ids)
+        return self.structured.allowed_mask(grammars)
 
     def _blocked(self, seq: Sequence) -> set[int] | None:
         p = seq.params
@@ -205,7 +252,17 @@ class LLMEngine:
         done_min = len(seq.output_ids) >= p.min_tokens
         reason: str | None = None
         stop_reason: int | str | None = None
-        if done_min and not p.ignore_eos and tok in self.eos_ids:
+        grammar = req.grammars[i] if req.grammars else None
+        grammar_done = False
+        if grammar is not None:
+            if not grammar.advance(tok):
+                # Cannot happen with the mask applied; if it does, the output no longer follows the grammar and
+                # the sequence is ended rather than continued unconstrained.
+                reason, stop_reason = "abort", f"grammar error: {grammar.error}"
+            grammar_done = grammar.done
+        if reason is not None:
+            pass
+        elif done_min and not p.ignore_eos and tok in self.eos_ids:
             reason, stop_reason = "stop", tok
         elif done_min and tok in p.stop_token_ids:
             reason, stop_reason = "stop", tok
@@ -219,12 +276,15 @@ class LLMEngine:
                     reason, stop_reason = "stop", matcher.matched_stop
             out.text += delta
             out.delta_text += delta
+        flush = False  # the last token is text: flush the decoder and the stop-string matcher
+        if reason is None and grammar_done:
+            reason, flush = "stop", True  # the grammar is complete: nothing else may follow
         if reason is None:
             limit = p.max_tokens if p.max_tokens is not None else self.max_model_len
             if len(seq.output_ids) >= limit or seq.length >= self.max_model_len:
-                reason = "length"
+                reason, flush = "length", True
         if reason is not None:
-            if dec is not None and reason == "length":
+            if dec is not None and flush:
                 tail = dec.finish()
                 if matcher is not None and not matcher.stopped:
                     tail, _ = matcher.feed(tail)
@@ -244,8 +304,9 @@ class LLMEngine:
                 out.top_logprobs = list(seq.top_logprobs)
             req.emitted[seq.index] = len(seq.output_ids)
         finished = all(o.finished for o in req.outputs)
+        started = [s.first_scheduled for s in req.seqs if s.first_scheduled is not None]
         snapshot = RequestOutput(req.request_id, req.prompt, req.prompt_ids,
-                                 [_copy_output(o) for o in req.outputs], finished)
+                                 [_copy_output(o) for o in req.outputs], finished, min(started, default=None))
         for o in req.outputs:
             o.delta_text = ""
         if finished:

@@ -2,8 +2,11 @@
 
 Processing order, per row (vLLM / HF order):
 
-1. restrict to the real vocabulary (``vocab_limit``: the embedding matrix is padded) and block the
-   ids the engine says must not come yet (``min_tokens_mask_ids``: stop ids before ``min_tokens``);
+1. restrict to the real vocabulary (``vocab_limit``: the embedding matrix is padded), keep only the
+   tokens a request's grammar allows (``allowed_token_mask``, structured output), and block the ids
+   the engine says must not come yet (``min_tokens_mask_ids``: stop ids before ``min_tokens``).  When
+   the grammar and the min-tokens block together leave a row nothing, the grammar wins: it knows
+   what the output must be, and a row without any token cannot be sampled at all;
 2. penalties, on the tokens *generated so far* (not the prompt): repetition (positive logits divided
    by the penalty, negative ones multiplied), then frequency (``count * penalty`` subtracted) and
    presence (``penalty`` subtracted once per distinct token);
@@ -11,10 +14,11 @@ Processing order, per row (vLLM / HF order):
 4. temperature, top-k, top-p, min-p, then one draw from the softmax.
 
 Logprobs semantics (as vLLM's default ``raw_logprobs``): the chosen token's logprob and the top-N are
-taken from ``log_softmax`` of the model's raw logits, before penalties, the min-tokens block,
-temperature and the top-k/top-p/min-p filters. Only the padded ids beyond ``vocab_limit`` are left
-out, as they are not tokens at all. So a logprob describes what the model thinks, and is the same
-whatever sampling settings the request used; it is not the probability the token was drawn with.
+taken from ``log_softmax`` of the model's raw logits, before the grammar mask, penalties, the
+min-tokens block, temperature and the top-k/top-p/min-p filters. Only the padded ids beyond
+``vocab_limit`` are left out, as they are not tokens at all. So a logprob describes what the model
+thinks, and is the same whatever sampling settings the request used; it is not the probability the
+token was drawn with.
 
 Reproducibility: a row with a ``torch.Generator`` draws only from its own generator, on its own row
 of probabilities, so a seeded request gives the same tokens whatever else shares the batch. Rows
@@ -51,8 +55,11 @@ class Sampler:
         generators: Sequence[torch.Generator | None],
         vocab_limit: int | None = None,
         min_tokens_mask_ids: Sequence[set[int] | None] | None = None,
+        allowed_token_mask: Tensor | None = None,
     ) -> SampleOutput:
-        x = _prepare(logits, params, generated, generators, vocab_limit, min_tokens_mask_ids)
+        """``allowed_token_mask``: bool ``[batch, n]``, True where a token may be sampled (ids >= n may not);
+        rows without a constraint are all True."""
+        x = _prepare(logits, params, generated, generators, vocab_limit, min_tokens_mask_ids, allowed_token_mask)
         raw = logits[:, : x.shape[1]]
         batch = x.shape[0]
 
@@ -93,13 +100,15 @@ class Sampler:
         generated: Sequence[Sequence[int]],
         vocab_limit: int | None = None,
         min_tokens_mask_ids: Sequence[set[int] | None] | None = None,
+        allowed_token_mask: Tensor | None = None,
     ) -> Tensor:
         """The float32 distribution ``__call__`` draws from, ``[B, min(V, vocab_limit)]``.
 
         Greedy rows are one-hot on their argmax. Meant for tests and debugging; the engine calls
         the sampler itself.
         """
-        x = _prepare(logits, params, generated, [None] * len(params), vocab_limit, min_tokens_mask_ids)
+        x = _prepare(logits, params, generated, [None] * len(params), vocab_limit, min_tokens_mask_ids,
+                     allowed_token_mask)
         out = torch.zeros_like(x)
         for i, p in enumerate(params):
             if p.greedy:
@@ -120,6 +129,7 @@ def _prepare(
     generators: Sequence[torch.Generator | None],
     vocab_limit: int | None,
     min_tokens_mask_ids: Sequence[set[int] | None] | None,
+    allowed_token_mask: Tensor | None = None,
 ) -> Tensor:
     """Checks the arguments; returns float32 logits restricted, blocked and penalised (steps 1-2)."""
     if logits.dim() != 2 or not logits.is_floating_point():
@@ -139,6 +149,15 @@ def _prepare(
     # caller's logits intact for the raw logprobs.
     x = logits[:, :vocab].to(torch.float32, copy=True)
 
+    allowed = None
+    if allowed_token_mask is not None:
+        if allowed_token_mask.dim() != 2 or allowed_token_mask.shape[0] != batch:
+            raise ValueError(f"allowed_token_mask must be [batch={batch}, n], got {tuple(allowed_token_mask.shape)}")
+        allowed = allowed_token_mask[:, :vocab].to(device=x.device, dtype=torch.bool)
+        if allowed.shape[1] < vocab:  # ids the grammar's tokenizer does not know are never allowed
+            allowed = torch.cat([allowed, allowed.new_zeros(batch, vocab - allowed.shape[1])], dim=1)
+        x.masked_fill_(~allowed, float("-inf"))
+
     if min_tokens_mask_ids is not None:
         rows, cols = [], []
         for i, ids in enumerate(min_tokens_mask_ids):
@@ -147,7 +166,13 @@ def _prepare(
                     rows.append(i)
                     cols.append(t)
         if rows:
+            before = x.clone() if allowed is not None else None
             x[_index(rows, x.device), _index(cols, x.device)] = float("-inf")
+            if before is not None:
+                # grammar and min-tokens block left nothing (the grammar allows only the end): the grammar wins
+                empty = torch.isneginf(x).all(dim=1)
+                if bool(empty.any()):
+                    x[empty] = before[empty]
 
     _apply_penalties(x, params, generated)
     return x

@@ -9,6 +9,7 @@ from its tokens (prompt + what it generated so far).
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -118,6 +119,8 @@ class Scheduler:
             self.cache.admit(seq.seq_id)
             self.cache.grow(seq.seq_id, n)
             seq.status = Status.RUNNING
+            if seq.first_scheduled is None:
+                seq.first_scheduled = time.monotonic()
             self.running.append(seq)
             batch.prefills.append((seq, n))
             budget -= n

@@ -253,7 +253,7 @@ class _Server:
         app.add_api_route("/", self.chat_page, methods=["GET"], include_in_schema=False)
         app.add_api_route("/static/{name}", self.static_file, methods=["GET"], include_in_schema=False)
 
-        app.openapi = lambda: _openapi_document(app)  # type: ignore[method-assign]
+        app.openapi = lambda: _openapi_document(app, self.model_name)  # type: ignore[method-assign]
 
         app.add_exception_handler(APIError, self._on_request_error)  # type: ignore[arg-type]
         app.add_exception_handler(RequestValidationError, self._on_validation_error)  # type: ignore[arg-type]
@@ -427,15 +427,30 @@ class _Server:
         def prepare() -> tuple[ChatPrompt, list[int]]:
             prompt = build_chat_prompt(self.tokenizer, req.messages, tools=req.tools, tool_choice=req.tool_choice,
                                        enable_thinking=req.enable_thinking, chat_template_kwargs=kwargs,
-                                       parallel_tool_calls=req.parallel_tool_calls)
+                                       parallel_tool_calls=req.parallel_tool_calls,
+                                       response_format=req.response_format)
             return prompt, self.tokenizer.encode(prompt.text)
 
         try:  # rendering and tokenising a long conversation takes a while: keep the event loop free
             prompt, ids = await asyncio.to_thread(prepare)
         except ValueError as e:
-            raise APIError(str(e), _chat_param(str(e))) from None
-        params = prompt.sampling_params(sampling_params(req, self.defaults, self.max_tokens_cap))
+            message = str(e)
+            raise APIError(message, "response_format" if message.startswith("response_format")
+                           else _chat_param(message)) from None
+        base = sampling_params(req, self.defaults, self.max_tokens_cap)
+        try:
+            params = prompt.sampling_params(base)
+        except ValueError as e:  # the grammar spec of response_format / a forced call
+            raise APIError(str(e), prompt.structured_source) from None
         self._check_prompt(ids, "messages")
+        engine = getattr(self.llm, "engine", None)
+        if params.structured is not None and engine is not None:
+            # Compile the grammar here (the engine caches it): a schema it cannot enforce, or a server without
+            # llguidance, is a 400 naming the field, not an error inside a stream that has already begun.
+            try:
+                await asyncio.to_thread(engine.check_structured, params)
+            except ValueError as e:
+                raise APIError(str(e), prompt.structured_source) from None
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         if req.stream:
@@ -637,7 +652,31 @@ _BODIES = {"/v1/chat/completions": (ChatCompletionRequest, "A chat completion, o
            "/v1/completions": (CompletionRequest, "A text completion, or server-sent events when stream is true.")}
 
 
-def _openapi_document(app: FastAPI) -> dict[str, Any]:
+# What the handlers check by hand (the pydantic models take these fields as Any so that every malformed shape gets
+# one readable message), written out for clients and schema-driven tools.
+_MESSAGE_SCHEMA = {"type": "object", "required": ["role"], "properties": {
+    "role": {"type": "string", "enum": ["system", "developer", "user", "assistant", "tool"]},
+    "content": {"anyOf": [{"type": "string"}, {"type": "null"}, {"type": "array", "items": {
+        "type": "object", "required": ["type"], "properties": {"type": {"type": "string"}, "text": {"type": "string"}}}}]},
+    "reasoning_content": {"type": "string"}, "name": {"type": "string"}, "tool_call_id": {"type": "string"},
+    "tool_calls": {"type": "array", "items": {"type": "object"}}}}
+_TOOL_SCHEMA = {"type": "object", "required": ["type", "function"], "properties": {
+    "type": {"const": "function"}, "function": {"type": "object", "required": ["name"], "properties": {
+        "name": {"type": "string", "pattern": "^[A-Za-z0-9_.:\\-]{1,128}$"}, "description": {"type": "string"},
+        "parameters": {"type": "object"}}}}}
+_RESPONSE_FORMAT_SCHEMA = {"anyOf": [
+    {"type": "null"},
+    {"type": "object", "required": ["type"], "properties": {"type": {"enum": ["text", "json_object"]}}},
+    {"type": "object", "required": ["type", "json_schema"], "properties": {
+        "type": {"const": "json_schema"}, "json_schema": {"type": "object", "required": ["name"], "properties": {
+            "name": {"type": "string"}, "description": {"type": "string"}, "schema": {"type": "object"},
+            "strict": {"type": ["boolean", "null"]}}}}}]}
+_STOP_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}, {"type": "null"}]}
+_PROMPT_SCHEMA = {"anyOf": [{"type": "string", "minLength": 1},
+                            {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}]}
+
+
+def _openapi_document(app: FastAPI, model_name: str) -> dict[str, Any]:
     """FastAPI's document plus what it cannot see: the handlers read their bodies themselves (to enforce the size
     limit before parsing and to answer 400 in OpenAI's error shape), so the request schemas and the error
     responses are added here from the same pydantic models the handlers validate with."""
@@ -654,14 +693,25 @@ def _openapi_document(app: FastAPI) -> dict[str, Any]:
         operation = doc["paths"][path]["post"]
         body = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(body.pop("$defs", {}))
+        props = body["properties"]
+        props["model"] = {"anyOf": [{"type": "string", "enum": [model_name]}, {"type": "null"}],
+                          "description": "the served model (other names get 404)"}
+        props["stop"] = _STOP_SCHEMA
+        if "messages" in props:
+            props["messages"] = {"type": "array", "items": _MESSAGE_SCHEMA, "minItems": 1}
+            props["tools"] = {"anyOf": [{"type": "array", "items": _TOOL_SCHEMA}, {"type": "null"}]}
+            props["response_format"] = _RESPONSE_FORMAT_SCHEMA
+        if "prompt" in props:
+            props["prompt"] = _PROMPT_SCHEMA
         schemas[model.__name__] = body
         operation["requestBody"] = {"required": True, "content": {"application/json": {
             "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
         operation["responses"] = {"200": {"description": answer, "content": {
             "application/json": {"schema": {"type": "object"}}, "text/event-stream": {"schema": {"type": "string"}}}},
             **errors}
-    for path in ("/v1/models",):
-        doc["paths"][path]["get"]["responses"].update({"401": errors["401"]})
+    doc["paths"]["/v1/models"]["get"]["responses"].update({"401": errors["401"]})
+    doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"] = {
+        "text/plain": {"schema": {"type": "string", "description": "Prometheus exposition format"}}}
     app.openapi_schema = doc
     return doc
 

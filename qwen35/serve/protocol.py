@@ -4,7 +4,8 @@ Bodies are validated strictly (JSON types as sent: ``"n": "2"`` or ``"stream": 1
 and fields this server does not know are rejected rather than silently ignored: a misspelt ``max_token`` must not
 quietly generate until the context is full.  Fields OpenAI defines that have no effect here (``user``,
 ``metadata``, ``store``...) are accepted and ignored; fields asking for something this server cannot do
-(``logit_bias``, ``response_format`` other than text, ``echo``...) are rejected with a message saying so.
+(``logit_bias``, ``echo``...) are rejected with a message saying so.  ``response_format`` is checked by
+build_chat_prompt (which names the field at fault) and enforced by grammar-constrained decoding.
 Cross-field rules and value ranges that SamplingParams already checks are left to it, so there is one rule and
 one message for each.
 """
@@ -84,7 +85,7 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     chat_template_kwargs: dict[str, Any] | None = None
     enable_thinking: bool | None = None  # alias of chat_template_kwargs.enable_thinking that some clients send
-    response_format: dict[str, Any] | None = None
+    response_format: Any = None  # checked by build_chat_prompt, so that every malformed shape gets one message
     reasoning_effort: str | None = None
     functions: list[Any] | None = None  # the pre-tools API
     function_call: Any = None
@@ -107,9 +108,6 @@ def _unsupported(req: ChatCompletionRequest | CompletionRequest) -> None:
         if req.functions is not None or req.function_call is not None:
             raise APIError("functions / function_call are the deprecated form of tools / tool_choice; "
                            "send tools instead", "functions")
-        if req.response_format is not None and req.response_format.get("type") != "text":
-            raise APIError("response_format other than {'type': 'text'} is not supported by this server "
-                           "(no constrained decoding)", "response_format")
         if req.reasoning_effort is not None:
             raise APIError("reasoning_effort is not supported by the Qwen3.5 chat template; switch thinking "
                            "with chat_template_kwargs.enable_thinking", "reasoning_effort")

@@ -28,6 +28,15 @@ def serve(model: str | os.PathLike | None = None, *, host: str = "127.0.0.1", po
     from ..engine import AsyncLLM
     from ..llm import LLM
 
+    # qwen35's own loggers (the per-request access lines of "qwen35.access", engine errors) at uvicorn's level;
+    # without a handler only warnings would reach the terminal
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    root = logging.getLogger("qwen35")
+    if not root.handlers:
+        root.addHandler(handler)
+    root.setLevel(log_level.upper())
+
     extra = {"quantization": quantization} if quantization else {}  # e.g. "int8" weights
     llm = LLM(model, dtype=dtype, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
               cache_memory=cache_memory, max_model_len=max_model_len, threads=threads, **extra)

@@ -184,7 +184,9 @@ def _held_out(task: str, n: int, max_rounds: int = 200) -> list[dict[str, Any]]:
 
 def check_tool_calls(calls, tools: Sequence[Mapping[str, Any]]) -> bool:
     """Whether parsed calls are well formed against the schemas: at least one call, every function known, every
-    required parameter present, no unknown parameter, values of the declared JSON type and enum."""
+    required parameter present, no unknown parameter, values of the declared JSON type and enum, and no string value
+    holding the call format's own tags.  (The parser keeps a header outside the schema as text of the value before
+    it -- real values may quote the format -- but no answer of these tasks does, so here it is a malformed call.)"""
     if not calls:
         return False
     schemas = {t["function"]["name"]: t["function"].get("parameters", {}) for t in tools}
@@ -207,7 +209,12 @@ def check_tool_calls(calls, tools: Sequence[Mapping[str, Any]]) -> bool:
                 return False
             if "enum" in spec and value not in spec["enum"]:
                 return False
+            if isinstance(value, str) and any(tag in value for tag in _CALL_TAGS):
+                return False
     return True
+
+
+_CALL_TAGS = ("<tool_call>", "</tool_call>", "<function=", "</function>", "<parameter=", "</parameter>")
 
 
 def _expected_calls(message: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
