@@ -134,6 +134,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-memory", metavar="SIZE", help="memory for the KV blocks and DeltaNet state slots, "
                    "e.g. 2GiB (default: enough for 16 sequences of 4096 tokens)")
     p.add_argument("--max-model-len", type=int, metavar="N", help="cap on prompt + output tokens")
+    p.add_argument("--speculative-config", metavar="JSON", default=None,
+                   help='speculative decoding, vLLM\'s JSON: e.g. \'{"method": "ngram", "num_speculative_tokens": 3}\' '
+                        "(prompt lookup: drafts tokens from earlier text and verifies them in one forward; the output "
+                        "is unchanged, greedy output token for token)")
     p.add_argument("--quantization", choices=["int8"], default=None,
                    help="int8: weight-only int8 with per-row scales (half the weight memory; several times faster "
                         "decoding on CPUs without native bf16)")
@@ -179,7 +183,8 @@ def _load_llm(args: argparse.Namespace):
 
     try:
         return LLM(args.model, dtype=args.dtype, threads=args.threads, cache_memory=args.cache_memory,
-                   max_model_len=args.max_model_len, quantization=args.quantization)
+                   max_model_len=args.max_model_len, quantization=args.quantization,
+                   speculative_config=args.speculative_config)
     except (CheckpointError, ValueError) as e:
         raise CommandError(str(e).splitlines()[0]) from None
 
@@ -629,6 +634,7 @@ def _run_serve(args: argparse.Namespace) -> int:
               max_num_batched_tokens=args.max_num_batched_tokens, cache_memory=args.cache_memory,
               max_model_len=args.max_model_len, threads=args.threads, max_tokens_cap=args.max_tokens_cap,
               max_body_bytes=max_body, quantization=getattr(args, "quantization", None),
+              speculative_config=args.speculative_config,
               log_level=args.log_level)
     except (CheckpointError, ValueError) as e:
         raise CommandError(str(e).splitlines()[0]) from None

@@ -73,13 +73,17 @@ class LLM:
     ``model``: a checkpoint folder (None: the embedded model).  ``tokenizer``: a folder (or tokenizer.json) to take
     the tokenizer from instead of the checkpoint's.  ``skip_tokenizer_init=True`` loads no tokenizer at all:
     prompts must then be token ids and outputs carry ids only (``text`` stays empty), as in vLLM.
+    ``speculative_config``: e.g. ``{"method": "ngram", "num_speculative_tokens": 3}`` (a dict or its JSON text)
+    drafts tokens by prompt lookup and verifies them in one forward; the output distribution is unchanged (greedy
+    output is token-identical), see ``qwen35/engine/speculative.py``.
     """
 
     def __init__(self, model: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto", *,
                  tokenizer: str | os.PathLike | None = None, skip_tokenizer_init: bool = False,
                  max_num_seqs: int = 16, max_num_batched_tokens: int = 512, block_size: int = 16,
                  cache_memory: int | str | None = None, max_model_len: int | None = None,
-                 threads: int | None = None, quantization: str | None = None) -> None:
+                 threads: int | None = None, quantization: str | None = None,
+                 speculative_config: Mapping[str, Any] | str | None = None) -> None:
         from .chat.tokenizer import Tokenizer, TokenizerError
         from .checkpoint import load_model
         from .kernels.ops import check_switches
@@ -107,9 +111,12 @@ class LLM:
                     raise TokenizerError(f"{e}; pass tokenizer=PATH (a folder with a tokenizer.json), or "
                                          "skip_tokenizer_init=True to work with token ids only") from None
                 raise
+        from .engine.speculative import SpeculativeConfig
+
         config = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                               block_size=block_size, cache_memory=parse_bytes(cache_memory),
-                              max_model_len=max_model_len)
+                              max_model_len=max_model_len,
+                              speculative_config=SpeculativeConfig.parse(speculative_config))
         self.engine = LLMEngine(self.model, self.tokenizer, config)
 
     # -- defaults -------------------------------------------------------------------------------------------

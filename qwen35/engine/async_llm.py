@@ -82,6 +82,9 @@ class AsyncLLM:
         s = dict(self.engine.cache.usage())
         s["running"] = len(self.engine.scheduler.running)
         s["waiting"] = len(self.engine.scheduler.waiting)
+        drafter = getattr(self.engine, "drafter", None)
+        if drafter is not None:
+            s.update(drafter.stats.as_dict())
         return s
 
     # -- engine thread ---------------------------------------------------------------------------------------

@@ -133,6 +133,9 @@ class HybridCache:
         self.slots = StateSlotPool(config, layout, dtype, device)
         self.block_tables: dict[int, list[int]] = {}
         self.slot_of: dict[int, int] = {}
+        # DeltaNet state after each verified token of a speculative step, (seq id, token index) -> {layer:
+        # (window, state)}: what a sequence is rewound to when a draft token is rejected.  Lives for one step.
+        self._step_states: dict[tuple[int, int], dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
 
     @classmethod
     def from_budget(cls, config: ModelConfig, cache_memory: int, max_num_seqs: int, block_size: int,
@@ -179,6 +182,25 @@ class HybridCache:
             self.kv.give_back(self.block_tables.pop(seq_id))
         if seq_id in self.slot_of:
             self.slots.give_back(self.slot_of.pop(seq_id))
+
+    # -- speculative steps ------------------------------------------------------------------------------------
+    def save_step(self, layer: int, step: int, seq_ids: list[int]) -> None:
+        """Keep the DeltaNet state of ``layer`` of these sequences as it is after token ``step`` of this step."""
+        windows, states = self.slots.windows[layer], self.slots.states[layer]
+        for seq_id in seq_ids:
+            slot = self.slot_of[seq_id]
+            self._step_states.setdefault((seq_id, step), {})[layer] = (windows[slot].clone(), states[slot].clone())
+
+    def rewind(self, seq_id: int, step: int) -> None:
+        """Put a sequence's DeltaNet state back to what it was after token ``step`` of this step (its KV rows past
+        that token are simply overwritten later: attention reads only up to a sequence's length)."""
+        slot = self.slot_of[seq_id]
+        for layer, (window, state) in self._step_states[(seq_id, step)].items():
+            self.slots.windows[layer][slot].copy_(window)
+            self.slots.states[layer][slot].copy_(state)
+
+    def end_step(self) -> None:
+        self._step_states.clear()
 
     # -- addressing -------------------------------------------------------------------------------------------
     def token_rows(self, seq_id: int, start: int, end: int) -> torch.Tensor:

@@ -21,8 +21,10 @@ from .cache import HybridCache
 from .params import SamplingParams
 from .runner import ModelRunner
 from .sampler import Sampler
+from .sampler import _logprobs as raw_logprobs  # the sampler's own definition of a logprob
 from .scheduler import Scheduler
 from .sequence import Sequence
+from .speculative import Drafter, SpeculativeConfig
 from .stop import StopStringMatcher
 from .structured import GrammarMatcher, StructuredCompiler
 
@@ -36,6 +38,7 @@ class EngineConfig:
     block_size: int = 16  # tokens per KV block
     cache_memory: int | None = None  # bytes for KV blocks + state slots; None = enough for max_num_seqs × 4096
     max_model_len: int | None = None  # cap on prompt + output; None = the model's context
+    speculative_config: SpeculativeConfig | None = None  # draft tokens and verify them (see speculative.py)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -117,6 +120,7 @@ class LLMEngine:
         self.vocab_limit = len(tokenizer) if tokenizer is not None else None
         self.eos_ids: frozenset[int] = frozenset(tokenizer.stop_token_ids) if tokenizer is not None else frozenset(
             _config_eos(cfg))
+        self.drafter = Drafter(c.speculative_config) if c.speculative_config is not None else None
         self._structured: StructuredCompiler | None = None  # built on the first structured request
         self._structured_lock = threading.Lock()
 
@@ -201,25 +205,81 @@ class LLMEngine:
 
     # -- the step -----------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.drafter is not None:
+            self.drafter.propose([s for s in self.scheduler.running if s.remaining == 1], self.max_model_len)
         batch = self.scheduler.schedule()
         if batch.empty:
             return []
-        seqs, logits = self.runner.run(batch)
-        touched: dict[str, _Request] = {}
-        if seqs:
-            result = self.sampler(logits, [s.params for s in seqs], [s.output_ids for s in seqs],
-                                  [s.generator for s in seqs], vocab_limit=self.vocab_limit,
-                                  min_tokens_mask_ids=[self._blocked(s) for s in seqs],
-                                  allowed_token_mask=self._grammar_mask(seqs))
-            for i, seq in enumerate(seqs):
-                tok = result.token_ids[i]
-                seq.output_ids.append(tok)
-                seq.logprobs.append(result.logprobs[i])
-                seq.top_logprobs.append(result.top_logprobs[i])
-                req = self._seq_owner[seq.seq_id]
-                self._after_token(req, seq, tok)
-                touched[req.request_id] = req
+        try:
+            seqs, logits, counts = self.runner.run(batch)
+            touched: dict[str, _Request] = {}
+            starts = list(itertools.accumulate([0] + counts[:-1]))
+            plain = [i for i, n in enumerate(counts) if n == 1]
+            if plain:
+                rows = torch.tensor([starts[i] for i in plain], dtype=torch.long)
+                group = [seqs[i] for i in plain]
+                result = self.sampler(logits[rows], [s.params for s in group], [s.output_ids for s in group],
+                                      [s.generator for s in group], vocab_limit=self.vocab_limit,
+                                      min_tokens_mask_ids=[self._blocked(s) for s in group],
+                                      allowed_token_mask=self._grammar_mask(group))
+                for i, seq in enumerate(group):
+                    self._append(seq, result.token_ids[i], result.logprobs[i], result.top_logprobs[i], touched)
+            for i, n in enumerate(counts):
+                if n > 1:
+                    self._verify(seqs[i], logits[starts[i]:starts[i] + n], touched)
+        finally:
+            self.cache.end_step()
+            for seq in batch.decodes:
+                seq.draft_ids = []
         return [self._report(req) for req in touched.values()]
+
+    def _append(self, seq: Sequence, tok: int, logprob, top, touched: dict[str, _Request]) -> None:
+        seq.output_ids.append(tok)
+        seq.logprobs.append(logprob)
+        seq.top_logprobs.append(top)
+        req = self._seq_owner[seq.seq_id]
+        self._after_token(req, seq, tok)
+        touched[req.request_id] = req
+
+    def _verify(self, seq: Sequence, logits: torch.Tensor, touched: dict[str, _Request]) -> None:
+        """Keep the longest run of draft tokens the model agrees with, plus one token of its own; rewind the
+        rest.  ``logits`` [1 + drafts, V]: row j predicts the token after the j-th token of the segment."""
+        drafts = list(seq.draft_ids)
+        start = seq.num_computed - len(drafts) - 1  # the runner counted the drafts in; undo that first
+        seq.num_computed = start + 1
+        accepted = 0
+        for j in range(len(drafts) + 1):
+            draft = drafts[j] if j < len(drafts) else None
+            tok, logprob, top = self._sample_verified(seq, logits[j:j + 1], draft)
+            self._append(seq, tok, logprob, top, touched)
+            if seq.finished or tok != draft:
+                break
+            accepted += 1
+            seq.num_computed += 1  # the accepted draft's KV and state are in the cache
+        if not seq.finished and accepted < len(drafts):
+            self.cache.rewind(seq.seq_id, accepted)
+        self.drafter.account(seq, len(drafts), accepted)
+
+    def _sample_verified(self, seq: Sequence, logits: torch.Tensor, draft: int | None):
+        """One token from one verifying row: plain sampling (greedy rows, the last row), or the rejection rule
+        for a draft token under a sampled row (see speculative.py)."""
+        args = dict(vocab_limit=self.vocab_limit, min_tokens_mask_ids=[self._blocked(seq)],
+                    allowed_token_mask=self._grammar_mask([seq]))
+        if draft is None or seq.params.greedy:
+            r = self.sampler(logits, [seq.params], [seq.output_ids], [seq.generator], **args)
+            return r.token_ids[0], r.logprobs[0], r.top_logprobs[0]
+        p = self.sampler.distribution(logits, [seq.params], [seq.output_ids], **args)[0]
+        g = seq.generator
+        u = float(torch.rand(1, generator=g)) if g is not None else float(torch.rand(1))
+        if draft < p.shape[0] and u < float(p[draft]):
+            tok = draft
+        else:
+            rest = p.clone()
+            if draft < rest.shape[0]:
+                rest[draft] = 0.0
+            tok = int(torch.multinomial(rest / rest.sum(), 1, generator=g)) if float(rest.sum()) > 0 else draft
+        logprobs, top = raw_logprobs(logits[:, :p.shape[0]], [seq.params], [tok])
+        return tok, logprobs[0], top[0]
 
     def _grammar_of(self, seq: Sequence) -> GrammarMatcher | None:
         req = self._seq_owner.get(seq.seq_id)

@@ -32,41 +32,66 @@ class Segment:
 
 
 class PagedContext(ForwardContext):
+    """The engine's sequence mixing over the paged cache.
+
+    The first ``num_decodes`` segments are decode segments: one new token, or with speculative decoding that token
+    plus its draft tokens (a *verify* segment).  Every token of a decode segment goes through exactly the arithmetic
+    of a plain decode step -- attention as one query row over the block table with its own length, the DeltaNet
+    step on the state pool -- so a verified token equals the token plain decoding would compute.  Draft tokens of
+    one sequence depend on each other, so the DeltaNet steps run in waves (the j-th token of every decode segment
+    together), and the cache keeps the state after each wave so that rejected drafts can be rewound.
+    """
+
     def __init__(self, cache: HybridCache, segments: list[Segment], num_decodes: int,
                  rope: tuple[torch.Tensor, torch.Tensor]) -> None:
         self.cache = cache
         self.segments = segments
-        self.num_decodes = num_decodes  # the first num_decodes segments are single decode tokens
+        self.num_decodes = num_decodes
         self.rope = rope
         self.token_mask = None
         ids = [s.seq.seq_id for s in segments]
+        decodes = segments[:num_decodes]
+        self.num_decode_rows = sum(s.length for s in decodes)  # decode segments fill the front of the row
         # rows this step writes, and the rows each prompt chunk reads (its whole history incl. this step)
         self.write_rows = torch.cat([cache.token_rows(i, s.past, s.past + s.length) for i, s in zip(ids, segments)])
         self.read_rows = [cache.token_rows(i, 0, s.past + s.length)
                           for i, s in zip(ids[num_decodes:], segments[num_decodes:])]
         self.slots = torch.tensor([cache.slot_of[i] for i in ids], dtype=torch.long)
-        # decode tokens attend together, each over its blocks in place: block tables padded with a valid id
+        # each decode token attends over its sequence's blocks in place: block tables padded with a valid id
         self.decode_tables = self.decode_lengths = None
         if num_decodes:
             tables = [cache.block_tables[i] for i in ids[:num_decodes]]
             width = max(len(t) for t in tables)
-            self.decode_tables = torch.tensor([t + t[:1] * (width - len(t)) for t in tables], dtype=torch.long)
-            self.decode_lengths = torch.tensor([s.past + 1 for s in segments[:num_decodes]], dtype=torch.long)
+            rows, lengths = [], []
+            for seg, t in zip(decodes, tables):
+                rows += [t + t[:1] * (width - len(t))] * seg.length
+                lengths += range(seg.past + 1, seg.past + seg.length + 1)
+            self.decode_tables = torch.tensor(rows, dtype=torch.long)
+            self.decode_lengths = torch.tensor(lengths, dtype=torch.long)
+        # DeltaNet waves: wave j holds the j-th token of every decode segment that has one
+        self.waves: list[tuple[torch.Tensor, torch.Tensor, list[int]]] = []
+        longest = max((s.length for s in decodes), default=0)
+        for j in range(longest):
+            members = [k for k, s in enumerate(decodes) if s.length > j]
+            self.waves.append((torch.tensor([decodes[k].start + j for k in members], dtype=torch.long),
+                               self.slots[members], [decodes[k].seq.seq_id for k in members
+                                                     if decodes[k].length > 1]))
 
     def attend(self, layer, q, k, v):
         kv = self.cache.kv
         keys, values = kv.keys[layer], kv.values[layer]
         keys.index_copy_(0, self.write_rows, k[0])
         values.index_copy_(0, self.write_rows, v[0])
-        nd = self.num_decodes
-        if nd and nd == len(self.segments):  # a decode-only step: no prompt chunk to stitch in
+        nd = self.num_decode_rows
+        scale = q.shape[-1] ** -0.5
+        if nd and self.num_decodes == len(self.segments):  # a decode-only step: no prompt chunk to stitch in
             return paged_decode_attention(q[0], keys, values, self.decode_tables, self.decode_lengths,
-                                          self.cache.block_size, q.shape[-1] ** -0.5)[None]
+                                          self.cache.block_size, scale)[None]
         out = torch.empty_like(q)
         if nd:
             out[0, :nd] = paged_decode_attention(q[0, :nd], keys, values, self.decode_tables, self.decode_lengths,
-                                                 self.cache.block_size, q.shape[-1] ** -0.5)
-        for seg, rows in zip(self.segments[nd:], self.read_rows):
+                                                 self.cache.block_size, scale)
+        for seg, rows in zip(self.segments[self.num_decodes:], self.read_rows):
             qs = q[:, seg.start:seg.start + seg.length].transpose(1, 2)  # [1, H, t, d]
             ks = keys.index_select(0, rows).transpose(0, 1)[None]  # [1, Hkv, L, d]
             vs = values.index_select(0, rows).transpose(0, 1)[None]
@@ -82,11 +107,22 @@ class PagedContext(ForwardContext):
         slots = self.cache.slots
         windows, states = slots.windows[layer], slots.states[layer]
         parts = []
-        nd = self.num_decodes
-        if nd:  # every decode token in one in-place step on the pools
-            parts.append(mixer.mix_step_(qkv[0, :nd], g[0, :nd], beta[0, :nd], windows, states,
-                                         self.slots[:nd])[None])
-        for seg, slot in zip(self.segments[nd:], self.slots[nd:].tolist()):
+        nd = self.num_decode_rows
+        if nd:  # every decode token through the in-place step on the pools, one wave at a time
+            if len(self.waves) == 1:
+                parts.append(mixer.mix_step_(qkv[0, :nd], g[0, :nd], beta[0, :nd], windows, states,
+                                             self.slots[:self.num_decodes])[None])
+            else:
+                o = None
+                for step, (rows, wave_slots, verifying) in enumerate(self.waves):
+                    ow = mixer.mix_step_(qkv[0, rows], g[0, rows], beta[0, rows], windows, states, wave_slots)
+                    if o is None:
+                        o = ow.new_empty((nd, *ow.shape[1:]))
+                    o[rows] = ow
+                    if step < len(self.waves) - 1:
+                        self.cache.save_step(layer, step, verifying)
+                parts.append(o[None])
+        for seg, slot in zip(self.segments[self.num_decodes:], self.slots[self.num_decodes:].tolist()):
             sl = slice(seg.start, seg.start + seg.length)
             fresh = seg.past == 0  # a new sequence starts from zero state, never from what the slot held
             o, w, s = mixer.mix(qkv[:, sl], g[:, sl], beta[:, sl], None if fresh else windows[slot:slot + 1],
@@ -105,16 +141,20 @@ class ModelRunner:
         self.cache = cache
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor | None]:
+    def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor | None, list[int]]:
+        """One forward.  Returns the sequences that sample this step, their logits (one row each, or 1 + drafts
+        rows for a sequence verifying draft tokens, in order) and how many rows each has."""
         segments: list[Segment] = []
         tokens: list[int] = []
         positions: list[int] = []
-        work = [(s, 1) for s in batch.decodes] + batch.prefills
+        work = [(s, 1 + len(s.draft_ids)) for s in batch.decodes] + batch.prefills
         for seq, n in work:
-            ids = seq.all_ids[seq.num_computed:seq.num_computed + n]
-            segments.append(Segment(seq, len(tokens), n, seq.num_computed))
+            start = seq.num_computed
+            ids = seq.all_ids[start:start + n] if not seq.draft_ids or n == 1 else \
+                seq.all_ids[start:start + 1] + seq.draft_ids
+            segments.append(Segment(seq, len(tokens), n, start))
             tokens.extend(ids)
-            positions.extend(range(seq.num_computed, seq.num_computed + n))
+            positions.extend(range(start, start + n))
         m = self.model
         input_ids = torch.tensor([tokens], dtype=torch.long)
         pos = torch.tensor([positions], dtype=torch.long)
@@ -122,13 +162,21 @@ class ModelRunner:
         ctx = PagedContext(self.cache, segments, len(batch.decodes), m.model.rotary(pos, h.dtype))
         h, _ = m.run_layers(h, ctx)
         sampling: list[Sequence] = []
-        last_rows: list[int] = []
-        for seg in segments:
+        rows: list[int] = []
+        counts: list[int] = []
+        for k, seg in enumerate(segments):
+            if k < len(batch.decodes) and seg.length > 1:  # verify: every position predicts a token
+                seg.seq.num_computed += seg.length  # the engine rewinds what it does not accept
+                sampling.append(seg.seq)
+                rows.extend(range(seg.start, seg.start + seg.length))
+                counts.append(seg.length)
+                continue
             seg.seq.num_computed += seg.length
             if seg.seq.remaining == 0:  # the whole sequence is in the cache: time to sample the next token
                 sampling.append(seg.seq)
-                last_rows.append(seg.start + seg.length - 1)
+                rows.append(seg.start + seg.length - 1)
+                counts.append(1)
         if not sampling:
-            return [], None
-        hn = m.model.norm(h[0, last_rows])
-        return sampling, m.lm_head(hn).float()
+            return [], None, []
+        hn = m.model.norm(h[0, rows])
+        return sampling, m.lm_head(hn).float(), counts

@@ -29,7 +29,7 @@ class ScheduledBatch:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.decodes) + sum(n for _, n in self.prefills)
+        return sum(1 + len(s.draft_ids) for s in self.decodes) + sum(n for _, n in self.prefills)
 
 
 class Scheduler:
@@ -65,6 +65,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
         self.cache.release(seq.seq_id)
+        seq.draft_ids.clear()
         self.running.remove(seq)
         seq.status, seq.num_computed = Status.WAITING, 0
         seq.num_preemptions += 1
@@ -89,16 +90,23 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.budget
-        # 1. decodes (one token left before the next sample), oldest first
+        # 1. decodes (one token left before the next sample, plus any draft tokens to verify), oldest first
         for seq in sorted(self.running, key=_age):
             if budget <= 0:
                 break
             if seq not in self.running or seq.remaining != 1:
                 continue
-            if self._reserve(seq, seq.num_computed + 1, batch):
+            del seq.draft_ids[max(0, budget - 1):]  # drafts only as far as the budget goes
+            tokens = 1 + len(seq.draft_ids)
+            if not self._reserve(seq, seq.num_computed + tokens, batch) and seq.draft_ids:
+                seq.draft_ids.clear()  # no room for the drafts: decode plainly
+                tokens = 1
+                if seq not in self.running:
+                    continue
+            if seq in self.running and self._reserve(seq, seq.num_computed + tokens, batch):
                 batch.decodes.append(seq)
-                budget -= 1
-            else:
+                budget -= tokens
+            elif seq in self.running:
                 self._preempt(seq, batch)
         # 2. further prompt chunks of sequences already running
         for seq in sorted(self.running, key=_age):

@@ -37,6 +37,12 @@ class Sequence:
     arrival: float = field(default_factory=time.monotonic)
     first_scheduled: float | None = None  # time.monotonic() when the scheduler first ran it (queue time ends)
     num_preemptions: int = 0
+    # speculative decoding: tokens proposed for this step (verified by the next forward, then cleared), and
+    # this sequence's running account of how many proposed tokens were accepted
+    draft_ids: list[int] = field(default_factory=list)
+    spec_proposed: int = 0
+    spec_accepted: int = 0
+    spec_off: bool = False  # drafting stopped for this sequence: it did not pay
 
     @property
     def all_ids(self) -> list[int]:

@@ -28,6 +28,16 @@ _ENGINE_GAUGES = (
 )
 
 
+# Speculative decoding, when the engine drafts (AsyncLLM.stats() keys; see qwen35/engine/speculative.py).
+_SPEC_COUNTERS = (
+    ("spec_steps", "Sequence steps that verified draft tokens."),
+    ("spec_proposed_tokens", "Draft tokens proposed."),
+    ("spec_accepted_tokens", "Draft tokens the model accepted (each saves one decode step)."),
+    ("spec_disabled_sequences", "Sequences whose drafting was turned off for low acceptance."),
+    ("spec_skipped_batches", "Steps not drafted because more sequences decoded than max_batch_size."),
+)
+
+
 class _EngineCollector(Collector):
     def __init__(self, async_llm: Any) -> None:
         self._llm = async_llm
@@ -38,6 +48,11 @@ class _EngineCollector(Collector):
             gauge = GaugeMetricFamily(name, doc)
             gauge.add_metric([], float(stats.get(key, 0)))
             yield gauge
+        for key, doc in _SPEC_COUNTERS:
+            if key in stats:
+                counter = CounterMetricFamily(f"qwen35_{key}", doc)
+                counter.add_metric([], float(stats[key]))
+                yield counter
         errors = CounterMetricFamily("qwen35_engine_step_errors", "Engine steps that failed (their requests were "
                                      "ended with an error; the server kept running).")
         errors.add_metric([], float(getattr(self._llm, "errors", 0)))

@@ -16,6 +16,7 @@ def serve(model: str | os.PathLike | None = None, *, host: str = "127.0.0.1", po
           max_num_seqs: int = 16, max_num_batched_tokens: int = 512, cache_memory: int | str | None = None,
           max_model_len: int | None = None, threads: int | None = None, max_tokens_cap: int | None = None,
           max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, quantization: str | None = None,
+          speculative_config: str | dict | None = None,
           log_level: str = "info") -> None:
     """Load ``model`` (default: the embedded model) and serve it until interrupted.
 
@@ -38,6 +39,8 @@ def serve(model: str | os.PathLike | None = None, *, host: str = "127.0.0.1", po
     root.setLevel(log_level.upper())
 
     extra = {"quantization": quantization} if quantization else {}  # e.g. "int8" weights
+    if speculative_config is not None:
+        extra["speculative_config"] = speculative_config
     llm = LLM(model, dtype=dtype, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
               cache_memory=cache_memory, max_model_len=max_model_len, threads=threads, **extra)
     name = served_model_name or Path(llm.model_path).name

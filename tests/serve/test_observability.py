@@ -82,3 +82,26 @@ def test_openapi_describes_bodies_and_errors(server):
     # the documented error shape is what a bad request really gets
     r = httpx.post(server.base_url + "/chat/completions", json={"model": MODEL_NAME}, timeout=10)
     assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_speculative_counters_in_metrics(checkpoint):
+    import qwen35
+    from qwen35.engine import AsyncLLM
+    from qwen35.serve import create_app
+
+    from .conftest import _start
+
+    llm = qwen35.LLM(checkpoint, dtype="float32", speculative_config={"method": "ngram", "num_speculative_tokens": 2})
+    engine = AsyncLLM(llm.engine)
+    try:
+        for running in _start(create_app(engine, MODEL_NAME)):
+            prompt = [5, 6, 7] * 8  # a prompt that repeats itself: prompt lookup finds drafts
+            r = httpx.post(running.base_url + "/completions", timeout=60,
+                           json={"model": MODEL_NAME, "prompt": prompt, "max_tokens": 12, "temperature": 0,
+                                 "ignore_eos": True})
+            assert r.status_code == 200
+            m = metrics(running.url)
+            assert m["qwen35_spec_proposed_tokens_total"] == llm.engine.drafter.stats.proposed > 0
+            assert m["qwen35_spec_accepted_tokens_total"] == llm.engine.drafter.stats.accepted
+    finally:
+        engine.shutdown()
