@@ -4,7 +4,9 @@ Reads official Qwen3.5 / Qwen3.6 folders unchanged: ``config.json`` plus one ``m
 listed in ``model.safetensors.index.json``; names with the multimodal ``model.language_model.`` prefix or the
 text-only ``model.`` prefix; MoE experts fused (``experts.gate_up_proj`` [E, 2I, H]) or per expert
 (``experts.N.gate_proj.weight`` …); block-FP8 weights (``weight_scale_inv`` per 128×128 block), dequantised to
-the requested dtype.  ``model.visual.*`` and ``mtp.*`` are kept aside and written back by ``save_pretrained``.
+the requested dtype.  The MTP block (``mtp.*``) loads like every other weight into ``model.mtp`` when the config
+has MTP layers and the folder holds their weights; ``model.visual.*`` (and ``mtp.*`` of a config without MTP
+layers) is kept aside in ``model.extra_tensors`` and written back by ``save_pretrained``.
 
 Memory: the model is created without storage, each tensor is read from the memory-mapped file and copied
 into its final place in the target dtype, so loading never holds two full copies of the weights.
@@ -27,8 +29,14 @@ from safetensors.torch import save_file
 from .config import ConfigError, ModelConfig, load_config
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-EXTRA_PREFIXES = ("model.visual.", "mtp.")
-_PER_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+VISION_PREFIX = "model.visual."
+MTP_PREFIX = "mtp."
+# main stack and MTP block alike: official Qwen3.5 checkpoints store the MTP experts per expert
+_PER_EXPERT = re.compile(r"^((?:model|mtp)\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)"
+                         r"\.weight$")
+# Where training records which hidden state its MTP head reads (official checkpoints have no such file: their
+# head reads post-norm states, the default).
+TRAINING_INFO = "training_info.json"
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16}
@@ -213,6 +221,24 @@ def dequantize_block_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: t
 # loading
 
 
+def saved_mtp_hidden_source(folder: str | os.PathLike) -> str:
+    """The hidden source the folder's MTP head was trained with (``training_info.json``), else the default."""
+    from .model.mtp import DEFAULT_HIDDEN_SOURCE, HIDDEN_SOURCES
+
+    info = Path(folder) / TRAINING_INFO
+    if not info.is_file():
+        return DEFAULT_HIDDEN_SOURCE
+    try:
+        src = json.loads(info.read_text()).get("mtp_hidden_source")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise CheckpointError(f"{info}: not a JSON object ({e})") from None
+    if src is None:
+        return DEFAULT_HIDDEN_SOURCE
+    if src not in HIDDEN_SOURCES:
+        raise CheckpointError(f"{info}: mtp_hidden_source {src!r} is not one of {', '.join(HIDDEN_SOURCES)}")
+    return src
+
+
 def _expected_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     params = dict(model.named_parameters(remove_duplicate=True))
     if model.config.text.tie_word_embeddings:
@@ -221,10 +247,15 @@ def _expected_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 
 
 def load_model(path: str | os.PathLike, dtype: str | torch.dtype | None = "auto", device: str = "cpu",
-               progress: bool | None = None):
+               progress: bool | None = None, mtp_hidden_source: str | None = None):
     """Load a checkpoint folder. ``dtype``: "auto" (bf16 for bf16/FP8 checkpoints, else as stored),
-    "bfloat16", "float32" or "float16"."""
+    "bfloat16", "float32" or "float16".
+
+    ``model.mtp`` is the MTP block when the config has ``mtp_num_hidden_layers > 0`` and the folder holds
+    ``mtp.*`` weights (all of them: a partial block is an error), else None.  It reads ``mtp_hidden_source``
+    hidden states; None: what ``training_info.json`` records, else "post_norm" (official checkpoints)."""
     from .model import Qwen35ForCausalLM
+    from .model.mtp import DEFAULT_HIDDEN_SOURCE
 
     folder = Path(path)
     if not folder.is_dir():
@@ -253,10 +284,18 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype | None = "auto"
     auto = torch.float32 if on_disk <= {"F32", "F64"} else torch.bfloat16
     target = resolve_dtype(dtype, auto)
 
+    # the MTP block exists only with its weights: a config that declares one over a folder without it gives a
+    # model without one, never a randomly initialised head
+    with_mtp = config.text.mtp_num_hidden_layers > 0 and any(n.startswith(MTP_PREFIX) for n in stored)
+    aside = (VISION_PREFIX,) if with_mtp else (VISION_PREFIX, MTP_PREFIX)
+    source = DEFAULT_HIDDEN_SOURCE
+    if with_mtp:  # decided now, so that model.mtp is ready to use
+        source = mtp_hidden_source if mtp_hidden_source is not None else saved_mtp_hidden_source(folder)
+
     # built without storage, converted while still storage-less, then given uninitialised memory that the
     # copies below fill exactly once
     with torch.device("meta"):
-        model = Qwen35ForCausalLM(config)
+        model = Qwen35ForCausalLM(config, mtp=with_mtp, mtp_hidden_source=source)
     model.to(target)
     expected = _expected_params(model)
     for name, p in expected.items():
@@ -272,7 +311,7 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype | None = "auto"
         if name.endswith("_scale_inv"):
             scales[name[: -len("_scale_inv")]] = name
             continue
-        if name.startswith(EXTRA_PREFIXES):
+        if name.startswith(aside):
             extras.append(name)
             continue
         c = canonical_name(name)
@@ -374,8 +413,6 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype | None = "auto"
     return model
 
 
-
-
 def _materialize(model: torch.nn.Module, pname: str, meta: torch.Tensor, device: str) -> torch.Tensor:
     """Swap a storage-less parameter for an uninitialised real one (no pages touched until written)."""
     owner_name, _, attr = pname.rpartition(".")
@@ -397,7 +434,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 def save_pretrained(model, folder: str | os.PathLike, max_shard_bytes: int = 4 * 1024 ** 3,
                     tokenizer_from: str | os.PathLike | None = None) -> None:
     """Write config.json and safetensors (sharded with an index past ``max_shard_bytes``) in official naming:
-    ``model.language_model.`` for multimodal configs, ``model.`` for text-only ones; experts fused.
+    ``model.language_model.`` for multimodal configs, ``model.`` for text-only ones; experts fused.  The MTP
+    block goes under the official top-level ``mtp.*`` names, experts per expert as official Qwen3.5 checkpoints
+    store them (transformers ignores ``mtp.*``); a hidden source other than the default is recorded in
+    ``training_info.json`` so that ``load_model`` builds the same head again.
 
     The tokenizer, chat template and generation_config are copied from ``tokenizer_from`` (default: the folder the
     model was loaded from, when it was), so the written folder loads in :class:`qwen35.LLM` and transformers."""
@@ -418,8 +458,14 @@ def save_pretrained(model, folder: str | os.PathLike, max_shard_bytes: int = 4 *
     prefix = "model.language_model." if config.multimodal else "model."
     tensors: dict[str, torch.Tensor] = {}
     for name, p in _expected_params(model).items():
+        if name.startswith(MTP_PREFIX):
+            continue  # written below in the official layout
         key = prefix + name[len("model."):] if name.startswith("model.") else name
         tensors[key] = p.detach().contiguous()
+    mtp = getattr(model, "mtp", None)
+    if mtp is not None:
+        tensors.update(mtp.official_state_dict(per_expert=True))
+        _record_hidden_source(out, mtp.hidden_source)
     for name, t in model.extra_tensors.items():
         tensors[name] = t.contiguous()
 
@@ -449,5 +495,26 @@ def save_pretrained(model, folder: str | os.PathLike, max_shard_bytes: int = 4 *
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
 
 
+def _record_hidden_source(folder: Path, source: str) -> None:
+    """Keep ``training_info.json``'s mtp_hidden_source equal to the head being written.  The file is created only
+    for a source other than the default, which is what a folder without it means."""
+    from .model.mtp import DEFAULT_HIDDEN_SOURCE
+
+    info = folder / TRAINING_INFO
+    body = None
+    if info.is_file():
+        try:
+            body = json.loads(info.read_text())
+        except json.JSONDecodeError:
+            pass
+    if not isinstance(body, dict):
+        if source == DEFAULT_HIDDEN_SOURCE:
+            return
+        body = {}
+    if body.get("mtp_hidden_source") != source:
+        body["mtp_hidden_source"] = source
+        info.write_text(json.dumps(body, indent=2) + "\n")
+
+
 __all__ = ["load_model", "save_pretrained", "CheckpointError", "ConfigError", "dequantize_block_fp8",
-           "resolve_dtype"]
+           "resolve_dtype", "saved_mtp_hidden_source"]

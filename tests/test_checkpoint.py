@@ -63,7 +63,7 @@ def test_text_only_prefix_and_sharded_index(moe_ckpt, tmp_path):
     torch.testing.assert_close(again(_ids()).logits, hf_logits(ref, _ids()), atol=1e-5, rtol=0)
 
 
-def test_mtp_tensors_survive_load_and_save(moe_ckpt, tmp_path):
+def test_mtp_tensors_of_a_config_without_mtp_layers_stay_aside(moe_ckpt, tmp_path):
     _, path = moe_ckpt
     src = _copy(path, tmp_path / "src")
     t = _tensors(src)
@@ -71,9 +71,46 @@ def test_mtp_tensors_survive_load_and_save(moe_ckpt, tmp_path):
     t["mtp.norm.weight"] = torch.randn(64)
     save_file(t, str(src / "model.safetensors"))
     m = qwen35.load_model(src, dtype="float32")
+    assert m.text_config.mtp_num_hidden_layers == 0 and m.mtp is None
     assert set(k for k in m.extra_tensors if k.startswith("mtp.")) == {"mtp.fc.weight", "mtp.norm.weight"}
     m.save_pretrained(tmp_path / "out")
     assert torch.equal(_tensors(tmp_path / "out")["mtp.fc.weight"], t["mtp.fc.weight"])
+
+
+def test_mtp_block_loads_as_model_mtp_and_saves_back(moe_ckpt, tmp_path):
+    """A multimodal MoE folder whose config declares an MTP layer: the block loads through the one loader into
+    model.mtp (only vision stays aside), is written back under the official names, and transformers still loads
+    the written folder (it ignores mtp.*)."""
+    from qwen35.model.mtp import MTPHead
+
+    ref, path = moe_ckpt
+    src = _copy(path, tmp_path / "src")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["text_config"]["mtp_num_hidden_layers"] = 1
+    (src / "config.json").write_text(json.dumps(cfg))
+    ours = qwen35.load_model(src, dtype="float32")
+    assert ours.mtp is None  # declared, but no weights in the folder
+    head = MTPHead(ours.text_config)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    t = _tensors(src)
+    t.update(head.official_state_dict(per_expert=True))
+    save_file(t, str(src / "model.safetensors"))
+
+    m = qwen35.load_model(src, dtype="float32")
+    assert m.mtp is not None and m.extra_tensors and all(k.startswith("model.visual.") for k in m.extra_tensors)
+    for k, v in head.state_dict().items():
+        assert torch.equal(v, m.mtp.state_dict()[k]), k
+    m.save_pretrained(tmp_path / "out")
+    written = _tensors(tmp_path / "out")
+    assert {k for k in written if k.startswith("mtp.")} == set(head.official_state_dict(per_expert=True))
+    again = qwen35.load_model(tmp_path / "out", dtype="float32")
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k]), k
+    back = type(ref).from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    torch.testing.assert_close(hf_logits(back, _ids()), again(_ids()).logits, atol=1e-5, rtol=0)
 
 
 def _break(path, tmp_path, edit):

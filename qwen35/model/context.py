@@ -119,10 +119,14 @@ class DenseContext(ForwardContext):
 RopeFn = Callable[[torch.Tensor, torch.dtype], tuple[torch.Tensor, torch.Tensor]]
 
 
-def dense_context(rope: RopeFn, x: torch.Tensor, cache: SequenceCache | None,
-                  position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None):
-    """The DenseContext of a [B, T, H] call (the main model's or the MTP head's), and a function that advances
+def dense_context(rope: RopeFn, x: torch.Tensor, cache: SequenceCache | None = None,
+                  position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                  dtype: torch.dtype | None = None):
+    """The DenseContext of a [B, T] call (the main model's or the MTP head's), and a function that advances
     the cache's bookkeeping once the layers ran.
+
+    ``x`` is any [B, T, ...] tensor of the call (token ids or activations): it gives the batch, the length and
+    the device; the RoPE tables are made in ``dtype`` (default ``x.dtype``), the dtype of the activations.
 
     Positions follow the mask: a left-padded row's first real token is at position 0 (or the cache's next
     position), so each row of a padded batch sees exactly what it would see alone."""
@@ -151,8 +155,8 @@ def dense_context(rope: RopeFn, x: torch.Tensor, cache: SequenceCache | None,
         else:
             position_ids = start[:, None] + (token_mask.long().cumsum(1) - 1).clamp(min=0)
     last_position = position_ids[..., -1] if position_ids.dim() == 2 else position_ids[0, :, -1]
-    ctx = DenseContext(rope=rope(position_ids, x.dtype), cache=cache, token_mask=token_mask, key_mask=key_mask,
-                       past=past)
+    rope_tables = rope(position_ids, x.dtype if dtype is None else dtype)
+    ctx = DenseContext(rope=rope_tables, cache=cache, token_mask=token_mask, key_mask=key_mask, past=past)
 
     def finish() -> None:
         if cache is not None:

@@ -3,42 +3,55 @@
     e = pre_fc_norm_embedding(embed(token_{t+1}))        shared embedding of the main model
     h = pre_fc_norm_hidden(hidden_t)                      hidden state of the main model at position t
     x = fc([e | h])                                       Linear(2H -> H), embedding half first
-    x = layers.k(x)                                       a full-attention decoder block (own KV cache)
+    x = layers.k(x)                                       a full-attention decoder block (own KV)
     logits_{t+2} = lm_head(norm(x))                       shared lm_head
 
-Weight names are the official ones under the top-level ``mtp.`` prefix (``mtp.fc.weight``,
-``mtp.layers.0.self_attn.q_proj.weight`` ...), so :meth:`MTPHead.official_state_dict` writes exactly what official
-checkpoints hold and :meth:`MTPHead.load_official` reads them back (experts fused or per expert).
+The head is the child module ``model.mtp`` of a :class:`~qwen35.model.Qwen35ForCausalLM` (built by ``load_model``
+when the config has MTP layers and the folder holds their weights).  Parameter names are the official ones under
+the top-level ``mtp.`` prefix (``mtp.fc.weight``, ``mtp.layers.0.self_attn.q_proj.weight`` ...), so the model's
+state dict, the checkpoint loader and :meth:`MTPHead.official_state_dict` all use the names official checkpoints
+hold (:meth:`MTPHead.load_official` reads a loose set of them, experts fused or per expert).
 
 Position t of the MTP sequence uses RoPE position t, the position of the hidden state it reads (as vLLM does).
-The head holds no request state: give it its own :class:`SequenceCache` (never the main model's) to draft
-incrementally.  With several MTP layers, draft step ``k`` uses layer ``k % n`` (vLLM's recursion rule).
+Layer k keeps its KV under index ``num_hidden_layers + k`` of the context (:attr:`MTPHead.kv_layers`), after the
+main stack's layers.  The head holds no request state.  With several MTP layers, draft step ``k`` uses layer
+``k % n`` (vLLM's recursion rule).
 
 ``hidden_source`` says which hidden state of the main model the head reads:
 
 * ``"post_norm"`` — after the main model's final norm (what vLLM / SGLang feed the official MTP block);
-* ``"pre_norm"`` — the last decoder layer output before it (``CausalLMOutput.hidden_states``).
+* ``"pre_norm"`` — the last decoder layer output before it (``Qwen35ForCausalLM.hidden_states``).
 
-Callers always pass the pre-norm tensor the model returns plus the model's final norm; the head applies the norm
-itself when it reads post-norm states.  The hidden state it returns for recursive drafting is in the same form as
-the one it reads (post ``mtp.norm`` for "post_norm", before it for "pre_norm").
+Callers pass pre-norm tensors and the head applies the norm itself when it reads post-norm states: the main
+model's final norm on the main model's hidden states, its own ``mtp.norm`` on its own block output.
+
+Two ways to run it:
+
+* under any :class:`ForwardContext` (the engine's paged one): :meth:`MTPHead.draft_hidden` returns the block output
+  *before* ``mtp.norm``; :meth:`MTPHead.compute_logits` applies ``mtp.norm`` and the shared lm_head.  The model
+  wraps both with its own embedding, final norm and lm_head (``Qwen35ForCausalLM.mtp_hidden_states`` /
+  ``compute_mtp_logits``).
+* densely, for tests and training: :meth:`MTPHead.forward` / :meth:`MTPHead.draft` build a ``DenseContext``
+  (optionally over the head's own :class:`SequenceCache`, never the main model's) and return the logits plus the
+  hidden state for the next draft step in the form it reads (post ``mtp.norm`` for "post_norm", before it for
+  "pre_norm").
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..config import TextConfig
-from .context import SequenceCache, dense_context
+from .context import ForwardContext, SequenceCache, dense_context
+from .decoder import DecoderLayer
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
-from .transformer import DecoderLayer
 
 if TYPE_CHECKING:  # pragma: no cover
     from .transformer import Qwen35ForCausalLM
@@ -56,7 +69,8 @@ def mtp_text_config(cfg: TextConfig) -> TextConfig:
 
 
 class MTPHead(nn.Module):
-    """One official-layout MTP block (``mtp.*``); embedding and lm_head are the main model's, passed in."""
+    """One official-layout MTP block (``mtp.*``); embedding, final norm and lm_head are the main model's, passed
+    in (the head never holds the model: it is the model's child)."""
 
     def __init__(self, cfg: TextConfig, hidden_source: str = DEFAULT_HIDDEN_SOURCE) -> None:
         super().__init__()
@@ -64,11 +78,14 @@ class MTPHead(nn.Module):
             raise ValueError(f"hidden_source must be one of {HIDDEN_SOURCES}, got {hidden_source!r}")
         self.hidden_source = hidden_source
         self.config = mtp_text_config(cfg)
+        n = self.config.num_hidden_layers
+        # after the main stack's layer indices, so the MTP KV never collides with a main layer's in one cache
+        self.kv_layers: tuple[int, ...] = tuple(cfg.num_hidden_layers + k for k in range(n))
         h, eps = cfg.hidden_size, cfg.rms_norm_eps
         self.fc = nn.Linear(2 * h, h, bias=False)
         self.pre_fc_norm_embedding = RMSNorm(h, eps)
         self.pre_fc_norm_hidden = RMSNorm(h, eps)
-        self.layers = nn.ModuleList(DecoderLayer(self.config, i) for i in range(self.config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(self.config, k, cache_index=self.kv_layers[k]) for k in range(n))
         self.norm = RMSNorm(h, eps)
 
     @classmethod
@@ -78,7 +95,57 @@ class MTPHead(nn.Module):
         return head.to(device=model.device, dtype=model.dtype)
 
     # ------------------------------------------------------------------------------------------------------
-    # running
+    # running under a context
+
+    def combine(self, next_ids: torch.Tensor, hidden: torch.Tensor, embed: Callable[[torch.Tensor], torch.Tensor],
+                final_norm: nn.Module | None = None, from_mtp: bool = False) -> torch.Tensor:
+        """fc([pre_fc_norm_embedding(embed(next_ids)) | pre_fc_norm_hidden(hidden')]) -> [B, T, H], the block's
+        input.  hidden' is ``hidden`` normed as the hidden source asks: with "post_norm", ``final_norm`` (the
+        main model's, None = already normed) or, ``from_mtp``, this head's own ``mtp.norm``; with "pre_norm",
+        as given."""
+        if hidden.dim() != 3 or next_ids.shape != hidden.shape[:2]:
+            raise ValueError(f"hidden must be [B, T, H] and next_ids [B, T]; got {tuple(hidden.shape)} and "
+                             f"{tuple(next_ids.shape)}")
+        if self.hidden_source == "post_norm":
+            norm = self.norm if from_mtp else final_norm
+            if norm is not None:
+                hidden = norm(hidden)
+        e = self.pre_fc_norm_embedding(embed(next_ids))
+        return self.fc(torch.cat([e, self.pre_fc_norm_hidden(hidden)], dim=-1))
+
+    def block(self, x: torch.Tensor, ctx: ForwardContext, step: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Layer ``step % n`` on the block input -> (output before ``mtp.norm``, router logits or None)."""
+        return self.layers[step % len(self.layers)](x, ctx)
+
+    def draft_hidden_and_router(
+        self, next_ids: torch.Tensor, hidden: torch.Tensor, ctx: ForwardContext,
+        embed: Callable[[torch.Tensor], torch.Tensor], final_norm: nn.Module | None = None, step: int = 0,
+        from_mtp: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`draft_hidden` plus the block's router logits [B*T, E] (None for a dense FFN)."""
+        return self.block(self.combine(next_ids, hidden, embed, final_norm, from_mtp), ctx, step)
+
+    def draft_hidden(
+        self, next_ids: torch.Tensor, hidden: torch.Tensor, ctx: ForwardContext,
+        embed: Callable[[torch.Tensor], torch.Tensor], final_norm: nn.Module | None = None, step: int = 0,
+        from_mtp: bool = False,
+    ) -> torch.Tensor:
+        """One draft step under ``ctx`` -> the MTP block output [B, T, H], **before** ``mtp.norm``.
+
+        next_ids [B, T]: the token after each hidden state's position; hidden [B, T, H]: pre-norm hidden states,
+        the main model's (``final_norm`` is its final norm) or, with ``from_mtp=True``, this method's previous
+        output (the head applies ``mtp.norm`` to it itself when it reads post-norm states).  ``ctx.rope`` must
+        be the RoPE of the hidden states' positions, and ``ctx.attend`` is called with the index in
+        :attr:`kv_layers` of layer ``step % n``.  Logits: :meth:`compute_logits` on the result; the next step
+        feeds the result back unchanged with ``from_mtp=True``."""
+        return self.draft_hidden_and_router(next_ids, hidden, ctx, embed, final_norm, step, from_mtp)[0]
+
+    def compute_logits(self, x: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+        """Block output [..., H] (from :meth:`draft_hidden`) -> logits [..., vocab]: ``lm_head(mtp.norm(x))``."""
+        return lm_head(self.norm(x))
+
+    # ------------------------------------------------------------------------------------------------------
+    # running densely (tests, training, evaluation)
 
     def forward(
         self,
@@ -126,16 +193,10 @@ class MTPHead(nn.Module):
         ``logits_at`` [B, T] bool computes the logits of those positions only ([n, vocab], row-major order):
         training needs them only where there is a target, and the vocabulary projection is a large share of the
         work for a small model."""
-        if hidden.dim() != 3 or next_ids.shape != hidden.shape[:2]:
-            raise ValueError(f"hidden must be [B, T, H] and next_ids [B, T]; got {tuple(hidden.shape)} and "
-                             f"{tuple(next_ids.shape)}")
-        if self.hidden_source == "post_norm" and final_norm is not None:
-            hidden = final_norm(hidden)
-        e = self.pre_fc_norm_embedding(embed(next_ids))
-        x = self.fc(torch.cat([e, self.pre_fc_norm_hidden(hidden)], dim=-1))
+        x = self.combine(next_ids, hidden, embed, final_norm)
+        # the context after fc: its RoPE tables take the block input's dtype (bf16 under autocast)
         ctx, finish = dense_context(rope, x, cache, position_ids, attention_mask)
-        layer = self.layers[step % len(self.layers)]
-        x, router_logits = layer(x, ctx)
+        x, router_logits = self.block(x, ctx, step)
         finish()
         normed = self.norm(x)
         out = normed if self.hidden_source == "post_norm" else x
@@ -149,8 +210,18 @@ class MTPHead(nn.Module):
 
         ``from_model``: ``hidden`` is the main model's (pre-norm) output; False when it is this head's own
         output from the previous draft step."""
-        return self(hidden, next_ids, model.model.embed_tokens, model.lm_head, model.model.rotary, cache=cache,
-                    attention_mask=attention_mask, final_norm=model.model.norm if from_model else None, step=step)
+        logits, out, _ = self.draft_with_router(model, hidden, next_ids, cache, step, from_model, attention_mask)
+        return logits, out
+
+    def draft_with_router(self, model: Qwen35ForCausalLM, hidden: torch.Tensor, next_ids: torch.Tensor,
+                          cache: SequenceCache | None = None, step: int = 0, from_model: bool = True,
+                          attention_mask: torch.Tensor | None = None, logits_at: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """:meth:`draft` plus router logits, with :meth:`forward_with_router`'s ``logits_at`` (training)."""
+        return self.forward_with_router(hidden, next_ids, model.model.embed_tokens, model.lm_head, model.rope,
+                                        cache=cache, attention_mask=attention_mask,
+                                        final_norm=model.model.norm if from_model else None, step=step,
+                                        logits_at=logits_at)
 
     # ------------------------------------------------------------------------------------------------------
     # official checkpoint layout
@@ -226,14 +297,15 @@ class MTPHead(nn.Module):
         self.load_state_dict({k: v.to(own[k].dtype) for k, v in fused.items()})
 
 
-def load_mtp(model: Qwen35ForCausalLM, hidden_source: str = DEFAULT_HIDDEN_SOURCE) -> MTPHead | None:
-    """The MTP head stored in a loaded model's ``extra_tensors`` (None when the checkpoint has none)."""
-    if not any(k.startswith(PREFIX) for k in model.extra_tensors):
-        return None
-    head = MTPHead.for_model(model, hidden_source)
-    head.load_official(model.extra_tensors)
-    head.requires_grad_(False)
-    return head.eval()
+def load_mtp(model: Qwen35ForCausalLM, hidden_source: str | None = None) -> MTPHead | None:
+    """Compatibility shim: ``load_model`` now builds the head as ``model.mtp``; this returns it (None when the
+    checkpoint has none).  A ``hidden_source`` other than the loaded one is refused: pass ``mtp_hidden_source``
+    to ``load_model`` instead."""
+    head = model.mtp
+    if head is not None and hidden_source is not None and hidden_source != head.hidden_source:
+        raise ValueError(f"model.mtp reads {head.hidden_source!r} hidden states; load the model with "
+                         f"mtp_hidden_source={hidden_source!r} instead")
+    return head
 
 
 __all__ = ["MTPHead", "HIDDEN_SOURCES", "DEFAULT_HIDDEN_SOURCE", "mtp_text_config", "load_mtp"]

@@ -1,11 +1,16 @@
-"""The decoder stack and the causal-LM head.
+"""The decoder stack, the causal-LM head and the MTP block.
 
     h = embed(ids)
     for each layer:  h += mixer(norm(h));  h += ffn(norm(h))      mixer: Gated DeltaNet (3 of 4) or gated attention
     logits = lm_head(norm(h))                                        ffn: SwiGLU (dense) or sparse MoE
+    mtp (optional): drafts the token after next from h and the next token's embedding (see mtp.py)
 
-Module names equal the text-only checkpoint names (``model.layers.N.linear_attn.in_proj_qkv.weight`` …), so
-checkpoint I/O is a prefix change.
+Every caller runs the model through one contract: ``rope(positions, dtype)`` for the rotary tables of a context,
+``hidden_states(ids, ctx)`` for the stack under that context, ``compute_logits(h)`` for the head, and
+``mtp_hidden_states`` / ``compute_mtp_logits`` for the MTP block; ``forward`` is the dense API built on them.
+
+Module names equal the text-only checkpoint names (``model.layers.N.linear_attn.in_proj_qkv.weight`` …,
+``mtp.fc.weight`` …), so checkpoint I/O is a prefix change.
 """
 
 from __future__ import annotations
@@ -16,35 +21,12 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig, TextConfig
-from .attention import GatedAttention
 from .context import ForwardContext, SequenceCache, dense_context
-from .deltanet import GatedDeltaNet
-from .moe import MLP, SparseMoE
+from .decoder import DecoderLayer
 from .linear import Linear
+from .mtp import DEFAULT_HIDDEN_SOURCE, MTPHead
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
-
-
-class DecoderLayer(nn.Module):
-    def __init__(self, cfg: TextConfig, layer_idx: int) -> None:
-        super().__init__()
-        self.layer_type = cfg.layer_types[layer_idx]
-        if self.layer_type == "linear_attention":
-            self.linear_attn = GatedDeltaNet(cfg, layer_idx)
-        else:
-            self.self_attn = GatedAttention(cfg, layer_idx)
-        self.mlp = SparseMoE(cfg) if cfg.is_moe else MLP(cfg.hidden_size, cfg.intermediate_size)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-    def forward(self, h: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor | None]:
-        mixer = self.linear_attn if self.layer_type == "linear_attention" else self.self_attn
-        h = h + mixer(self.input_layernorm(h), ctx)
-        y = self.mlp(self.post_attention_layernorm(h))
-        router_logits = None
-        if isinstance(y, tuple):
-            y, router_logits = y
-        return h + y, router_logits
 
 
 class TextModel(nn.Module):
@@ -64,14 +46,20 @@ class CausalLMOutput:
 
 
 class Qwen35ForCausalLM(nn.Module):
-    """A Qwen3.5 / Qwen3.6 text decoder (dense or MoE).
+    """A Qwen3.5 / Qwen3.6 text decoder (dense or MoE), with its MTP block as ``self.mtp`` when it has one.
 
     Calling it: ``model(input_ids)`` -> ``CausalLMOutput`` (``.logits`` [B, T, vocab]).  A left-padded ragged
     batch with ``attention_mask`` gives each row the logits it would get alone; ``cache=SequenceCache()``
     makes the call incremental (prompt first, then tokens one at a time).
+
+    ``mtp=True`` builds the MTP block (``load_model`` does when the config has MTP layers and the checkpoint
+    their weights); it reads ``mtp_hidden_source`` hidden states (see qwen35.model.mtp).
     """
 
-    def __init__(self, config: ModelConfig) -> None:
+    mtp: MTPHead | None
+
+    def __init__(self, config: ModelConfig, mtp: bool = False,
+                 mtp_hidden_source: str = DEFAULT_HIDDEN_SOURCE) -> None:
         super().__init__()
         self.config = config
         cfg = config.text
@@ -79,7 +67,9 @@ class Qwen35ForCausalLM(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.extra_tensors: dict[str, torch.Tensor] = {}  # checkpoint tensors kept aside (vision, MTP)
+        # registered even when absent, so a head attached later (training) still takes its place after lm_head
+        self.register_module("mtp", MTPHead(cfg, mtp_hidden_source) if mtp else None)
+        self.extra_tensors: dict[str, torch.Tensor] = {}  # checkpoint tensors kept aside (vision)
 
     def save_pretrained(self, folder, max_shard_bytes: int = 4 * 1024 ** 3, tokenizer_from=None) -> None:
         """Write an official-layout checkpoint folder, tokenizer files included when the model was loaded from a
@@ -100,6 +90,62 @@ class Qwen35ForCausalLM(nn.Module):
     def device(self) -> torch.device:
         return self.model.embed_tokens.weight.device
 
+    # ------------------------------------------------------------------------------------------------------
+    # the contract: what the dense API, the engine and training all run
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B, T] (text) or [3, B, T] (T, H, W axes) -> (cos, sin) [B, T, rotary_dim] in ``dtype``, on
+        the positions' device: the ``rope`` of a context for :meth:`hidden_states` (dtype: :attr:`dtype`)."""
+        return self.model.rotary(positions, dtype)
+
+    def hidden_states(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """input_ids [B, T] -> the last decoder layer's output [B, T, H], before the final norm.  The context
+        decides where state lives and holds the RoPE of the tokens' positions."""
+        return self.hidden_states_and_router(input_ids, ctx)[0]
+
+    def hidden_states_and_router(self, input_ids: torch.Tensor, ctx: ForwardContext
+                                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """:meth:`hidden_states` plus one router-logits tensor [B*T, E] per MoE layer (empty for dense models),
+        for the load-balancing loss."""
+        return self.run_layers(self.model.embed_tokens(input_ids), ctx)
+
+    def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden states [..., H] from :meth:`hidden_states` -> logits [..., vocab]: final norm, then lm_head."""
+        return self.lm_head(self.model.norm(h))
+
+    def mtp_hidden_states(self, next_ids: torch.Tensor, hidden: torch.Tensor, ctx: ForwardContext,
+                          step: int = 0, from_mtp: bool = False) -> torch.Tensor:
+        """One MTP draft step under ``ctx`` -> the MTP block output [B, T, H] before ``mtp.norm``.
+
+        ``hidden`` [B, T, H]: :meth:`hidden_states` at positions p (or, ``from_mtp=True``, this method's output of
+        the previous draft step, fed back unchanged); ``next_ids`` [B, T]: the token at p + 1.  ``ctx.rope`` is
+        ``rope(p)`` — the positions of the hidden states, not of the next tokens — and the block's attention
+        calls ``ctx.attend`` with layer index ``mtp.kv_layers[step % len(mtp.kv_layers)]`` (after the main
+        layers').  The norm the hidden source asks for (final norm or ``mtp.norm``) is applied inside.
+        Logits of the token at p + 2: :meth:`compute_mtp_logits` on the result."""
+        return self.mtp_hidden_states_and_router(next_ids, hidden, ctx, step, from_mtp)[0]
+
+    def mtp_hidden_states_and_router(self, next_ids: torch.Tensor, hidden: torch.Tensor, ctx: ForwardContext,
+                                     step: int = 0, from_mtp: bool = False
+                                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`mtp_hidden_states` plus the block's router logits [B*T, E] (None for a dense FFN)."""
+        return self._require_mtp().draft_hidden_and_router(next_ids, hidden, ctx, self.model.embed_tokens,
+                                                           self.model.norm, step, from_mtp)
+
+    def compute_mtp_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """MTP block output [..., H] from :meth:`mtp_hidden_states` -> logits [..., vocab]: ``mtp.norm``, then the
+        shared lm_head."""
+        return self._require_mtp().compute_logits(h, self.lm_head)
+
+    def _require_mtp(self) -> MTPHead:
+        if self.mtp is None:
+            raise RuntimeError("this model has no MTP block (its checkpoint holds no mtp.* weights, or its config "
+                               "has mtp_num_hidden_layers = 0)")
+        return self.mtp
+
+    # ------------------------------------------------------------------------------------------------------
+    # the dense API
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -119,12 +165,12 @@ class Qwen35ForCausalLM(nn.Module):
         vocab = self.config.text.vocab_size
         if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
             raise ValueError(f"input_ids hold ids outside [0, {vocab})")
-        h = self.model.embed_tokens(input_ids)
-        ctx, advance_cache = dense_context(self.model.rotary, h, cache, position_ids, attention_mask)
-        h, router_logits = self.run_layers(h, ctx)
+        # RoPE in the embedding's dtype: the dtype the layers' activations start in
+        ctx, advance_cache = dense_context(self.rope, input_ids, cache, position_ids, attention_mask, self.dtype)
+        h, router_logits = self.hidden_states_and_router(input_ids, ctx)
         advance_cache()
-        hn = self.model.norm(h if logits_to_keep <= 0 else h[:, -logits_to_keep:])
-        return CausalLMOutput(self.lm_head(hn), h, router_logits)
+        logits = self.compute_logits(h if logits_to_keep <= 0 else h[:, -logits_to_keep:])
+        return CausalLMOutput(logits, h, router_logits)
 
     def run_layers(self, h: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The decoder stack on embeddings h [B, T, H]; the context decides where state lives."""

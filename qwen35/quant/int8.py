@@ -15,8 +15,10 @@ from torch import nn
 
 from ..kernels.ops import grouped_experts, linear_int8, swiglu
 
-# tiny projections whose outputs steer everything downstream (decay, write strength, routing): kept exact
-KEEP = ("linear_attn.in_proj_a", "linear_attn.in_proj_b", "mlp.gate", "shared_expert_gate")
+# tiny projections whose outputs steer everything downstream (decay, write strength, routing): kept exact; and
+# the MTP block's input projection, which the official FP8 release also leaves unconverted (model.mtp's decoder
+# layer is quantized like the main layers)
+KEEP = ("linear_attn.in_proj_a", "linear_attn.in_proj_b", "mlp.gate", "shared_expert_gate", "mtp.fc")
 
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -230,12 +230,12 @@ def evaluate(model_dir: str | Path, per_task: int = 50, tasks: Sequence[str] | N
     "samples": {task: first generated answer}, "seconds": ...}``."""
     from qwen35.checkpoint import load_model
     from qwen35.chat import Tokenizer, parse_tool_calls, split_reasoning
-    from qwen35.model.mtp import load_mtp
     from qwen35.train.data import VERIFIABLE_TASKS, check_answer, prompt_for
 
     t0 = time.perf_counter()
     model_dir = Path(model_dir)
-    model = load_model(model_dir, dtype="float32").eval().to(device)
+    # the MTP head is model.mtp, reading the hidden source it was trained with unless one is asked for
+    model = load_model(model_dir, dtype="float32", mtp_hidden_source=hidden_source).eval().to(device)
     tok = Tokenizer(model_dir)
     raw_tok = _raw_tokenizer(model_dir)
     stop = sorted(tok.stop_token_ids)
@@ -279,11 +279,8 @@ def evaluate(model_dir: str | Path, per_task: int = 50, tasks: Sequence[str] | N
         "exact": {t: sum(v) / len(v) for t, v in exact_calls.items()},
     }
     report["n_per_task"] = per_task
-    head = load_mtp(model, hidden_source or _saved_hidden_source(model_dir))
-    if head is not None:
-        head.to(device)
-    if head is not None and mtp_examples > 0:
-        report["mtp"] = mtp_acceptance(model, head, raw_tok, mtp_examples)
+    if model.mtp is not None and mtp_examples > 0:
+        report["mtp"] = mtp_acceptance(model, model.mtp, raw_tok, mtp_examples)
     report["seconds"] = time.perf_counter() - t0
     return report
 
@@ -293,17 +290,6 @@ def _raw_tokenizer(model_dir: Path):
     from tokenizers import Tokenizer as RawTokenizer
 
     return RawTokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
-
-
-def _saved_hidden_source(model_dir: Path) -> str:
-    from qwen35.model.mtp import DEFAULT_HIDDEN_SOURCE
-
-    info = model_dir / "training_info.json"
-    if info.exists():
-        src = json.loads(info.read_text()).get("mtp_hidden_source")
-        if src:
-            return src
-    return DEFAULT_HIDDEN_SOURCE
 
 
 @torch.no_grad()
@@ -330,7 +316,7 @@ def mtp_acceptance(model, head, tok, n_examples: int = 200, examples: Sequence[d
         ids, mask = encode_with_mask(tok, text, spans)
         if len(ids) < 3:
             continue
-        x = torch.tensor([ids], device=next(model.parameters()).device)
+        x = torch.tensor([ids], device=model.device)
         out = model(x)
         logits2, _ = head.draft(model, out.hidden_states[:, :-2], x[:, 1:-1])
         draft = logits2[0].argmax(-1)  # predictions of tokens 2..T-1
@@ -391,9 +377,7 @@ def compare_mtp_hidden_sources(model_dir: str | Path, steps: int = 300, batch_si
         for src, head in heads.items():
             for group in opts[src].param_groups:
                 group["lr"] = lr * lr_factor(step, cfg)
-            logits, _, _ = head.forward_with_router(h, nxt, model.model.embed_tokens, model.lm_head,
-                                                    model.model.rotary, final_norm=model.model.norm,
-                                                    logits_at=keep)
+            logits, _, _ = head.draft_with_router(model, h, nxt, logits_at=keep)
             loss = torch.nn.functional.cross_entropy(logits, batch.ids[:, 2:][keep])
             loss.backward()
             torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)

@@ -18,9 +18,10 @@ What one run does (:func:`train`):
    target tokens across all ``grad_accum`` micro-batches.
 4. **Optimiser:** AdamW (no decay on 1-D parameters: norms, A_log, dt_bias), linear warmup then cosine decay to
    ``min_lr``, global gradient-norm clipping.
-5. **State:** every ``save_every`` steps ``out_dir/checkpoint/state.pt`` holds model, MTP, optimiser, scheduler,
-   RNG states, the step (which fixes the data position: the batch order is a pure function of seed, epoch and
-   step) and the loss history; resuming from it continues bit-identically.
+5. **State:** every ``save_every`` steps ``out_dir/checkpoint/state.pt`` holds the model (its MTP head
+   ``model.mtp`` included), optimiser, scheduler, RNG states, the step (which fixes the data position: the batch
+   order is a pure function of seed, epoch and step) and the loss history; resuming from it continues
+   bit-identically.
 6. **Output:** ``out_dir/model`` (official checkpoint layout with ``mtp.*`` tensors, tokenizer, chat template,
    generation config), ``out_dir/loss_curve.png``, ``out_dir/history.json``.
 
@@ -405,14 +406,16 @@ def forward_losses(model: Qwen35ForCausalLM, head: MTPHead | None, batch: Batch,
                    count_correct: bool = False) -> StepLosses:
     """Losses of one micro-batch.  The vocabulary projection runs only where a target is learned (the model is
     asked for one position of logits; the rest come from its hidden states), which is the same loss as full
-    logits at a fraction of the cost: chat data has a loss mask on about a third of the tokens."""
+    logits at a fraction of the cost: chat data has a loss mask on about a third of the tokens.
+
+    ``head`` is the MTP head trained with the model: ``model.mtp`` in a run, or one beside a frozen trunk."""
     cfg = model.text_config
     T = batch.ids.shape[1]
     with torch.autocast(batch.ids.device.type, dtype=torch.bfloat16, enabled=autocast):
         out = model(batch.ids, logits_to_keep=1)
         keep = batch.loss_mask[:, 1:]  # position t predicts token t+1
         main_sum, main_n, logits = selected_loss(out.hidden_states[:, :-1], keep, batch.ids[:, 1:],
-                                                 model.model.norm, model.lm_head)
+                                                 model.compute_logits)
         res = StepLosses(main_sum, main_n, None, 0, None, None)
         if count_correct:
             res.main_correct = int((logits.argmax(-1) == batch.ids[:, 1:][keep]).sum())
@@ -422,9 +425,7 @@ def forward_losses(model: Qwen35ForCausalLM, head: MTPHead | None, batch: Batch,
         if head is not None and T >= 3:
             hidden, nxt = mtp_inputs(out.hidden_states, batch.ids)
             keep2 = batch.loss_mask[:, 2:]  # MTP position t predicts token t+2
-            logits2, _, router = head.forward_with_router(
-                hidden, nxt, model.model.embed_tokens, model.lm_head, model.model.rotary,
-                final_norm=model.model.norm, logits_at=keep2)
+            logits2, _, router = head.draft_with_router(model, hidden, nxt, logits_at=keep2)
             targets2 = batch.ids[:, 2:][keep2]
             res.mtp_n = int(keep2.sum())
             res.mtp_sum = F.cross_entropy(logits2.float(), targets2, reduction="sum") if res.mtp_n else \
@@ -495,7 +496,7 @@ class TrainResult:
     history: list[dict[str, Any]]  # one record per step: step, loss, mtp_loss, balance, lr, grad_norm, tokens...
     evals: list[dict[str, Any]]  # one record per evaluation: step, loss, accuracy, mtp_loss, mtp_accuracy
     model: Qwen35ForCausalLM
-    head: MTPHead | None
+    head: MTPHead | None  # model.mtp
     data: Dataset
     seconds: float = 0.0  # time spent in optimiser steps in this invocation (evaluation and saving excluded)
     tokens: int = 0  # real (non-pad) tokens processed in this invocation
@@ -544,17 +545,16 @@ class Trainer:
         random.seed(cfg.seed)
         self.model = build_model(cfg.model_body(), tok.get_vocab_size(), ids)
         init_weights(self.model, cfg.init_std)
-        self.head = MTPHead(self.model.text_config, cfg.hidden_source) if cfg.mtp_loss_weight > 0 else None
-        if self.head is not None:
-            init_weights(self.head, cfg.init_std)
+        if cfg.mtp_loss_weight > 0:
+            # made and initialised after the trunk, then attached as model.mtp: the random stream, so the
+            # initial weights, stay those of a trunk and a head drawn one after the other
+            head = MTPHead(self.model.text_config, cfg.hidden_source)
+            init_weights(head, cfg.init_std)
+            self.model.mtp = head
         # initialised on the CPU whatever the device, so a run starts from the same weights everywhere
         self.device = torch.device(cfg.device)
         self.model.to(self.device)
-        if self.head is not None:
-            self.head.to(self.device)
         self.model.train()
-        if self.head is not None:
-            self.head.train()
         self.params = [p for p in self.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, self.cfg))
@@ -567,14 +567,14 @@ class Trainer:
         if state is not None:
             self._load_state(state)
 
+    @property
+    def head(self) -> MTPHead | None:
+        """The MTP head being trained: the model's own ``model.mtp`` (None with ``mtp_loss_weight`` 0)."""
+        return self.model.mtp
+
     def parameters(self) -> Iterator[nn.Parameter]:
-        seen: set[int] = set()
-        mods: list[nn.Module] = [self.model] + ([self.head] if self.head is not None else [])
-        for m in mods:
-            for p in m.parameters():
-                if id(p) not in seen:  # tied embedding / lm_head is one parameter
-                    seen.add(id(p))
-                    yield p
+        # trunk first, then model.mtp; a tied embedding / lm_head is one parameter, listed once
+        return self.model.parameters()
 
     # ---------------------------------------------------------------------------------------- one step
 
@@ -673,8 +673,7 @@ class Trainer:
         state = {
             "step": self.step,
             "config": self.cfg.to_dict(),
-            "model": self.model.state_dict(),
-            "mtp": self.head.state_dict() if self.head is not None else None,
+            "model": self.model.state_dict(),  # mtp.* included
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
@@ -701,9 +700,10 @@ class Trainer:
                              f"(saved {', '.join(f'{k}={saved.get(k)!r}' for k in sorted(changed))})")
 
     def _load_state(self, state: Mapping[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        if self.head is not None:
-            self.head.load_state_dict(state["mtp"])
+        weights = dict(state["model"])
+        if state.get("mtp") is not None:  # a state written when the head was a separate module
+            weights.update({"mtp." + k: v for k, v in state["mtp"].items()})
+        self.model.load_state_dict(weights)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
@@ -729,12 +729,7 @@ class Trainer:
             for name, p in model.named_parameters():
                 if name.endswith(KEEP_FP32):  # decay rates stay float32, as official checkpoints store A_log
                     p.data = p.data.float()
-        model.extra_tensors = {k: v.to("cpu", dtype) for k, v in self.head.official_state_dict().items()} \
-            if self.head is not None else {}
-        try:
-            model.save_pretrained(folder)
-        finally:
-            self.model.extra_tensors = {}
+        model.save_pretrained(folder)  # model.mtp goes out as the official mtp.* tensors
         tok = self.data.tokenizer
         template = _template_source()
         save_tokenizer(tok, folder, chat_template=template)

@@ -11,7 +11,7 @@ whatever micro-batch it fell into.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,15 +35,16 @@ def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: to
     return _masked_ce_sum(logits[:, :-1], input_ids[:, 1:], loss_mask[:, 1:])
 
 
-def selected_loss(hidden: torch.Tensor, keep: torch.Tensor, targets: torch.Tensor, norm: torch.nn.Module,
-                  lm_head: torch.nn.Module) -> tuple[torch.Tensor, int, torch.Tensor]:
+def selected_loss(hidden: torch.Tensor, keep: torch.Tensor, targets: torch.Tensor,
+                  compute_logits: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, int, torch.Tensor]:
     """CE of the main head computed from hidden states at the kept positions only.
 
-    hidden [B, T, H] (pre final norm), keep [B, T] bool, targets [B, T] -> (sum of CE, count, logits [n, V]).
+    hidden [B, T, H] (pre final norm), keep [B, T] bool, targets [B, T], ``compute_logits`` the model's head
+    (``Qwen35ForCausalLM.compute_logits``: final norm + lm_head) -> (sum of CE, count, logits [n, V]).
     Equal to :func:`next_token_loss` on full logits when ``keep``/``targets`` are the shifted mask/ids, but
     projects onto the vocabulary only where a target is learned (a third of the tokens in chat data)."""
     n = int(keep.sum())
-    logits = lm_head(norm(hidden[keep]))
+    logits = compute_logits(hidden[keep])
     if n == 0:
         return logits.sum() * 0.0, 0, logits
     return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), n, logits

@@ -1,6 +1,7 @@
 """The MTP head: official weight names and shapes, the [embedding | hidden] order of fc, RoPE positions and
-incremental drafting with its own cache, the hidden-source option, and checkpoint round trips (fused and
-per-expert experts, through save_pretrained / load_model)."""
+incremental drafting with its own cache, the hidden-source option; ``model.mtp`` as loaded by ``load_model``
+(fused and per-expert experts, dense and MoE, bit for bit the head the old second loader built), saved back
+under the official names, absent without weights; and the head run under a context as the engine runs it."""
 
 from __future__ import annotations
 
@@ -229,19 +230,182 @@ def test_official_round_trip(per_expert: bool) -> None:
         MTPHead(model.text_config).load_official(bad)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# model.mtp: one child module, loaded by the one checkpoint loader
+
+
+def _write_folder(folder, model, mtp_tensors) -> None:
+    """A checkpoint folder of ``model`` (its trunk) plus the given ``mtp.*`` tensors, as official files hold them."""
+    from safetensors.torch import load_file, save_file
+
+    model.save_pretrained(folder)
+    tensors = load_file(str(folder / "model.safetensors"))
+    assert not any(k.startswith("mtp.") for k in tensors)
+    tensors.update({k: v.contiguous() for k, v in mtp_tensors.items()})
+    save_file(tensors, str(folder / "model.safetensors"))
+
+
+def _reference_head(model, tensors, source: str, dtype=torch.float32) -> MTPHead:
+    """What the previous second loader (load_mtp) built: a head of the model's dtype filled by load_official."""
+    ref = MTPHead(model.text_config, source).to(dtype)
+    ref.load_official(tensors)
+    return ref.eval()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("per_expert", [True, False])
+@pytest.mark.parametrize("moe", [True, False])
+def test_load_model_builds_model_mtp_like_the_old_loader(tmp_path, moe: bool, per_expert: bool, dtype: str) -> None:
+    import qwen35
+
+    model, head = _model_and_head(moe)
+    tensors = head.official_state_dict(per_expert=per_expert)
+    assert any(".experts.0." in k for k in tensors) == (moe and per_expert)
+    _write_folder(tmp_path, model, tensors)
+    loaded = qwen35.load_model(tmp_path, dtype=dtype)
+    assert isinstance(loaded.mtp, MTPHead) and loaded.mtp.hidden_source == "post_norm"
+    assert not any(k.startswith("mtp.") for k in loaded.extra_tensors)
+    assert not loaded.mtp.training and not any(p.requires_grad for p in loaded.mtp.parameters())
+    ref = _reference_head(loaded, tensors, "post_norm", loaded.dtype)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, loaded.mtp.state_dict()[k]), k
+    ids = torch.randint(0, 97, (2, 7))
+    hidden = loaded(ids).hidden_states
+    want, want_h = ref.draft(loaded, hidden[:, :-1], ids[:, 1:])
+    got, got_h = loaded.mtp.draft(loaded, hidden[:, :-1], ids[:, 1:])
+    assert torch.equal(got, want) and torch.equal(got_h, want_h)  # bit for bit
+    assert torch.equal(loaded.mtp.draft(loaded, got_h, ids[:, 1:], step=1, from_model=False)[0],
+                       ref.draft(loaded, want_h, ids[:, 1:], step=1, from_model=False)[0])
+
+
 def test_checkpoint_round_trip(tmp_path) -> None:
+    """save_pretrained writes model.mtp under the official names (experts per expert) and load_model reads it
+    back identically, hidden source included."""
+    import qwen35
+    from safetensors.torch import load_file
+
+    model, head = _model_and_head(source="pre_norm")
+    model.mtp = head
+    assert "mtp.fc.weight" in model.state_dict() and any(p is head.fc.weight for p in model.parameters())
+    model.save_pretrained(tmp_path)
+    names = set(load_file(str(tmp_path / "model.safetensors")))
+    assert set(head.official_state_dict()) <= names and "mtp.layers.0.mlp.experts.0.gate_proj.weight" in names
+    loaded = qwen35.load_model(tmp_path, dtype="float32")
+    assert loaded.mtp.hidden_source == "pre_norm" and loaded.extra_tensors == {}
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    ids = torch.randint(0, 97, (1, 6))
+    want, _ = head.draft(model, model(ids).hidden_states, ids)
+    got, _ = loaded.mtp.draft(loaded, loaded(ids).hidden_states, ids)
+    assert torch.equal(got, want)
+    # an explicit source wins over the recorded one; the compatibility shim returns model.mtp
+    assert qwen35.load_model(tmp_path, mtp_hidden_source="post_norm").mtp.hidden_source == "post_norm"
+    assert load_mtp(loaded) is loaded.mtp
+    with pytest.raises(ValueError, match="mtp_hidden_source"):
+        load_mtp(loaded, "post_norm")
+
+
+def test_no_mtp_weights_no_head(tmp_path) -> None:
+    import qwen35
+    from qwen35.checkpoint import CheckpointError
+
+    model, head = _model_and_head()
+    model.save_pretrained(tmp_path / "plain")  # the config has an MTP layer, the folder no mtp.* tensors
+    loaded = qwen35.load_model(tmp_path / "plain")
+    assert loaded.text_config.mtp_num_hidden_layers == 1 and loaded.mtp is None
+    assert not any(n.startswith("mtp.") for n in loaded.state_dict())
+    assert load_mtp(loaded) is None
+    with pytest.raises(RuntimeError, match="no MTP block"):
+        loaded.compute_mtp_logits(torch.zeros(1, 32))
+    # a partial block is a broken checkpoint, named like any other missing tensor
+    partial = {k: v for k, v in head.official_state_dict().items() if "experts.3.up_proj" not in k}
+    _write_folder(tmp_path / "partial", model, partial)
+    with pytest.raises(CheckpointError, match=r"missing tensor\(s\) mtp\.layers\.0\.mlp\.experts\.3\.up_proj"):
+        qwen35.load_model(tmp_path / "partial")
+
+
+def test_mtp_tensors_of_a_config_without_mtp_layers_stay_aside(tmp_path) -> None:
+    import json
+
     import qwen35
 
     model, head = _model_and_head()
-    model.extra_tensors = head.official_state_dict()
-    model.save_pretrained(tmp_path)
+    _write_folder(tmp_path, model, head.official_state_dict())
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["mtp_num_hidden_layers"] = 0
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
     loaded = qwen35.load_model(tmp_path, dtype="float32")
-    back = load_mtp(loaded)
-    for k, v in head.state_dict().items():
-        assert torch.equal(v, back.state_dict()[k]), k
-    ids = torch.randint(0, 97, (1, 6))
-    want, _ = head.draft(model, model(ids).hidden_states, ids)
-    got, _ = back.draft(loaded, loaded(ids).hidden_states, ids)
-    torch.testing.assert_close(got, want)
-    loaded.extra_tensors = {}
-    assert load_mtp(loaded) is None
+    assert loaded.mtp is None and set(loaded.extra_tensors) == set(head.official_state_dict())
+
+
+def test_draft_hidden_under_a_context_matches_the_dense_helper() -> None:
+    """model.mtp_hidden_states under a context + compute_mtp_logits equal the dense draft bit for bit, step by
+    step with the head's own cache, recursion included; the block's attention uses its own KV index."""
+    from qwen35.model.context import DenseContext, dense_context
+
+    class Recording(DenseContext):
+        def attend(self, layer, q, k, v):
+            seen.append(layer)
+            return super().attend(layer, q, k, v)
+
+    for source in ("post_norm", "pre_norm"):
+        model, head = _model_and_head(source=source)
+        model.mtp = head
+        assert head.kv_layers == (4,)  # after the 4 main layers
+        ids = torch.randint(0, 97, (2, 9))
+        hidden = model(ids).hidden_states[:, :-1]
+        nxt = ids[:, 1:]
+        want, want_h = head.draft(model, hidden, nxt)
+        seen: list[int] = []
+        ctx, _ = dense_context(model.rope, nxt, dtype=model.dtype)
+        ctx = Recording(rope=ctx.rope)
+        x = model.mtp_hidden_states(nxt, hidden, ctx)
+        assert seen == [4]
+        assert torch.equal(model.compute_mtp_logits(x), want)
+        assert torch.equal(head.norm(x) if source == "post_norm" else x, want_h)
+        # recursion: feed the block output back unchanged with from_mtp (the head applies mtp.norm itself)
+        want2, _ = head.draft(model, want_h, nxt, step=1, from_model=False)
+        ctx2, _ = dense_context(model.rope, nxt, dtype=model.dtype)
+        assert torch.equal(model.compute_mtp_logits(model.mtp_hidden_states(nxt, x, ctx2, 1, from_mtp=True)),
+                           want2)
+        # incrementally over a cache, the contexts' RoPE at the hidden states' positions
+        cache = SequenceCache()
+        parts = []
+        for a, b in ((0, 4), (4, 5), (5, 8)):
+            ctx, finish = dense_context(model.rope, nxt[:, a:b], cache, dtype=model.dtype)
+            parts.append(model.compute_mtp_logits(model.mtp_hidden_states(nxt[:, a:b], hidden[:, a:b], ctx)))
+            finish()
+        torch.testing.assert_close(torch.cat(parts, 1), want, rtol=1e-5, atol=1e-5)
+        assert set(cache.keys) == {4}
+
+
+def test_mtp_router_logits_under_a_context() -> None:
+    from qwen35.model.context import dense_context
+
+    model, head = _model_and_head()
+    model.mtp = head
+    ids = torch.randint(0, 97, (2, 6))
+    hidden = model(ids).hidden_states
+    ctx, _ = dense_context(model.rope, ids, dtype=model.dtype)
+    x, router = model.mtp_hidden_states_and_router(ids, hidden, ctx)
+    _, _, want = head.draft_with_router(model, hidden, ids)
+    assert torch.equal(router, want) and router.shape == (12, 4)
+
+
+def test_embedded_model_loads_its_mtp_head() -> None:
+    """The shipped model: model.mtp built by load_model, reading the hidden source it was trained with."""
+    import json
+
+    import qwen35
+    from qwen35.checkpoint import saved_mtp_hidden_source
+    from qwen35.llm import embedded_model_path
+
+    path = embedded_model_path()
+    model = qwen35.load_model(path)
+    trained = json.loads((path / "training_info.json").read_text())["mtp_hidden_source"]
+    assert isinstance(model.mtp, MTPHead) and model.mtp.hidden_source == trained == saved_mtp_hidden_source(path)
+    assert not any(k.startswith("mtp.") for k in model.extra_tensors)
+    assert model.mtp.fc.weight.dtype == model.dtype
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    logits, _ = model.mtp.draft(model, model(ids).hidden_states[:, :-1], ids[:, 1:])
+    assert logits.shape == (1, 4, model.text_config.vocab_size) and torch.isfinite(logits).all()

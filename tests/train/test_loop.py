@@ -58,9 +58,10 @@ def test_training_lowers_held_out_loss(trained) -> None:
 
 
 def test_exported_folder(trained) -> None:
+    from safetensors.torch import load_file
+
     import qwen35
     from qwen35.chat import Tokenizer
-    from qwen35.model.mtp import load_mtp
 
     cfg, _, result = trained
     folder = result.model_dir
@@ -69,13 +70,14 @@ def test_exported_folder(trained) -> None:
         assert (folder / name).exists(), name
     assert (result.out_dir / "loss_curve.png").stat().st_size > 1000
     assert json.loads((result.out_dir / "history.json").read_text())["train"][-1]["step"] == cfg.steps
+    # per-expert, official layout
+    assert "mtp.layers.0.mlp.experts.0.gate_proj.weight" in load_file(str(folder / "model.safetensors"))
     model = qwen35.load_model(folder, dtype="float32")
-    for k, v in result.model.state_dict().items():
+    assert result.head is result.model.mtp and model.mtp.hidden_source == cfg.hidden_source
+    assert model.extra_tensors == {}
+    assert set(model.state_dict()) == set(result.model.state_dict())
+    for k, v in result.model.state_dict().items():  # the MTP head included: it is model.mtp
         assert torch.equal(v, model.state_dict()[k]), k
-    assert "mtp.layers.0.mlp.experts.0.gate_proj.weight" in model.extra_tensors  # per-expert, official layout
-    head = load_mtp(model)
-    for k, v in result.head.state_dict().items():
-        assert torch.equal(v, head.state_dict()[k]), k
     tok = Tokenizer(folder)
     assert len(tok) == model.text_config.vocab_size
     assert tok.im_end_id in tok.stop_token_ids and tok.chat_template is not None

@@ -103,6 +103,6 @@ def test_selected_loss_equals_full_logits_loss() -> None:
     ids = torch.randint(0, 19, (3, 6))
     mask = torch.rand(3, 6) > 0.4
     full, n_full = next_token_loss(head(norm(hidden)), ids, mask)
-    part, n_part, logits = selected_loss(hidden[:, :-1], mask[:, 1:], ids[:, 1:], norm, head)
+    part, n_part, logits = selected_loss(hidden[:, :-1], mask[:, 1:], ids[:, 1:], lambda h: head(norm(h)))
     assert n_full == n_part == logits.shape[0]
     torch.testing.assert_close(part, full, rtol=1e-6, atol=1e-5)
