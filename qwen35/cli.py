@@ -141,6 +141,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", choices=["int8"], default=None,
                    help="int8: weight-only int8 with per-row scales (half the weight memory; several times faster "
                         "decoding on CPUs without native bf16)")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="recompute every prompt from the start (by default a prompt that begins like an earlier one, "
+                        "e.g. the next turn of a chat, resumes from the cached KV blocks and DeltaNet state)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int | None) -> None:
@@ -184,7 +187,8 @@ def _load_llm(args: argparse.Namespace):
     try:
         return LLM(args.model, dtype=args.dtype, threads=args.threads, cache_memory=args.cache_memory,
                    max_model_len=args.max_model_len, quantization=args.quantization,
-                   speculative_config=args.speculative_config)
+                   speculative_config=args.speculative_config,
+                   enable_prefix_caching=not getattr(args, "no_prefix_caching", False))
     except (CheckpointError, ValueError) as e:
         raise CommandError(str(e).splitlines()[0]) from None
 
@@ -635,6 +639,7 @@ def _run_serve(args: argparse.Namespace) -> int:
               max_model_len=args.max_model_len, threads=args.threads, max_tokens_cap=args.max_tokens_cap,
               max_body_bytes=max_body, quantization=getattr(args, "quantization", None),
               speculative_config=args.speculative_config,
+              enable_prefix_caching=not getattr(args, "no_prefix_caching", False),
               log_level=args.log_level)
     except (CheckpointError, ValueError) as e:
         raise CommandError(str(e).splitlines()[0]) from None

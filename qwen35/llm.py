@@ -83,7 +83,8 @@ class LLM:
                  max_num_seqs: int = 16, max_num_batched_tokens: int = 512, block_size: int = 16,
                  cache_memory: int | str | None = None, max_model_len: int | None = None,
                  threads: int | None = None, quantization: str | None = None,
-                 speculative_config: Mapping[str, Any] | str | None = None) -> None:
+                 speculative_config: Mapping[str, Any] | str | None = None,
+                 enable_prefix_caching: bool = True) -> None:
         from .chat.tokenizer import Tokenizer, TokenizerError
         from .checkpoint import load_model
         from .kernels.ops import check_switches
@@ -116,7 +117,8 @@ class LLM:
         config = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                               block_size=block_size, cache_memory=parse_bytes(cache_memory),
                               max_model_len=max_model_len,
-                              speculative_config=SpeculativeConfig.parse(speculative_config))
+                              speculative_config=SpeculativeConfig.parse(speculative_config),
+                              enable_prefix_caching=enable_prefix_caching)
         self.engine = LLMEngine(self.model, self.tokenizer, config)
 
     # -- defaults -------------------------------------------------------------------------------------------

@@ -506,6 +506,13 @@ def report_dict(cfg: ModelConfig, *, name: str | None = None, weight_dtype: str 
             "conv_bytes_per_sequence": state.conv,
             "bytes_per_sequence": state.total,
         },
+        # The engine's prefix cache keeps one DeltaNet state snapshot per cached prefix, inside the KV block pool
+        # (qwen35/engine/cache.py): each costs what the KV of `snapshot_kv_tokens` tokens costs, and one is taken
+        # about every that many tokens of a long prompt, so snapshots at most double a cached prompt's memory.
+        "prefix_cache": {
+            "snapshot_bytes": state.total,
+            "snapshot_kv_tokens": -(-state.total // kv) if kv else 0,
+        },
     }
     if memory_bytes is not None:
         report["fit"] = asdict(fit(cfg, memory_bytes, wd, kv_dtype, context=context))
@@ -566,6 +573,11 @@ def format_report(cfg: ModelConfig, *, name: str | None = None, weight_dtype: st
     row(f"recurrent ({st['ssm_dtype']})", _mib(st["recurrent_bytes_per_sequence"]))
     row("conv", _mib(st["conv_bytes_per_sequence"]))
     row("total", _mib(st["bytes_per_sequence"]))
+    pc = r["prefix_cache"]
+    add("Prefix cache snapshots (one DeltaNet state per cached prefix, kept in the KV pool; LRU-evicted)")
+    row("per snapshot", _mib(pc["snapshot_bytes"]), f"= the KV of {pc['snapshot_kv_tokens']:,} tokens")
+    add(f"  taken at prompt ends, finished generations, chat message starts and every ~{pc['snapshot_kv_tokens']:,} "
+        "tokens of a long prompt")
 
     if "fit" in r:
         f = r["fit"]

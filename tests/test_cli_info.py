@@ -213,3 +213,13 @@ def test_parser_is_ready_for_more_subcommands():
     parser = build_parser()
     args = parser.parse_args(["info", "--preset", "27B"])
     assert args.command == "info" and callable(args.func)
+
+
+def test_prefix_cache_snapshot_accounting(capsys):
+    # one snapshot = one sequence's DeltaNet state, expressed as the KV of that many tokens (it lives in the KV pool)
+    rc, out, _ = run(capsys, "info", "--preset", "0.8B", "--json")
+    r = json.loads(out)
+    pc, state, kv = r["prefix_cache"], r["deltanet_state"]["bytes_per_sequence"], r["kv_cache"]["bytes_per_token"]
+    assert rc == 0 and pc["snapshot_bytes"] == state and pc["snapshot_kv_tokens"] == -(-state // kv) == 1590
+    rc, out, _ = run(capsys, "info", "--preset", "0.8B")
+    assert "Prefix cache snapshots" in out and "18.63 MiB  = the KV of 1,590 tokens" in out

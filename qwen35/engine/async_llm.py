@@ -80,6 +80,8 @@ class AsyncLLM:
 
     def stats(self) -> dict[str, int]:
         s = dict(self.engine.cache.usage())
+        if self.engine.cache.prefix_caching:
+            s.update(self.engine.cache.prefix_usage())
         s["running"] = len(self.engine.scheduler.running)
         s["waiting"] = len(self.engine.scheduler.waiting)
         drafter = getattr(self.engine, "drafter", None)

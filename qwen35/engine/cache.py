@@ -3,17 +3,30 @@
 This is the only owner of cache memory.  A sequence holds one state slot (conv window + recurrent state of
 every DeltaNet layer, fixed size whatever its length) and a block table: the KV blocks that hold its keys and
 values, ``block_size`` tokens each, in every attention layer.  Sizes come from a memory budget with the same
-arithmetic ``qwen35 info`` prints (``qwen35.memory``).
+arithmetic ``qwen35 info`` prints (``qwen35.memory``).  Which block holds what is decided in ``blocks.py`` (plain
+Python); this module holds the tensors and does the copies.
+
+Prefix caching: a snapshot of the DeltaNet state after a token prefix is stored *in KV blocks* of the same pool
+(``CacheLayout.snapshot_blocks`` of them, the state's bytes laid over the blocks' rows in every attention layer),
+next to the KV blocks of that prefix, which it pins.  So snapshots and KV share one budget and one LRU: the cache
+holds as many snapshots as the memory sequences leave unused, gives them up when sequences need the room, and
+the budget (and ``nbytes()``) is exactly what it was without prefix caching.  A sequence resuming from a snapshot
+shares its full KV blocks, gets its partial last block copied, and has the state copied into its slot.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..config import ModelConfig
 from ..memory import kv_bytes_per_token, state_bytes_per_sequence
+from .blocks import BlockManager, Snapshot, extend_hashes, root_hash
+
+if TYPE_CHECKING:
+    from .sequence import Sequence
 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 _SSM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -38,6 +51,18 @@ class CacheLayout:
     @property
     def max_tokens(self) -> int:
         return self.num_blocks * self.block_size
+
+    @property
+    def snapshot_blocks(self) -> int:
+        """KV blocks one prefix-cache snapshot (a sequence's DeltaNet state) occupies."""
+        return -(-self.slot_bytes // self.block_bytes) if self.block_bytes else 0
+
+    @property
+    def snapshot_interval(self) -> int:
+        """Tokens between the snapshots taken inside a long prompt.  As many as a snapshot's blocks hold: so the
+        snapshots of a prompt never take more memory than its KV does (a denser grid would mostly fill the cache
+        with states; a sparser one recomputes more of a prompt that diverges from a cached one)."""
+        return self.snapshot_blocks * self.block_size
 
 
 def plan_cache(config: ModelConfig, cache_memory: int, max_num_seqs: int, block_size: int,
@@ -76,19 +101,12 @@ class KVBlockPool:
         self.keys = {i: torch.zeros(rows, t.num_key_value_heads, t.head_dim, dtype=dtype, device=device)
                      for i in t.full_attention_layers}
         self.values = {i: torch.zeros_like(k) for i, k in self.keys.items()}
-        self._free = list(range(layout.num_blocks - 1, -1, -1))
+        self.blocks = BlockManager(layout.num_blocks, layout.block_size)  # HybridCache puts its own here
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
-
-    def take(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise RuntimeError(f"asked for {n} KV blocks with {len(self._free)} free")
-        return [self._free.pop() for _ in range(n)]
-
-    def give_back(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
+        """Blocks a sequence can get (free, or held only by the prefix cache, which gives them up)."""
+        return self.blocks.num_available
 
 
 class StateSlotPool:
@@ -124,23 +142,40 @@ class StateSlotPool:
 
 
 class HybridCache:
-    """Allocation of blocks and slots to sequences (by id). Holds the tensors; knows nothing of scheduling."""
+    """Allocation of blocks and slots to sequences (by id), and the prefix cache.  Holds the tensors; knows nothing
+    of scheduling.  ``prefix_caching``: keep snapshots of finished prefixes and resume new sequences from them."""
 
-    def __init__(self, config: ModelConfig, layout: CacheLayout, dtype: torch.dtype, device: str = "cpu") -> None:
+    def __init__(self, config: ModelConfig, layout: CacheLayout, dtype: torch.dtype, device: str = "cpu",
+                 prefix_caching: bool = False) -> None:
         self.layout = layout
         self.block_size = layout.block_size
         self.kv = KVBlockPool(config, layout, dtype, device)
         self.slots = StateSlotPool(config, layout, dtype, device)
-        self.block_tables: dict[int, list[int]] = {}
+        self.prefix_caching = bool(prefix_caching) and layout.snapshot_blocks > 0
+        self.blocks = BlockManager(layout.num_blocks, layout.block_size,
+                                   layout.snapshot_blocks if self.prefix_caching else 0)
+        self.kv.blocks = self.blocks
+        self.block_tables: dict[int, list[int]] = self.blocks.tables
         self.slot_of: dict[int, int] = {}
+        # tokens between snapshots inside a long prompt (0: none but the prompt end); tests set it lower
+        self.snapshot_interval = layout.snapshot_interval
+        self._root = root_hash("qwen35", config.source, config.model_type, _DTYPE_NAMES[dtype], layout.block_size)
+        self._linear_layers = list(config.text.linear_attention_layers)
+        # tensors laid out like a K / V pool (row = block * block_size + offset) that others keep per position, e.g.
+        # an MTP drafter's own KV: a sequence resumed from a snapshot gets their tail rows copied too
+        self.shadow_kv: list[torch.Tensor] = []
+        # every attention layer's K and V pool as rows of bytes: where snapshots' states are laid
+        self._kv_rows = [t.view(torch.uint8).view(t.shape[0], -1) for t in (*self.kv.keys.values(),
+                                                                           *self.kv.values.values())]
         # DeltaNet state after each verified token of a speculative step, (seq id, token index) -> {layer:
         # (window, state)}: what a sequence is rewound to when a draft token is rejected.  Lives for one step.
         self._step_states: dict[tuple[int, int], dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
 
     @classmethod
     def from_budget(cls, config: ModelConfig, cache_memory: int, max_num_seqs: int, block_size: int,
-                    dtype: torch.dtype, device: str = "cpu") -> "HybridCache":
-        return cls(config, plan_cache(config, cache_memory, max_num_seqs, block_size, dtype), dtype, device)
+                    dtype: torch.dtype, device: str = "cpu", prefix_caching: bool = False) -> "HybridCache":
+        return cls(config, plan_cache(config, cache_memory, max_num_seqs, block_size, dtype), dtype, device,
+                   prefix_caching)
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
@@ -156,32 +191,107 @@ class HybridCache:
     def has_slot(self, seq_id: int) -> bool:
         return seq_id in self.slot_of
 
-    def can_admit(self, tokens: int) -> bool:
-        return self.slots.num_free > 0 and self.kv.num_free >= self.blocks_for(tokens)
+    def can_admit(self, tokens: int, hit: Snapshot | None = None) -> bool:
+        """A slot and blocks for ``tokens`` positions, for a new sequence (resuming from ``hit`` if given)."""
+        if self.slots.num_free == 0:
+            return False
+        if hit is not None:
+            return self.blocks.can_attach(hit, tokens)
+        return self.blocks.num_available >= self.blocks_for(tokens)
 
     def admit(self, seq_id: int) -> int:
         slot = self.slots.take()
         self.slot_of[seq_id] = slot
-        self.block_tables[seq_id] = []
+        self.blocks.open(seq_id)
         return slot
 
     def grow(self, seq_id: int, tokens: int) -> bool:
-        """Make room for ``tokens`` positions in total; False (nothing taken) if the pool is short."""
-        table = self.block_tables[seq_id]
-        need = self.blocks_for(tokens) - len(table)
-        if need <= 0:
-            return True
-        if need > self.kv.num_free:
-            return False
-        table.extend(self.kv.take(need))
-        return True
+        """Make room for ``tokens`` positions in total (the prefix cache gives up snapshots for it); False (nothing
+        taken) if the pool is short."""
+        return self.blocks.grow(seq_id, tokens)
 
     def release(self, seq_id: int) -> None:
-        """Free a sequence's blocks and slot at once (finish, abort or preemption)."""
-        if seq_id in self.block_tables:
-            self.kv.give_back(self.block_tables.pop(seq_id))
+        """Free a sequence's blocks and slot at once (finish, abort or preemption).  Blocks a snapshot pins stay."""
+        self.blocks.release(seq_id)
         if seq_id in self.slot_of:
             self.slots.give_back(self.slot_of.pop(seq_id))
+
+    # -- prefix cache -----------------------------------------------------------------------------------------
+    def hashes(self, seq: Sequence) -> list[bytes]:
+        """Chain hashes of every full block of the sequence's tokens (kept on the sequence, extended as it grows)."""
+        if not seq.block_hashes:
+            seq.block_hashes.append(self._root)
+        return extend_hashes(seq.block_hashes, seq.all_ids, self.block_size)
+
+    def lookup(self, seq: Sequence) -> Snapshot | None:
+        """The snapshot of the longest cached prefix of the sequence's tokens that leaves one token to compute (its
+        logits give the next token)."""
+        if not self.prefix_caching or self.blocks.num_snapshots == 0:
+            return None
+        return self.blocks.lookup(seq.all_ids, self.hashes(seq), seq.length - 1)
+
+    def has_snapshot(self, seq: Sequence, length: int) -> bool:
+        return self.blocks.find(seq.all_ids, self.hashes(seq), length) is not None
+
+    def resume(self, seq: Sequence, snap: Snapshot) -> None:
+        """Start an admitted sequence (empty block table, zeroed slot) at the end of ``snap``'s prefix: its KV shared
+        (the partial last block copied), its DeltaNet state copied into the slot.  The caller sets num_computed."""
+        copy = self.blocks.attach(seq.seq_id, snap)
+        bs = self.block_size
+        if copy is not None:
+            src, dst = copy
+            n = snap.length % bs  # the tail's rows; the rest of the block is written by the sequence itself
+            for t in (*self._kv_rows, *self.shadow_kv):
+                t[dst * bs:dst * bs + n].copy_(t[src * bs:src * bs + n])
+        buf = self._read_state(snap.state_blocks)
+        slot = self.slot_of[seq.seq_id]
+        off = 0
+        for layer in self._linear_layers:
+            for t in (self.slots.windows[layer][slot], self.slots.states[layer][slot]):
+                flat = t.view(-1).view(torch.uint8)
+                flat.copy_(buf[off:off + flat.numel()])
+                off += flat.numel()
+
+    def snapshot(self, seq: Sequence, length: int, step: int | None = None) -> bool:
+        """Keep the sequence's state after its first ``length`` tokens as a snapshot (its KV blocks pinned).  The
+        state is the slot's (which must be exactly after ``length`` tokens), or with ``step`` the one kept after
+        token ``step`` of this speculative step.  False if it was cached already or there is no room."""
+        if not self.prefix_caching:
+            return False
+        snap = self.blocks.capture(seq.seq_id, seq.all_ids, self.hashes(seq), length)
+        if snap is None:
+            return False
+        saved = self._step_states.get((seq.seq_id, step)) if step is not None else None
+        slot = self.slot_of[seq.seq_id]
+        parts = []
+        for layer in self._linear_layers:
+            pair = saved[layer] if saved is not None else (self.slots.windows[layer][slot],
+                                                           self.slots.states[layer][slot])
+            parts += [t.contiguous().view(-1).view(torch.uint8) for t in pair]
+        self._write_state(snap.state_blocks, parts)
+        return True
+
+    def _state_rows(self, blocks: list[int]) -> torch.Tensor:
+        bs = self.block_size
+        ids = torch.tensor(blocks, dtype=torch.long)[:, None] * bs + torch.arange(bs)
+        return ids.view(-1).to(self._kv_rows[0].device)
+
+    def _write_state(self, blocks: list[int], parts: list[torch.Tensor]) -> None:
+        # the state's bytes in one buffer, cut into one piece per K / V pool: the rows of ``blocks`` in each
+        rows = self._state_rows(blocks)
+        pools = self._kv_rows
+        buf = torch.zeros(len(pools), len(rows), pools[0].shape[1], dtype=torch.uint8, device=pools[0].device)
+        flat = buf.view(-1)
+        off = 0
+        for p in parts:
+            flat[off:off + p.numel()].copy_(p)
+            off += p.numel()
+        for pool, piece in zip(pools, buf):
+            pool.index_copy_(0, rows, piece)
+
+    def _read_state(self, blocks: list[int]) -> torch.Tensor:
+        rows = self._state_rows(blocks)
+        return torch.cat([pool.index_select(0, rows).view(-1) for pool in self._kv_rows])
 
     # -- speculative steps ------------------------------------------------------------------------------------
     def save_step(self, layer: int, step: int, seq_ids: list[int]) -> None:
@@ -211,8 +321,18 @@ class HybridCache:
 
     # -- accounting -------------------------------------------------------------------------------------------
     def usage(self) -> dict[str, int]:
-        return {"blocks_total": self.layout.num_blocks, "blocks_used": self.layout.num_blocks - self.kv.num_free,
+        """Blocks and slots held by sequences (blocks only the prefix cache holds are free for them: see
+        ``prefix_usage``)."""
+        return {"blocks_total": self.layout.num_blocks, "blocks_used": self.blocks.num_used,
                 "slots_total": self.slots.num_slots, "slots_used": self.slots.num_slots - self.slots.num_free}
+
+    def prefix_usage(self) -> dict[str, int]:
+        """The prefix cache: what it holds now, and its counters since the start."""
+        b, st = self.blocks, self.blocks.stats
+        return {"blocks_cached": b.num_cached, "prefix_cache_snapshots": b.num_snapshots,
+                "prefix_cache_lookups": st.lookups, "prefix_cache_queries": st.queries,
+                "prefix_cache_hits": st.hits, "prefix_cache_hit_requests": st.hit_lookups,
+                "prefix_cache_snapshots_taken": st.snapshots_taken, "prefix_cache_evictions": st.evictions}
 
     def nbytes(self) -> int:
         """Bytes actually allocated; equals ``layout.total_bytes`` (tested)."""

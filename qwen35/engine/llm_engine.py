@@ -22,9 +22,9 @@ from .params import SamplingParams
 from .runner import ModelRunner
 from .sampler import Sampler
 from .sampler import _logprobs as raw_logprobs  # the sampler's own definition of a logprob
-from .scheduler import Scheduler
+from .scheduler import Scheduler, message_marks
 from .sequence import Sequence
-from .speculative import Drafter, SpeculativeConfig
+from .speculative import Drafter, SpeculativeConfig, make_drafter
 from .stop import StopStringMatcher
 from .structured import GrammarMatcher, StructuredCompiler
 
@@ -39,8 +39,12 @@ class EngineConfig:
     cache_memory: int | None = None  # bytes for KV blocks + state slots; None = enough for max_num_seqs × 4096
     max_model_len: int | None = None  # cap on prompt + output; None = the model's context
     speculative_config: SpeculativeConfig | None = None  # draft tokens and verify them (see speculative.py)
+    # resume requests from cached prefixes (KV blocks + DeltaNet state snapshots; see cache.py and blocks.py)
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching must be true or false, got {self.enable_prefix_caching!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -76,6 +80,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
     scheduled_at: float | None = None  # time.monotonic() when the engine first ran the request (None: not yet)
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (vLLM's name; 0 until scheduled)
 
 
 @dataclass
@@ -108,7 +113,8 @@ class LLMEngine:
             memory = c.max_num_seqs * (state_bytes_per_sequence(cfg, name).total
                                        + min(self.max_model_len, 4096) * kv_bytes_per_token(cfg, name))
             memory = min(memory, 8 * GiB)
-        self.cache = HybridCache.from_budget(cfg, memory, c.max_num_seqs, c.block_size, model.dtype, str(model.device))
+        self.cache = HybridCache.from_budget(cfg, memory, c.max_num_seqs, c.block_size, model.dtype, str(model.device),
+                                             prefix_caching=c.enable_prefix_caching)
         # a sequence can never outgrow the cache: lengths are capped at its capacity
         self.max_model_len = min(self.max_model_len, self.cache.layout.max_tokens)
         self.scheduler = Scheduler(self.cache, c.max_num_seqs, c.max_num_batched_tokens)
@@ -120,9 +126,14 @@ class LLMEngine:
         self.vocab_limit = len(tokenizer) if tokenizer is not None else None
         self.eos_ids: frozenset[int] = frozenset(tokenizer.stop_token_ids) if tokenizer is not None else frozenset(
             _config_eos(cfg))
-        self.drafter = Drafter(c.speculative_config) if c.speculative_config is not None else None
+        self.drafter: Drafter | None = None
+        if c.speculative_config is not None:
+            self.drafter = make_drafter(c.speculative_config, model, self.cache)
         self._structured: StructuredCompiler | None = None  # built on the first structured request
         self._structured_lock = threading.Lock()
+        # where a chat message starts: the prefix cache keeps the state there (see scheduler.message_marks)
+        to_id = getattr(tokenizer, "token_to_id", None)
+        self._message_start: int | None = to_id("<|im_start|>") if to_id is not None else None
 
     # -- structured output --------------------------------------------------------------------------------
     @property
@@ -171,8 +182,9 @@ class LLMEngine:
         if params.structured is not None:
             grammars = [self.structured.matcher(params.structured) for _ in range(params.n)]
         seqs, decoders, matchers = [], [], []
+        marks = message_marks(ids, self._message_start) if self.cache.prefix_caching else []
         for i in range(params.n):
-            seq = Sequence(request_id, ids, params, index=i)
+            seq = Sequence(request_id, ids, params, index=i, snapshot_marks=marks)
             if params.seed is not None:
                 seq.generator = torch.Generator().manual_seed(params.seed + i)
             seqs.append(seq)
@@ -231,6 +243,9 @@ class LLMEngine:
             self.cache.end_step()
             for seq in batch.decodes:
                 seq.draft_ids = []
+        if self.drafter is not None:  # drafts for the next step from this one's hidden states (MTP)
+            self.drafter.after_step(self.runner.last_segments, self.runner.last_hidden, self.max_model_len,
+                                    self.vocab_limit)
         return [self._report(req) for req in touched.values()]
 
     def _append(self, seq: Sequence, tok: int, logprob, top, touched: dict[str, _Request]) -> None:
@@ -366,7 +381,8 @@ class LLMEngine:
         finished = all(o.finished for o in req.outputs)
         started = [s.first_scheduled for s in req.seqs if s.first_scheduled is not None]
         snapshot = RequestOutput(req.request_id, req.prompt, req.prompt_ids,
-                                 [_copy_output(o) for o in req.outputs], finished, min(started, default=None))
+                                 [_copy_output(o) for o in req.outputs], finished, min(started, default=None),
+                                 num_cached_tokens=req.seqs[0].num_cached_tokens)
         for o in req.outputs:
             o.delta_text = ""
         if finished:

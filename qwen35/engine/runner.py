@@ -51,12 +51,14 @@ class PagedContext(ForwardContext):
         self.token_mask = None
         ids = [s.seq.seq_id for s in segments]
         decodes = segments[:num_decodes]
+        dev = rope[0].device  # every index tensor lives where the cache and the model do
         self.num_decode_rows = sum(s.length for s in decodes)  # decode segments fill the front of the row
         # rows this step writes, and the rows each prompt chunk reads (its whole history incl. this step)
-        self.write_rows = torch.cat([cache.token_rows(i, s.past, s.past + s.length) for i, s in zip(ids, segments)])
-        self.read_rows = [cache.token_rows(i, 0, s.past + s.length)
+        self.write_rows = torch.cat([cache.token_rows(i, s.past, s.past + s.length)
+                                     for i, s in zip(ids, segments)]).to(dev)
+        self.read_rows = [cache.token_rows(i, 0, s.past + s.length).to(dev)
                           for i, s in zip(ids[num_decodes:], segments[num_decodes:])]
-        self.slots = torch.tensor([cache.slot_of[i] for i in ids], dtype=torch.long)
+        self.slots = torch.tensor([cache.slot_of[i] for i in ids], dtype=torch.long, device=dev)
         # each decode token attends over its sequence's blocks in place: block tables padded with a valid id
         self.decode_tables = self.decode_lengths = None
         if num_decodes:
@@ -66,20 +68,23 @@ class PagedContext(ForwardContext):
             for seg, t in zip(decodes, tables):
                 rows += [t + t[:1] * (width - len(t))] * seg.length
                 lengths += range(seg.past + 1, seg.past + seg.length + 1)
-            self.decode_tables = torch.tensor(rows, dtype=torch.long)
-            self.decode_lengths = torch.tensor(lengths, dtype=torch.long)
+            self.decode_tables = torch.tensor(rows, dtype=torch.long, device=dev)
+            self.decode_lengths = torch.tensor(lengths, dtype=torch.long, device=dev)
         # DeltaNet waves: wave j holds the j-th token of every decode segment that has one
         self.waves: list[tuple[torch.Tensor, torch.Tensor, list[int]]] = []
         longest = max((s.length for s in decodes), default=0)
         for j in range(longest):
             members = [k for k, s in enumerate(decodes) if s.length > j]
-            self.waves.append((torch.tensor([decodes[k].start + j for k in members], dtype=torch.long),
+            self.waves.append((torch.tensor([decodes[k].start + j for k in members], dtype=torch.long, device=dev),
                                self.slots[members], [decodes[k].seq.seq_id for k in members
                                                      if decodes[k].length > 1]))
 
+    def kv_tensors(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The key and value rows of an attention layer (the MTP drafter keeps its layer's rows itself)."""
+        return self.cache.kv.keys[layer], self.cache.kv.values[layer]
+
     def attend(self, layer, q, k, v):
-        kv = self.cache.kv
-        keys, values = kv.keys[layer], kv.values[layer]
+        keys, values = self.kv_tensors(layer)
         keys.index_copy_(0, self.write_rows, k[0])
         values.index_copy_(0, self.write_rows, v[0])
         nd = self.num_decode_rows
@@ -98,7 +103,7 @@ class PagedContext(ForwardContext):
             mask = None
             if seg.length > 1 and seg.past > 0:  # causal, aligned to the end of the cached history
                 L = seg.past + seg.length
-                mask = torch.ones(seg.length, L, dtype=torch.bool).tril(seg.past)
+                mask = torch.ones(seg.length, L, dtype=torch.bool, device=q.device).tril(seg.past)
             o = sdpa(qs, ks, vs, mask, causal=seg.length > 1)
             out[:, seg.start:seg.start + seg.length] = o.transpose(1, 2)
         return out
@@ -139,6 +144,8 @@ class ModelRunner:
     def __init__(self, model, cache: HybridCache) -> None:
         self.model = model
         self.cache = cache
+        self.last_hidden: torch.Tensor | None = None  # the last forward's hidden states [N, H] and segments
+        self.last_segments: list[Segment] = []
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor | None, list[int]]:
@@ -156,11 +163,11 @@ class ModelRunner:
             tokens.extend(ids)
             positions.extend(range(start, start + n))
         m = self.model
-        input_ids = torch.tensor([tokens], dtype=torch.long)
-        pos = torch.tensor([positions], dtype=torch.long)
-        h = m.model.embed_tokens(input_ids)
-        ctx = PagedContext(self.cache, segments, len(batch.decodes), m.model.rotary(pos, h.dtype))
-        h, _ = m.run_layers(h, ctx)
+        input_ids = torch.tensor([tokens], dtype=torch.long, device=m.device)
+        pos = torch.tensor([positions], dtype=torch.long, device=m.device)
+        ctx = PagedContext(self.cache, segments, len(batch.decodes), m.rope(pos, m.dtype))
+        h = m.hidden_states(input_ids, ctx)
+        self.last_hidden, self.last_segments = h[0], segments  # what a drafter reads (MTP)
         sampling: list[Sequence] = []
         rows: list[int] = []
         counts: list[int] = []
@@ -178,5 +185,4 @@ class ModelRunner:
                 counts.append(1)
         if not sampling:
             return [], None, []
-        hn = m.model.norm(h[0, rows])
-        return sampling, m.lm_head(hn).float(), counts
+        return sampling, m.compute_logits(h[0, rows]).float(), counts

@@ -5,6 +5,14 @@ token; the budget left goes to prompt chunks (partly prefilled sequences first, 
 prompt is spread over several steps and never stalls the decodes.  When the KV pool runs dry the most
 recently arrived running sequence is preempted: its blocks and slot are freed and it is recomputed later
 from its tokens (prompt + what it generated so far).
+
+Prefix caching (when the cache has it on): a sequence being admitted -- new, or preempted and recomputed -- starts
+after the longest prefix of its tokens the cache holds a snapshot of (``num_computed`` = that length, the runner
+continues from the restored state as from any earlier chunk).  Snapshots are taken where a later request is likely
+to continue: at the end of every prompt, at the end of every finished generation, where chat messages start
+(``Sequence.snapshot_marks``) and on a grid inside long prompts; a prompt chunk ends at each such point so the
+state there can be kept before the next chunk runs.  The scheduler only decides; the bookkeeping is
+``blocks.BlockManager`` (plain Python) and the copies are the cache's.
 """
 
 from __future__ import annotations
@@ -12,9 +20,12 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from .cache import HybridCache
 from .sequence import Sequence, Status
+
+if TYPE_CHECKING:
+    from .cache import HybridCache
 
 
 @dataclass
@@ -41,6 +52,8 @@ class Scheduler:
         self.budget = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        # decode sequences verifying draft tokens this step -> their num_computed before it (finish() needs it)
+        self._verify_from: dict[int, int] = {}
 
     # -- membership ---------------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -52,12 +65,59 @@ class Scheduler:
         """Finish (or abort) a sequence and free its cache at once."""
         if seq.finished:
             return
+        if reason != "abort":
+            self._snapshot_at_finish(seq)
         seq.status, seq.finish_reason = Status.FINISHED, reason
         self.cache.release(seq.seq_id)
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+
+    def _snapshot_at_finish(self, seq: Sequence) -> None:
+        """Keep the state of a finished generation (all its tokens but the last, which never ran): what the next
+        turn of a conversation, or a prompt continuing this text, resumes from.
+
+        Not for aborts: an abort may follow a failed step, whose state is not to be trusted.  A sequence that ends
+        while verifying draft tokens has its slot past the accepted ones; the state after the last accepted token
+        is the one the cache kept during the step (token ``step`` of it)."""
+        if not self.cache.prefix_caching or not self.cache.has_slot(seq.seq_id) or seq.num_computed <= 0:
+            return
+        step = None
+        start = self._verify_from.get(seq.seq_id)
+        if seq.draft_ids and start is not None:
+            step = seq.num_computed - start - 1
+        self.cache.snapshot(seq, seq.num_computed, step)
+
+    def _snapshot_due(self) -> None:
+        """Snapshots at the points the last step's chunks ended at (the slots hold exactly that state now)."""
+        for seq in self.running:
+            points = seq.snapshot_points
+            while points and points[0] < seq.num_computed:
+                points.pop(0)
+            if points and points[0] == seq.num_computed:
+                points.pop(0)
+                self.cache.snapshot(seq, seq.num_computed)
+
+    def _points(self, seq: Sequence, past: int) -> list[int]:
+        """Where to snapshot a sequence admitted with ``past`` tokens cached: message starts, the grid and the
+        prompt end, past ``past`` and not cached already."""
+        end = len(seq.prompt_ids)
+        points = {m for m in seq.snapshot_marks if past < m < end}
+        step = self.cache.snapshot_interval
+        if step > 0:
+            points.update(range((past // step + 1) * step, end, step))
+        if past < end:
+            points.add(end)
+        return sorted(p for p in points if not self.cache.has_snapshot(seq, p))
+
+    @staticmethod
+    def _chunk(seq: Sequence, n: int, past: int) -> int:
+        """``n`` prompt tokens, cut at the next snapshot point."""
+        points = seq.snapshot_points
+        if points and points[0] > past:
+            return min(n, points[0] - past)
+        return n
 
     @property
     def has_work(self) -> bool:
@@ -90,6 +150,9 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.budget
+        self._verify_from.clear()
+        if self.cache.prefix_caching:
+            self._snapshot_due()
         # 1. decodes (one token left before the next sample, plus any draft tokens to verify), oldest first
         for seq in sorted(self.running, key=_age):
             if budget <= 0:
@@ -106,6 +169,8 @@ class Scheduler:
             if seq in self.running and self._reserve(seq, seq.num_computed + tokens, batch):
                 batch.decodes.append(seq)
                 budget -= tokens
+                if seq.draft_ids:
+                    self._verify_from[seq.seq_id] = seq.num_computed
             elif seq in self.running:
                 self._preempt(seq, batch)
         # 2. further prompt chunks of sequences already running
@@ -113,19 +178,32 @@ class Scheduler:
             if budget <= 0:
                 break
             if seq in self.running and seq.remaining > 1 and seq not in batch.decodes:
-                n = min(seq.remaining, budget)
+                n = self._chunk(seq, min(seq.remaining, budget), seq.num_computed)
                 if self._reserve(seq, seq.num_computed + n, batch):
                     batch.prefills.append((seq, n))
                     budget -= n
-        # 3. admit waiting sequences (preempted ones first) while budget, slots and blocks last
+        # 3. admit waiting sequences (preempted ones first) while budget, slots and blocks last; each starts after
+        # the longest prefix of its tokens the cache has
+        caching = self.cache.prefix_caching
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            n = min(seq.remaining, budget)
-            if not self.cache.can_admit(n):
+            hit = self.cache.lookup(seq) if caching else None
+            past = hit.length if hit is not None else 0
+            seq.snapshot_points = self._points(seq, past) if caching else []
+            n = self._chunk(seq, min(seq.length - past, budget), past)
+            if not self.cache.can_admit(past + n, hit):
                 break
             self.waiting.popleft()
             self.cache.admit(seq.seq_id)
-            self.cache.grow(seq.seq_id, n)
+            if caching:
+                self.cache.blocks.note_lookup(seq.length)
+            if hit is not None:
+                self.cache.resume(seq, hit)
+            seq.num_computed = past
+            if seq.first_scheduled is None:
+                seq.num_cached_tokens = past
+            if not self.cache.grow(seq.seq_id, past + n):
+                raise RuntimeError("admission found no blocks it had checked for")  # can_admit is exact
             seq.status = Status.RUNNING
             if seq.first_scheduled is None:
                 seq.first_scheduled = time.monotonic()
@@ -137,3 +215,15 @@ class Scheduler:
 
 def _age(seq: Sequence) -> tuple[float, int]:
     return (seq.arrival, seq.seq_id)
+
+
+def message_marks(ids: list[int], message_start: int | None) -> list[int]:
+    """Prompt positions where the prefix cache should keep a state besides its grid: before the second message
+    (the end of a system prompt, shared by every conversation that has it) and before the last one.  The last is
+    what the next turn of a chat resumes from: the template re-renders the assistant turn that follows it without
+    the reasoning that was generated (and without the generation prompt's think tags), so the next prompt agrees
+    with this one exactly up to there, and no further."""
+    if message_start is None:
+        return []
+    starts = [i for i, t in enumerate(ids) if t == message_start and i > 0]
+    return sorted({starts[0], starts[-1]}) if starts else []

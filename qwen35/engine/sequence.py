@@ -43,6 +43,13 @@ class Sequence:
     spec_proposed: int = 0
     spec_accepted: int = 0
     spec_off: bool = False  # drafting stopped for this sequence: it did not pay
+    # prefix caching: prompt tokens served from the cache (at its first admission); chain hashes of its full blocks
+    # (blocks.extend_hashes); prompt positions worth a snapshot besides the block grid (where chat messages start,
+    # set by the engine); the positions still to snapshot at, ascending (set at admission)
+    num_cached_tokens: int = 0
+    block_hashes: list[bytes] = field(default_factory=list)
+    snapshot_marks: list[int] = field(default_factory=list)
+    snapshot_points: list[int] = field(default_factory=list)
 
     @property
     def all_ids(self) -> list[int]:

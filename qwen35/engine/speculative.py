@@ -24,12 +24,16 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
+
+import torch
+
+from .runner import PagedContext, Segment
 
 logger = logging.getLogger("qwen35.engine")
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "mtp")
 MAX_SPECULATIVE_TOKENS = 8
 
 
@@ -47,8 +51,7 @@ class SpeculativeConfig:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(f"speculative_config.method must be one of {', '.join(METHODS)}, got {self.method!r}"
-                             + (" (MTP drafting is not available yet)" if self.method == "mtp" else ""))
+            raise ValueError(f"speculative_config.method must be one of {', '.join(METHODS)}, got {self.method!r}")
         for name, low, high in (("num_speculative_tokens", 1, MAX_SPECULATIVE_TOKENS),
                                 ("prompt_lookup_max", 1, 64), ("prompt_lookup_min", 1, 64),
                                 ("max_batch_size", 1, 1 << 20), ("warmup", 0, 1 << 20)):
@@ -106,6 +109,12 @@ class SpeculativeStats:
     accepted: int = 0
     disabled_sequences: int = 0  # sequences whose drafting was turned off for low acceptance
     skipped_wide_batches: int = 0  # steps with more decodes than max_batch_size, not drafted
+    # per draft position j: how often a j-th draft token was proposed, and accepted
+    proposed_at: list[int] = field(default_factory=lambda: [0] * MAX_SPECULATIVE_TOKENS)
+    accepted_at: list[int] = field(default_factory=lambda: [0] * MAX_SPECULATIVE_TOKENS)
+
+    def acceptance_by_position(self) -> list[float]:
+        return [a / p for a, p in zip(self.accepted_at, self.proposed_at) if p]
 
     def as_dict(self) -> dict[str, int]:
         return {"spec_steps": self.steps, "spec_proposed_tokens": self.proposed,
@@ -114,7 +123,10 @@ class SpeculativeStats:
 
 
 class Drafter:
-    """Proposes draft tokens for the sequences about to decode, and keeps the acceptance account."""
+    """Proposes draft tokens for the sequences about to decode, and keeps the acceptance account.
+
+    ``propose`` runs before a step is scheduled (prompt lookup); ``after_step`` after it (a drafter that reads the
+    step's hidden states, MTP).  Either sets ``seq.draft_ids`` for the next forward."""
 
     def __init__(self, config: SpeculativeConfig) -> None:
         self.config = config
@@ -129,18 +141,28 @@ class Drafter:
         for seq in seqs:
             if seq.spec_off:
                 continue
-            p = seq.params
-            limit = p.max_tokens if p.max_tokens is not None else max_model_len
-            # never draft past the token limit or the context: those tokens could not be kept
-            room = min(c.num_speculative_tokens, limit - len(seq.output_ids) - 1, max_model_len - seq.length - 1)
+            room = self.room(seq, c.num_speculative_tokens, max_model_len)
             if room <= 0:
                 continue
             seq.draft_ids = ngram_draft(seq.all_ids, room, c.prompt_lookup_max, c.prompt_lookup_min)
+
+    def after_step(self, segments: Sequence[Any], hidden: Any, max_model_len: int, vocab_limit: int | None) -> None:
+        """Called after every step with the forward's segments and hidden states; prompt lookup needs neither."""
+
+    @staticmethod
+    def room(seq: Any, k: int, max_model_len: int) -> int:
+        """How many draft tokens could be kept: never past the token limit or the context."""
+        p = seq.params
+        limit = p.max_tokens if p.max_tokens is not None else max_model_len
+        return min(k, limit - len(seq.output_ids) - 1, max_model_len - seq.length - 1)
 
     def account(self, seq: Any, proposed: int, accepted: int) -> None:
         self.stats.steps += 1
         self.stats.proposed += proposed
         self.stats.accepted += accepted
+        for j in range(proposed):
+            self.stats.proposed_at[j] += 1
+            self.stats.accepted_at[j] += j < accepted
         seq.spec_proposed += proposed
         seq.spec_accepted += accepted
         c = self.config
@@ -149,3 +171,119 @@ class Drafter:
             self.stats.disabled_sequences += 1
             logger.info("speculative decoding off for %s#%d: %d of %d draft tokens accepted", seq.request_id,
                         seq.index, seq.spec_accepted, seq.spec_proposed)
+
+
+class NgramDrafter(Drafter):
+    """Prompt lookup (see :func:`ngram_draft`)."""
+
+
+class MTPDrafter(Drafter):
+    """Drafts with the checkpoint's multi-token-prediction block (``model.mtp``).
+
+    After each forward, the MTP layer runs over every position whose hidden state and following token are now
+    known (prompt chunks, the decoded token, the accepted drafts), writing its own KV rows -- kept here, laid out
+    like the cache's KV so a sequence's block table addresses them -- and its output at a sequence's last position
+    gives draft token 1; drafts 2..k feed the MTP output back (vLLM's recursion).  Drafts are the MTP head's
+    argmax: a deterministic proposal, which the engine's verification keeps or rejects (so a stale MTP row, e.g.
+    after a step it skipped, costs acceptance, never correctness).
+    """
+
+    def __init__(self, config: SpeculativeConfig, model: Any, cache: Any) -> None:
+        super().__init__(config)
+        if getattr(model, "mtp", None) is None:
+            raise ValueError("speculative_config method 'mtp' needs a checkpoint with an MTP block (mtp.* weights); "
+                             "this one has none -- use {\"method\": \"ngram\"} instead")
+        self.model, self.cache = model, cache
+        like = next(iter(cache.kv.keys.values()))
+        self.kv = {i: (torch.zeros_like(like), torch.zeros_like(like)) for i in model.mtp.kv_layers}
+        # laid out like the cache's KV: a sequence resuming from the prefix cache gets these rows copied too
+        cache.shadow_kv.extend(t for pair in self.kv.values() for t in pair)
+
+    def propose(self, seqs, max_model_len) -> None:
+        """Nothing before a step: the drafts were made from the previous step's hidden states."""
+
+    def nbytes(self) -> int:
+        return sum(k.numel() * k.element_size() * 2 for k, _ in self.kv.values())
+
+    @torch.inference_mode()
+    def after_step(self, segments, hidden, max_model_len, vocab_limit) -> None:
+        if hidden is None:
+            return
+        decoding = [s for s in segments if not s.seq.finished and s.seq.remaining == 1]
+        if len(decoding) > self.config.max_batch_size:
+            self.stats.skipped_wide_batches += 1
+            return
+        # 1. the MTP layer over every position of this step with a known next token
+        rows, next_ids, mtp_segments = [], [], []
+        for seg in segments:
+            seq = seg.seq
+            if seq.finished:
+                continue
+            ids = seq.all_ids
+            n = min(seg.length, seq.num_computed - seg.past, len(ids) - 1 - seg.past)
+            if n <= 0:
+                continue
+            mtp_segments.append(Segment(seq, len(rows), n, seg.past))
+            rows.extend(range(seg.start, seg.start + n))
+            next_ids.extend(ids[seg.past + 1:seg.past + 1 + n])
+        if not mtp_segments:
+            return
+        m = self.model
+        dev = hidden.device
+        positions = [p for s in mtp_segments for p in range(s.past, s.past + s.length)]
+        x = self._run(mtp_segments, torch.tensor(next_ids, device=dev), hidden[torch.tensor(rows, device=dev)],
+                      positions, step=0, from_mtp=False)
+        # 2. drafts for the sequences that decode next and whose last token this step covered
+        drafting = []
+        for seg in mtp_segments:
+            seq = seg.seq
+            if seq.spec_off or seq.remaining != 1 or seg.past + seg.length != seq.length - 1:
+                continue
+            room = self.room(seq, self.config.num_speculative_tokens, max_model_len)
+            if room > 0:
+                drafting.append((seq, seg.start + seg.length - 1, room))
+        if not drafting:
+            return
+        last = x[torch.tensor([r for _, r, _ in drafting], device=dev)]
+        tokens = self._argmax(last, vocab_limit)
+        for (seq, _, _), t in zip(drafting, tokens):
+            seq.draft_ids = [t]
+        for j in range(1, max(r for _, _, r in drafting)):
+            live = [(i, seq) for i, (seq, _, room) in enumerate(drafting) if room > j
+                    and self.cache.grow(seq.seq_id, seq.length - 1 + j)]  # rows for the provisional MTP KV
+            if not live:
+                break
+            segs = [Segment(seq, k, 1, seq.length - 2 + j) for k, (_, seq) in enumerate(live)]
+            idx = torch.tensor([i for i, _ in live], device=dev)
+            ids = torch.tensor([seq.draft_ids[-1] for _, seq in live], device=dev)
+            last = self._run(segs, ids, last[idx], [s.past for s in segs], step=j, from_mtp=True)
+            for (_, seq), t in zip(live, self._argmax(last, vocab_limit)):
+                seq.draft_ids.append(t)
+            drafting = [drafting[i] for i, _ in live]
+
+    def _run(self, segments, next_ids, hidden, positions, step: int, from_mtp: bool):
+        m = self.model
+        pos = torch.tensor([positions], dtype=torch.long, device=hidden.device)
+        ctx = _MTPContext(self.cache, segments, 0, m.rope(pos, m.dtype), self.kv)
+        return m.mtp_hidden_states(next_ids[None], hidden[None], ctx, step=step, from_mtp=from_mtp)[0]
+
+    def _argmax(self, x, vocab_limit: int | None) -> list[int]:
+        logits = self.model.compute_mtp_logits(x).float()
+        if vocab_limit is not None:
+            logits = logits[:, :vocab_limit]
+        return logits.argmax(dim=-1).tolist()
+
+
+class _MTPContext(PagedContext):
+    """The engine's paged context, with the MTP layer's KV rows held by the drafter."""
+
+    def __init__(self, cache, segments, num_decodes, rope, kv) -> None:
+        super().__init__(cache, segments, num_decodes, rope)
+        self.mtp_kv = kv
+
+    def kv_tensors(self, layer: int):
+        return self.mtp_kv[layer]
+
+
+def make_drafter(config: SpeculativeConfig, model: Any, cache: Any) -> Drafter:
+    return MTPDrafter(config, model, cache) if config.method == "mtp" else NgramDrafter(config)

@@ -27,6 +27,24 @@ _ENGINE_GAUGES = (
     ("qwen35_state_slots_total", "slots_total", "DeltaNet recurrent state slots in all."),
 )
 
+# Prefix caching, when it is on (AsyncLLM.stats() keys; see qwen35/engine/blocks.py).  Gauges: what the cache holds
+# now; counters: since the start.  queries / hits are in tokens, as vLLM counts them (hit rate = hits / queries).
+_PREFIX_GAUGES = (
+    ("qwen35_kv_cache_blocks_cached", "blocks_cached",
+     ("KV blocks held only by the prefix cache (cached prefixes and their DeltaNet snapshots); free for sequences "
+      "that need them.")),
+    ("qwen35_prefix_cache_snapshots", "prefix_cache_snapshots",
+     "Cached prefixes: DeltaNet state snapshots, each with the KV blocks of its prefix."),
+)
+_PREFIX_COUNTERS = (
+    ("prefix_cache_queries", "Tokens that admitted sequences looked up in the prefix cache (their prompts)."),
+    ("prefix_cache_hits", "Of the looked-up tokens, those served from the prefix cache instead of computed."),
+    ("prefix_cache_lookups", "Sequences admitted with a prefix cache lookup."),
+    ("prefix_cache_hit_requests", "Sequences admitted that resumed from a cached prefix."),
+    ("prefix_cache_snapshots_taken", "DeltaNet state snapshots taken."),
+    ("prefix_cache_evictions", "Cached prefixes evicted (least recently used first) to make room."),
+)
+
 
 # Speculative decoding, when the engine drafts (AsyncLLM.stats() keys; see qwen35/engine/speculative.py).
 _SPEC_COUNTERS = (
@@ -48,6 +66,16 @@ class _EngineCollector(Collector):
             gauge = GaugeMetricFamily(name, doc)
             gauge.add_metric([], float(stats.get(key, 0)))
             yield gauge
+        for name, key, doc in _PREFIX_GAUGES:
+            if key in stats:
+                gauge = GaugeMetricFamily(name, doc)
+                gauge.add_metric([], float(stats[key]))
+                yield gauge
+        for key, doc in _PREFIX_COUNTERS:
+            if key in stats:
+                counter = CounterMetricFamily(f"qwen35_{key}", doc)
+                counter.add_metric([], float(stats[key]))
+                yield counter
         for key, doc in _SPEC_COUNTERS:
             if key in stats:
                 counter = CounterMetricFamily(f"qwen35_{key}", doc)

@@ -16,13 +16,14 @@ def serve(model: str | os.PathLike | None = None, *, host: str = "127.0.0.1", po
           max_num_seqs: int = 16, max_num_batched_tokens: int = 512, cache_memory: int | str | None = None,
           max_model_len: int | None = None, threads: int | None = None, max_tokens_cap: int | None = None,
           max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, quantization: str | None = None,
-          speculative_config: str | dict | None = None,
+          speculative_config: str | dict | None = None, enable_prefix_caching: bool = True,
           log_level: str = "info") -> None:
     """Load ``model`` (default: the embedded model) and serve it until interrupted.
 
     Binds to the loopback interface unless ``host`` says otherwise: exposing a model to the network is a decision
     to make explicitly (with ``api_key`` set).  The model is served as ``served_model_name`` (default: the
-    checkpoint folder's name); requests naming another model get 404.
+    checkpoint folder's name); requests naming another model get 404.  ``enable_prefix_caching=False`` recomputes
+    every prompt from the start (see ``qwen35.LLM``).
     """
     import uvicorn
 
@@ -41,6 +42,8 @@ def serve(model: str | os.PathLike | None = None, *, host: str = "127.0.0.1", po
     extra = {"quantization": quantization} if quantization else {}  # e.g. "int8" weights
     if speculative_config is not None:
         extra["speculative_config"] = speculative_config
+    if not enable_prefix_caching:
+        extra["enable_prefix_caching"] = False
     llm = LLM(model, dtype=dtype, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
               cache_memory=cache_memory, max_model_len=max_model_len, threads=threads, **extra)
     name = served_model_name or Path(llm.model_path).name
