@@ -135,9 +135,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    "e.g. 2GiB (default: enough for 16 sequences of 4096 tokens)")
     p.add_argument("--max-model-len", type=int, metavar="N", help="cap on prompt + output tokens")
     p.add_argument("--speculative-config", metavar="JSON", default=None,
-                   help='speculative decoding, vLLM\'s JSON: e.g. \'{"method": "ngram", "num_speculative_tokens": 3}\' '
-                        "(prompt lookup: drafts tokens from earlier text and verifies them in one forward; the output "
-                        "is unchanged, greedy output token for token)")
+                   help='speculative decoding, vLLM\'s JSON: e.g. \'{"method": "mtp", "num_speculative_tokens": 2}\' '
+                        "(the checkpoint's MTP block drafts) or method ngram (prompt lookup); drafts are verified in "
+                        "one forward, so the output is unchanged (greedy: token for token)")
     p.add_argument("--quantization", choices=["int8"], default=None,
                    help="int8: weight-only int8 with per-row scales (half the weight memory; several times faster "
                         "decoding on CPUs without native bf16)")

@@ -75,7 +75,9 @@ class LLM:
     prompts must then be token ids and outputs carry ids only (``text`` stays empty), as in vLLM.
     ``speculative_config``: e.g. ``{"method": "ngram", "num_speculative_tokens": 3}`` (a dict or its JSON text)
     drafts tokens by prompt lookup and verifies them in one forward; the output distribution is unchanged (greedy
-    output is token-identical), see ``qwen35/engine/speculative.py``.
+    output is token-identical), see ``qwen35/engine/speculative.py``; ``{"method": "mtp", ...}`` drafts with the
+    checkpoint's MTP block.  ``enable_prefix_caching`` (default True) resumes requests from cached prefixes (KV
+    blocks and DeltaNet state snapshots; ``RequestOutput.num_cached_tokens`` says how many prompt tokens hit).
     """
 
     def __init__(self, model: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto", *,
