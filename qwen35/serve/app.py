@@ -413,10 +413,11 @@ class _Server:
             log.error("request %s failed: %s", request_id, e)
             raise APIError(f"generation failed: {e}", status=500, code="engine_error") from None
 
-    def _usage(self, prompt_tokens: int, outputs: list[CompletionOutput]) -> dict[str, int]:
+    def _usage(self, prompt_tokens: int, outputs: list[CompletionOutput], cached: int = 0) -> dict[str, Any]:
+        """OpenAI's usage object; ``cached`` prompt tokens came from the prefix cache (prompt_tokens_details)."""
         completion = sum(len(o.token_ids) for o in outputs)
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                "total_tokens": prompt_tokens + completion}
+                "total_tokens": prompt_tokens + completion, "prompt_tokens_details": {"cached_tokens": cached}}
 
     # ------------------------------------------------------------------ /v1/chat/completions
 
@@ -473,7 +474,7 @@ class _Server:
                             "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason})
         return JSONResponse({"id": request_id, "object": "chat.completion", "created": created,
                              "model": self.model_name, "choices": choices, "system_fingerprint": None,
-                             "usage": self._usage(len(out.prompt_token_ids), out.outputs)})
+                             "usage": self._usage(len(out.prompt_token_ids), out.outputs, out.num_cached_tokens)})
 
     def _chat_logprobs(self, token_ids: list[int], o: CompletionOutput, start: int = 0) -> dict[str, Any]:
         """OpenAI chat logprobs of ``token_ids``, the tokens of ``o`` from position ``start`` on."""
@@ -510,7 +511,8 @@ class _Server:
                 body["choices"][0]["logprobs"] = {"content": pending_logprobs[index]}
                 pending_logprobs[index] = []
             if include_usage:
-                body["usage"] = (self._usage(len(ids), last.outputs) if continuous_usage and last else None)
+                body["usage"] = (self._usage(len(ids), last.outputs, last.num_cached_tokens) if continuous_usage and last
+                                 else None)
             return _sse(body)
 
         try:
@@ -538,7 +540,7 @@ class _Server:
             if include_usage and last is not None:
                 yield _sse({"id": request_id, "object": "chat.completion.chunk", "created": created,
                             "model": self.model_name, "choices": [],
-                            "usage": self._usage(len(last.prompt_token_ids), last.outputs)})
+                            "usage": self._usage(len(last.prompt_token_ids), last.outputs, last.num_cached_tokens)})
         except Exception as e:  # the 200 is already sent: report in the stream, as OpenAI does
             yield _stream_error(e)
         yield _sse("[DONE]")
@@ -577,7 +579,7 @@ class _Server:
                     "finish_reason": o.finish_reason, "stop_reason": o.stop_reason} for o in out.outputs]
         return JSONResponse({"id": request_id, "object": "text_completion", "created": created,
                              "model": self.model_name, "choices": choices, "system_fingerprint": None,
-                             "usage": self._usage(len(out.prompt_token_ids), out.outputs)})
+                             "usage": self._usage(len(out.prompt_token_ids), out.outputs, out.num_cached_tokens)})
 
     def _completion_logprobs(self, token_ids: list[int], o: CompletionOutput, start: int = 0,
                              offset: int = 0) -> dict[str, Any]:
@@ -630,7 +632,7 @@ class _Server:
             if include_usage and last is not None:
                 yield _sse({"id": request_id, "object": "text_completion", "created": created,
                             "model": self.model_name, "choices": [],
-                            "usage": self._usage(len(last.prompt_token_ids), last.outputs)})
+                            "usage": self._usage(len(last.prompt_token_ids), last.outputs, last.num_cached_tokens)})
         except Exception as e:  # the 200 is already sent: report in the stream, as OpenAI does
             yield _stream_error(e)
         yield _sse("[DONE]")

@@ -105,3 +105,13 @@ def test_speculative_counters_in_metrics(checkpoint):
             assert m["qwen35_spec_accepted_tokens_total"] == llm.engine.drafter.stats.accepted
     finally:
         engine.shutdown()
+
+
+def test_cached_prompt_tokens_in_usage(client):
+    messages = [{"role": "system", "content": "You are terse. " * 12}, {"role": "user", "content": "Hello there!"}]
+    first = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=3, temperature=0)
+    again = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=3, temperature=0)
+    assert first.usage.prompt_tokens == again.usage.prompt_tokens
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert 0 < cached < again.usage.prompt_tokens  # served from the prefix cache, at least one token computed
+    assert again.choices[0].message.content == first.choices[0].message.content
