@@ -61,6 +61,7 @@ from .parsers import (
     ToolCall,
     ToolCallDelta,
     ToolCallStreamParser,
+    _schema_types,
 )
 from .template import validate_tools
 
@@ -375,26 +376,7 @@ def _resolve(schema: Any, root: Mapping[str, Any]) -> Any:
 
 def _types(schema: Any, root: Mapping[str, Any]) -> set[str]:
     """JSON types a schema admits, as the parser's convert_parameter reads them (empty: unknown)."""
-    schema = _resolve(schema, root)
-    if not isinstance(schema, Mapping):
-        return set()
-    types: set[str] = set()
-    declared = schema.get("type")
-    if isinstance(declared, str):
-        types.add(declared)
-    elif isinstance(declared, list):
-        types.update(t for t in declared if isinstance(t, str))
-    for key in ("anyOf", "oneOf", "allOf"):
-        for option in schema.get(key) or ():
-            types |= _types(option, root)
-    if not types:
-        values = list(schema.get("enum") or []) + ([schema["const"]] if "const" in schema else [])
-        types.update("string" if isinstance(v, str) else "other" for v in values)
-        if "properties" in schema:
-            types.add("object")
-        if "items" in schema:
-            types.add("array")
-    return types
+    return _schema_types(schema, lambda sub: _resolve(sub, root))
 
 
 def _guard_strings(schema: Any) -> Any:
@@ -432,7 +414,7 @@ def _parameter_rules(key: str, pname: str, schema: Any, root: Mapping[str, Any],
     end = _lark_string(f"\n{PARAMETER_END}\n")
     resolved = _resolve(schema, root)
     types = _types(schema, root)
-    if types and "string" not in types and "other" not in types or types == {"other"}:
+    if types and "string" not in types:
         # a typed value is JSON text (convert_parameter parses it by the schema)
         full = dict(resolved) if isinstance(resolved, Mapping) else {}
         for section in ("$defs", "definitions"):  # keep the tool's definitions for the refs inside

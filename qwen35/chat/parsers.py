@@ -42,7 +42,7 @@ import math
 import re
 import secrets
 import tokenize
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -213,8 +213,11 @@ def new_tool_call_id() -> str:
     return "call_" + secrets.token_hex(12)
 
 
-def _schema_types(schema: Any) -> set[str]:
-    """JSON types a schema admits (empty set: unknown, no constraint we can use)."""
+def _schema_types(schema: Any, resolve: Callable[[Any], Any] | None = None) -> set[str]:
+    """JSON types a schema admits (empty set: unknown, no constraint we can use).  ``resolve`` follows ``$ref``s
+    (the grammar builder passes one; tool schemas parsed here are taken as they are)."""
+    if resolve is not None:
+        schema = resolve(schema)
     if not isinstance(schema, Mapping):
         return set()
     types: set[str] = set()
@@ -227,7 +230,7 @@ def _schema_types(schema: Any) -> set[str]:
         options = schema.get(key)
         if isinstance(options, list):
             for option in options:
-                types |= _schema_types(option)
+                types |= _schema_types(option, resolve)
     if not types:
         examples = list(schema.get("enum") or []) + ([schema["const"]] if "const" in schema else [])
         types.update(_json_type(v) for v in examples)
