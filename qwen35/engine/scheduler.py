@@ -160,18 +160,16 @@ class Scheduler:
             if seq not in self.running or seq.remaining != 1:
                 continue
             del seq.draft_ids[max(0, budget - 1):]  # drafts only as far as the budget goes
-            tokens = 1 + len(seq.draft_ids)
-            if not self._reserve(seq, seq.num_computed + tokens, batch) and seq.draft_ids:
+            # (_reserve preempts only newer sequences, never ``seq`` itself)
+            if seq.draft_ids and not self._reserve(seq, seq.num_computed + 1 + len(seq.draft_ids), batch):
                 seq.draft_ids.clear()  # no room for the drafts: decode plainly
-                tokens = 1
-                if seq not in self.running:
-                    continue
-            if seq in self.running and self._reserve(seq, seq.num_computed + tokens, batch):
+            tokens = 1 + len(seq.draft_ids)
+            if self._reserve(seq, seq.num_computed + tokens, batch):
                 batch.decodes.append(seq)
                 budget -= tokens
                 if seq.draft_ids:
                     self._verify_from[seq.seq_id] = seq.num_computed
-            elif seq in self.running:
+            else:
                 self._preempt(seq, batch)
         # 2. further prompt chunks of sequences already running
         for seq in sorted(self.running, key=_age):

@@ -71,12 +71,7 @@ class _EngineCollector(Collector):
                 gauge = GaugeMetricFamily(name, doc)
                 gauge.add_metric([], float(stats[key]))
                 yield gauge
-        for key, doc in _PREFIX_COUNTERS:
-            if key in stats:
-                counter = CounterMetricFamily(f"qwen35_{key}", doc)
-                counter.add_metric([], float(stats[key]))
-                yield counter
-        for key, doc in _SPEC_COUNTERS:
+        for key, doc in _PREFIX_COUNTERS + _SPEC_COUNTERS:  # present when the engine caches / drafts
             if key in stats:
                 counter = CounterMetricFamily(f"qwen35_{key}", doc)
                 counter.add_metric([], float(stats[key]))
@@ -151,18 +146,17 @@ class RequestTimer:
         """Account one engine RequestOutput."""
         now = time.monotonic()
         self.prompt_tokens = len(out.prompt_token_ids)
-        if self.scheduled is None and getattr(out, "scheduled_at", None) is not None:
+        if self.scheduled is None:
             self.scheduled = out.scheduled_at
         new = sum(len(o.delta_token_ids) for o in out.outputs)
         if new:
-            if self.first_token is None:
+            if self.first_token is None:  # the first delivery has no gap before it
                 self.first_token = now
                 self.metrics.time_to_first_token.observe(now - self.arrived)
-                new -= 1  # the first token has no gap before it
-            elif new:
+            else:
                 self.metrics.inter_token_latency.observe((now - self.last_token) / new)  # type: ignore[operator]
             self.last_token = now
-        self.tokens += sum(len(o.delta_token_ids) for o in out.outputs)
+        self.tokens += new
         if out.finished:
             self.finish_reasons = [str(o.finish_reason) for o in out.outputs]
 
