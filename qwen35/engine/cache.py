@@ -170,6 +170,9 @@ class HybridCache:
         # DeltaNet state after each verified token of a speculative step, (seq id, token index) -> {layer:
         # (window, state)}: what a sequence is rewound to when a draft token is rejected.  Lives for one step.
         self._step_states: dict[tuple[int, int], dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+        # DeltaNet states a prompt chunk passed on its way, (seq_id, length) -> layer -> (window, state), kept
+        # until the scheduler has made snapshots of them
+        self._kept_states: dict[tuple[int, int], dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
 
     @classmethod
     def from_budget(cls, config: ModelConfig, cache_memory: int, max_num_seqs: int, block_size: int,
@@ -254,14 +257,16 @@ class HybridCache:
 
     def snapshot(self, seq: Sequence, length: int, step: int | None = None) -> bool:
         """Keep the sequence's state after its first ``length`` tokens as a snapshot (its KV blocks pinned).  The
-        state is the slot's (which must be exactly after ``length`` tokens), or with ``step`` the one kept after
-        token ``step`` of this speculative step.  False if it was cached already or there is no room."""
+        state is the one a prompt chunk kept at ``length`` on its way (:meth:`keep_state`), or with ``step`` the one
+        kept after token ``step`` of this speculative step, or else the slot's (which must then be exactly after
+        ``length`` tokens).  False if it was cached already or there is no room."""
         if not self.prefix_caching:
             return False
         snap = self.blocks.capture(seq.seq_id, seq.all_ids, self.hashes(seq), length)
         if snap is None:
             return False
-        saved = self._step_states.get((seq.seq_id, step)) if step is not None else None
+        saved = self._step_states.get((seq.seq_id, step)) if step is not None else \
+            self._kept_states.get((seq.seq_id, length))
         slot = self.slot_of[seq.seq_id]
         parts = []
         for layer in self._linear_layers:
@@ -292,6 +297,20 @@ class HybridCache:
     def _read_state(self, blocks: list[int]) -> torch.Tensor:
         rows = self._state_rows(blocks)
         return torch.cat([pool.index_select(0, rows).view(-1) for pool in self._kv_rows])
+
+    def keep_state(self, layer: int, seq_id: int, length: int, window: torch.Tensor, state: torch.Tensor) -> None:
+        """Hold the DeltaNet state of ``layer`` after the first ``length`` tokens of a sequence, passed inside a
+        prompt chunk (the runner splits only the DeltaNet mix there, so the chunk is not cut), until a snapshot of
+        it is made or :meth:`drop_kept_states` runs."""
+        slots = self.slots
+        self._kept_states.setdefault((seq_id, length), {})[layer] = (
+            window.to(slots.windows[layer].dtype).clone(), state.to(slots.states[layer].dtype).clone())
+
+    def has_kept_state(self, seq_id: int, length: int) -> bool:
+        return (seq_id, length) in self._kept_states
+
+    def drop_kept_states(self) -> None:
+        self._kept_states.clear()
 
     # -- speculative steps ------------------------------------------------------------------------------------
     def save_step(self, layer: int, step: int, seq_ids: list[int]) -> None:

@@ -29,6 +29,7 @@ class Segment:
     start: int  # offset in the packed row
     length: int  # tokens this step
     past: int  # tokens already in the cache for this sequence
+    keep_at: tuple[int, ...] = ()  # offsets inside a prompt chunk where the cache keeps the DeltaNet state
 
 
 class PagedContext(ForwardContext):
@@ -128,13 +129,18 @@ class PagedContext(ForwardContext):
                         self.cache.save_step(layer, step, verifying)
                 parts.append(o[None])
         for seg, slot in zip(self.segments[self.num_decodes:], self.slots[self.num_decodes:].tolist()):
-            sl = slice(seg.start, seg.start + seg.length)
             fresh = seg.past == 0  # a new sequence starts from zero state, never from what the slot held
-            o, w, s = mixer.mix(qkv[:, sl], g[:, sl], beta[:, sl], None if fresh else windows[slot:slot + 1],
-                                None if fresh else states[slot:slot + 1])
+            w, s = (None, None) if fresh else (windows[slot:slot + 1], states[slot:slot + 1])
+            # the chunk in pieces at the points the prefix cache wants a state of: only this mix splits there
+            bounds = (0, *seg.keep_at, seg.length)
+            for a, b in zip(bounds, bounds[1:]):
+                sl = slice(seg.start + a, seg.start + b)
+                o, w, s = mixer.mix(qkv[:, sl], g[:, sl], beta[:, sl], w, s)
+                if b < seg.length:
+                    self.cache.keep_state(layer, seg.seq.seq_id, seg.past + b, w[0], s[0])
+                parts.append(o)
             windows[slot] = w[0].to(windows.dtype)
             states[slot] = s[0].to(states.dtype)
-            parts.append(o)
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
 
@@ -155,11 +161,13 @@ class ModelRunner:
         tokens: list[int] = []
         positions: list[int] = []
         work = [(s, 1 + len(s.draft_ids)) for s in batch.decodes] + batch.prefills
-        for seq, n in work:
+        for k, (seq, n) in enumerate(work):
             start = seq.num_computed
             ids = seq.all_ids[start:start + n] if not seq.draft_ids or n == 1 else \
                 seq.all_ids[start:start + 1] + seq.draft_ids
-            segments.append(Segment(seq, len(tokens), n, start))
+            keep = () if k < len(batch.decodes) else tuple(p - start for p in seq.snapshot_points
+                                                          if start < p < start + n)
+            segments.append(Segment(seq, len(tokens), n, start, keep))
             tokens.extend(ids)
             positions.extend(range(start, start + n))
         m = self.model

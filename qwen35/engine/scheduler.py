@@ -10,9 +10,10 @@ Prefix caching (when the cache has it on): a sequence being admitted -- new, or 
 after the longest prefix of its tokens the cache holds a snapshot of (``num_computed`` = that length, the runner
 continues from the restored state as from any earlier chunk).  Snapshots are taken where a later request is likely
 to continue: at the end of every prompt, at the end of every finished generation, where chat messages start
-(``Sequence.snapshot_marks``) and on a grid inside long prompts; a prompt chunk ends at each such point so the
-state there can be kept before the next chunk runs.  The scheduler only decides; the bookkeeping is
-``blocks.BlockManager`` (plain Python) and the copies are the cache's.
+(``Sequence.snapshot_marks``) and on a grid inside long prompts.  A prompt chunk is not cut at such a point: the
+runner splits only the DeltaNet mix there and the cache keeps the state it passed, of which a snapshot is made after
+the step.  The scheduler only decides; the bookkeeping is ``blocks.BlockManager`` (plain Python) and the copies are
+the cache's.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class Scheduler:
         if seq.finished:
             return
         if reason != "abort":
+            self._snapshot_passed(seq)
             self._snapshot_at_finish(seq)
         seq.status, seq.finish_reason = Status.FINISHED, reason
         self.cache.release(seq.seq_id)
@@ -90,14 +92,18 @@ class Scheduler:
         self.cache.snapshot(seq, seq.num_computed, step)
 
     def _snapshot_due(self) -> None:
-        """Snapshots at the points the last step's chunks ended at (the slots hold exactly that state now)."""
+        """Snapshots at the points the last step's chunks passed (states the cache kept on the way) or ended at
+        (the slot holds exactly that state now)."""
         for seq in self.running:
-            points = seq.snapshot_points
-            while points and points[0] < seq.num_computed:
-                points.pop(0)
-            if points and points[0] == seq.num_computed:
-                points.pop(0)
-                self.cache.snapshot(seq, seq.num_computed)
+            self._snapshot_passed(seq)
+        self.cache.drop_kept_states()
+
+    def _snapshot_passed(self, seq: Sequence) -> None:
+        points = seq.snapshot_points
+        while points and points[0] <= seq.num_computed:
+            p = points.pop(0)
+            if p == seq.num_computed or self.cache.has_kept_state(seq.seq_id, p):
+                self.cache.snapshot(seq, p)
 
     def _points(self, seq: Sequence, past: int) -> list[int]:
         """Where to snapshot a sequence admitted with ``past`` tokens cached: message starts, the grid and the
@@ -110,14 +116,6 @@ class Scheduler:
         if past < end:
             points.add(end)
         return sorted(p for p in points if not self.cache.has_snapshot(seq, p))
-
-    @staticmethod
-    def _chunk(seq: Sequence, n: int, past: int) -> int:
-        """``n`` prompt tokens, cut at the next snapshot point."""
-        points = seq.snapshot_points
-        if points and points[0] > past:
-            return min(n, points[0] - past)
-        return n
 
     @property
     def has_work(self) -> bool:
@@ -176,7 +174,7 @@ class Scheduler:
             if budget <= 0:
                 break
             if seq in self.running and seq.remaining > 1 and seq not in batch.decodes:
-                n = self._chunk(seq, min(seq.remaining, budget), seq.num_computed)
+                n = min(seq.remaining, budget)
                 if self._reserve(seq, seq.num_computed + n, batch):
                     batch.prefills.append((seq, n))
                     budget -= n
@@ -188,7 +186,7 @@ class Scheduler:
             hit = self.cache.lookup(seq) if caching else None
             past = hit.length if hit is not None else 0
             seq.snapshot_points = self._points(seq, past) if caching else []
-            n = self._chunk(seq, min(seq.length - past, budget), past)
+            n = min(seq.length - past, budget)
             if not self.cache.can_admit(past + n, hit):
                 break
             self.waiting.popleft()

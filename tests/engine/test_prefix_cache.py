@@ -103,8 +103,21 @@ def test_snapshots_on_the_grid_of_a_long_prompt(model):
     eng = engine(model, max_num_batched_tokens=64)
     eng.cache.snapshot_interval = 8
     long = prompts_of([30], seed=14)[0]
+    chunks = []
+    schedule = eng.scheduler.schedule
+
+    def recording():
+        batch = schedule()
+        chunks.extend(n for _, n in batch.prefills)
+        return batch
+
+    eng.scheduler.schedule = recording
     run(eng, long, 2)
-    # diverges at 27: the deepest grid point before it is 24 (the chunk was cut there to keep the state)
+    # one chunk of 30: the grid points 8, 16, 24 inside it split only the DeltaNet mix, whose states the cache kept
+    assert chunks == [30]
+    assert eng.cache.prefix_usage()["prefix_cache_snapshots_taken"] >= 4  # 8, 16, 24 and the end of the answer
+    eng.scheduler.schedule = schedule
+    # diverges at 27: the deepest grid point before it is 24
     prompt = long[:27] + [(t + 1) % 95 for t in long[27:]]
     out = run(eng, prompt, 8)
     assert out.num_cached_tokens == 24
@@ -112,6 +125,26 @@ def test_snapshots_on_the_grid_of_a_long_prompt(model):
     # the same prompt again: served up to its deepest snapshot short of its end (one token must run)
     again = run(eng, prompt, 8)
     assert again.num_cached_tokens == 24 and again.outputs[0].token_ids == out.outputs[0].token_ids
+    assert_nothing_leaks(eng)
+
+
+def test_a_state_kept_inside_a_chunk_resumes_like_that_chunking(model):
+    # a message start inside a prompt chunk: the state kept there resumes exactly like a chunk that ended there
+    p = prompts_of([18], seed=35)[0]
+    eng = engine(model)
+    eng.cache.snapshot_interval = 0
+    rid = eng.add_request(p[:14], SamplingParams(max_tokens=1, **GREEDY))
+    eng.scheduler.waiting[0].snapshot_marks = [11]  # what message_marks gives a chat prompt
+    assert finish(eng)[rid].num_cached_tokens == 0
+    # only the kept state at 11 matches a prompt that diverges at 12
+    diverged = p[:12] + [(t + 1) % 95 for t in p[12:]]
+    hit = run(eng, diverged, 8, logprobs=0)
+    split = run(engine(model, max_num_batched_tokens=11, enable_prefix_caching=False), diverged, 8, logprobs=0)
+    assert hit.num_cached_tokens == 11 and split.num_cached_tokens == 0
+    assert hit.outputs[0].token_ids == split.outputs[0].token_ids
+    # the same DeltaNet arithmetic; the K/V rows before 11 came from a 14-row projection (MoE expert batches of
+    # another size round differently in the last bits), hence close rather than equal
+    assert hit.outputs[0].logprobs == pytest.approx(split.outputs[0].logprobs, abs=1e-5)
     assert_nothing_leaks(eng)
 
 
