@@ -5,8 +5,10 @@ listed in ``model.safetensors.index.json``; names with the multimodal ``model.la
 text-only ``model.`` prefix; MoE experts fused (``experts.gate_up_proj`` [E, 2I, H]) or per expert
 (``experts.N.gate_proj.weight`` …); block-FP8 weights (``weight_scale_inv`` per 128×128 block), dequantised to
 the requested dtype.  The MTP block (``mtp.*``) loads like every other weight into ``model.mtp`` when the config
-has MTP layers and the folder holds their weights; ``model.visual.*`` (and ``mtp.*`` of a config without MTP
-layers) is kept aside in ``model.extra_tensors`` and written back by ``save_pretrained``.
+has MTP layers and the folder holds their weights, and the vision tower (``model.visual.*``) into
+``model.visual`` when the config has a ``vision_config`` and the folder its weights; ``mtp.*`` of a config without
+MTP layers (and ``model.visual.*`` of one without a vision_config) is kept aside in ``model.extra_tensors`` and
+written back by ``save_pretrained``.
 
 Memory: the model is created without storage, each tensor is read from the memory-mapped file and copied
 into its final place in the target dtype, so loading never holds two full copies of the weights.
@@ -194,9 +196,11 @@ def weight_files(folder: Path) -> dict[str, Path]:
 
 
 def canonical_name(name: str) -> str:
-    """Official multimodal names -> the text-only names our modules use."""
+    """Official multimodal names -> the names our modules use (text under ``model.``, the tower ``visual.``)."""
     if name.startswith("model.language_model."):
         return "model." + name[len("model.language_model."):]
+    if name.startswith(VISION_PREFIX):
+        return "visual." + name[len(VISION_PREFIX):]
     return name
 
 
@@ -252,7 +256,8 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype | None = "auto"
     "bfloat16", "float32" or "float16".
 
     ``model.mtp`` is the MTP block when the config has ``mtp_num_hidden_layers > 0`` and the folder holds
-    ``mtp.*`` weights (all of them: a partial block is an error), else None.  It reads ``mtp_hidden_source``
+    ``mtp.*`` weights (all of them: a partial block is an error), else None; ``model.visual`` likewise is the
+    vision tower when the config has a ``vision_config`` and the folder ``model.visual.*`` weights.  It reads ``mtp_hidden_source``
     hidden states; None: what ``training_info.json`` records, else "post_norm" (official checkpoints)."""
     from .model import Qwen35ForCausalLM
     from .model.mtp import DEFAULT_HIDDEN_SOURCE
@@ -287,7 +292,9 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype | None = "auto"
     # the MTP block exists only with its weights: a config that declares one over a folder without it gives a
     # model without one, never a randomly initialised head
     with_mtp = config.text.mtp_num_hidden_layers > 0 and any(n.startswith(MTP_PREFIX) for n in stored)
-    aside = (VISION_PREFIX,) if with_mtp else (VISION_PREFIX, MTP_PREFIX)
+    # likewise the tower: a text-only use of a multimodal folder stripped of its tower keeps working
+    with_vision = config.vision is not None and any(n.startswith(VISION_PREFIX) for n in stored)
+    aside = tuple(prefix for prefix, built in ((VISION_PREFIX, with_vision), (MTP_PREFIX, with_mtp)) if not built)
     source = DEFAULT_HIDDEN_SOURCE
     if with_mtp:  # decided now, so that model.mtp is ready to use
         source = mtp_hidden_source if mtp_hidden_source is not None else saved_mtp_hidden_source(folder)
@@ -295,7 +302,7 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype | None = "auto"
     # built without storage, converted while still storage-less, then given uninitialised memory that the
     # copies below fill exactly once
     with torch.device("meta"):
-        model = Qwen35ForCausalLM(config, mtp=with_mtp, mtp_hidden_source=source)
+        model = Qwen35ForCausalLM(config, mtp=with_mtp, mtp_hidden_source=source, vision=with_vision)
     model.to(target)
     expected = _expected_params(model)
     for name, p in expected.items():
@@ -434,7 +441,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 def save_pretrained(model, folder: str | os.PathLike, max_shard_bytes: int = 4 * 1024 ** 3,
                     tokenizer_from: str | os.PathLike | None = None) -> None:
     """Write config.json and safetensors (sharded with an index past ``max_shard_bytes``) in official naming:
-    ``model.language_model.`` for multimodal configs, ``model.`` for text-only ones; experts fused.  The MTP
+    ``model.language_model.`` for multimodal configs, ``model.`` for text-only ones; experts fused.  The vision
+    tower goes under ``model.visual.*`` when the config has a vision_config (a config without one describes a
+    model without a tower, so a tower left on such a model is not written).  The MTP
     block goes under the official top-level ``mtp.*`` names, experts per expert as official Qwen3.5 checkpoints
     store them (transformers ignores ``mtp.*``); a hidden source other than the default is recorded in
     ``training_info.json`` so that ``load_model`` builds the same head again.
@@ -460,7 +469,12 @@ def save_pretrained(model, folder: str | os.PathLike, max_shard_bytes: int = 4 *
     for name, p in _expected_params(model).items():
         if name.startswith(MTP_PREFIX):
             continue  # written below in the official layout
-        key = prefix + name[len("model."):] if name.startswith("model.") else name
+        if name.startswith("visual."):
+            if config.vision is None:
+                continue
+            key = VISION_PREFIX + name[len("visual."):]
+        else:
+            key = prefix + name[len("model."):] if name.startswith("model.") else name
         tensors[key] = p.detach().contiguous()
     mtp = getattr(model, "mtp", None)
     if mtp is not None:

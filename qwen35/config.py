@@ -1,8 +1,8 @@
 """config.json -> typed, validated configuration.
 
 Reads the four model types of the family (``qwen3_5``, ``qwen3_5_moe`` multimodal wrappers with a
-``text_config``; ``qwen3_5_text``, ``qwen3_5_moe_text`` text-only) and every historical spelling of the
-RoPE settings.  Whatever is wrong is reported as a :class:`ConfigError` naming the field and the file.
+``text_config`` and a ``vision_config``; ``qwen3_5_text``, ``qwen3_5_moe_text`` text-only) and every historical
+spelling of the RoPE settings.  Whatever is wrong is reported as a :class:`ConfigError` naming the field and the file.
 """
 
 from __future__ import annotations
@@ -162,13 +162,63 @@ class TextConfig:
 
 
 @dataclass(frozen=True)
+class VisionConfig:
+    """The vision tower (transformers' ``Qwen3_5VisionConfig``; its defaults are the official tower's)."""
+
+    out_hidden_size: int  # the merger writes into the text embedding stream: equals the text hidden size
+    depth: int = 27
+    hidden_size: int = 1152
+    hidden_act: str = "gelu_pytorch_tanh"
+    intermediate_size: int = 4304
+    num_heads: int = 16
+    in_channels: int = 3
+    patch_size: int = 16
+    spatial_merge_size: int = 2
+    temporal_patch_size: int = 2
+    num_position_embeddings: int = 2304
+    initializer_range: float = 0.02
+    rope_theta: float = 10_000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Values in one flattened patch: channels x temporal x patch x patch (a pixel_values row)."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
+
+    @property
+    def merge_unit(self) -> int:
+        """Patches merged into one text token (a spatial_merge_size x spatial_merge_size block)."""
+        return self.spatial_merge_size ** 2
+
+    @property
+    def position_grid_side(self) -> int:
+        """Side of the square grid the learned position embeddings form."""
+        return math.isqrt(self.num_position_embeddings)
+
+    def to_dict(self, model_type: str) -> dict[str, Any]:
+        """The ``vision_config`` body; ``model_type`` is the wrapper's (``qwen3_5`` or ``qwen3_5_moe``)."""
+        return {
+            "model_type": f"{model_type}_vision", "depth": self.depth, "hidden_size": self.hidden_size,
+            "hidden_act": self.hidden_act, "intermediate_size": self.intermediate_size, "num_heads": self.num_heads,
+            "in_channels": self.in_channels, "patch_size": self.patch_size,
+            "spatial_merge_size": self.spatial_merge_size, "temporal_patch_size": self.temporal_patch_size,
+            "out_hidden_size": self.out_hidden_size, "num_position_embeddings": self.num_position_embeddings,
+            "initializer_range": self.initializer_range,
+            "rope_parameters": {"rope_type": "axial", "rope_theta": self.rope_theta},
+        }
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """A whole checkpoint's config: the text decoder plus what sits around it."""
 
     model_type: str
     text: TextConfig
     multimodal: bool
-    vision: dict[str, Any] | None = None  # kept verbatim until the vision tower lands
+    vision: VisionConfig | None = None  # None: text-only config, or a multimodal one without vision_config
     quantization: QuantizationConfig | None = None
     architectures: tuple[str, ...] = ()
     image_token_id: int | None = None
@@ -223,7 +273,7 @@ class ModelConfig:
                 if getattr(self, k) is not None:
                     out[k] = getattr(self, k)
             if self.vision is not None:
-                out["vision_config"] = copy.deepcopy(self.vision)
+                out["vision_config"] = self.vision.to_dict(self.model_type)
         if self.quantization is not None:
             out["quantization_config"] = copy.deepcopy(self.quantization.raw)
         return out
@@ -393,6 +443,78 @@ def _parse_text(d: dict, source: str, prefix: str, tie: bool | None) -> TextConf
     )
 
 
+# Keys of a vision_config that change nothing in the tower: bookkeeping, and Qwen3-VL's deepstack list, which
+# Qwen3.5 leaves empty and transformers' Qwen3.5 tower does not read.
+_INERT_VISION_KEYS = _INERT_TEXT_KEYS | {"deepstack_visual_indexes", "num_attention_heads", "num_hidden_layers"}
+VISION_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu")
+
+
+def _parse_vision(v: Any, source: str, text_hidden: int) -> VisionConfig:
+    prefix = "vision_config."
+    if not isinstance(v, dict):
+        raise _err(source, "vision_config", f"must be an object, got {v!r}")
+    defaults = VisionConfig(out_hidden_size=text_hidden)
+
+    def size(key: str) -> int:
+        # transformers types patch sizes as int or [int, int]; the tower's kernels are square
+        val = v.get(key)
+        if val is None:
+            return getattr(defaults, key)
+        if isinstance(val, (list, tuple)) and val and all(isinstance(x, int) and not isinstance(x, bool)
+                                                           for x in val):
+            if len(set(val)) != 1:
+                raise _err(source, prefix + key, f"must be one size (square patches), got {val!r}")
+            val = val[0]
+        if isinstance(val, float) and val.is_integer():
+            val = int(val)
+        if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
+            raise _err(source, prefix + key, f"must be a positive integer, got {val!r}")
+        return val
+
+    kw: dict[str, Any] = {key: size(key) for key in (
+        "depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size",
+        "spatial_merge_size", "temporal_patch_size", "num_position_embeddings")}
+    # transformers' attribute_map spells depth and num_heads these ways too
+    for alias, key in (("num_hidden_layers", "depth"), ("num_attention_heads", "num_heads")):
+        if key not in v and v.get(alias) is not None:
+            kw[key] = size(alias)
+    kw["out_hidden_size"] = size("out_hidden_size") if v.get("out_hidden_size") is not None else text_hidden
+    if kw["out_hidden_size"] != text_hidden:
+        raise _err(source, prefix + "out_hidden_size", f"is {kw['out_hidden_size']} but text_config.hidden_size is "
+                   f"{text_hidden}; the merger's output replaces token embeddings, so the two must be equal")
+    act = _get(v, "hidden_act", source, str, defaults.hidden_act, prefix)
+    if act not in VISION_ACTIVATIONS:
+        raise _err(source, prefix + "hidden_act", f"is {act!r}; expected one of {VISION_ACTIVATIONS}")
+    if kw["hidden_size"] % kw["num_heads"]:
+        raise _err(source, prefix + "num_heads", f"({kw['num_heads']}) must divide hidden_size ({kw['hidden_size']})")
+    if (kw["hidden_size"] // kw["num_heads"]) % 4:
+        raise _err(source, prefix + "num_heads", f"gives head_dim {kw['hidden_size'] // kw['num_heads']}; the 2-D "
+                   "rotary embedding splits each head into height and width halves of rotate-half pairs, so "
+                   "head_dim must be a multiple of 4")
+    n_pos = kw["num_position_embeddings"]
+    if math.isqrt(n_pos) ** 2 != n_pos:
+        raise _err(source, prefix + "num_position_embeddings",
+                   f"is {n_pos}; the learned positions form a square grid, so it must be a square number")
+    rp = v.get("rope_parameters")
+    theta = defaults.rope_theta
+    if rp is not None:
+        if not isinstance(rp, dict):
+            raise _err(source, prefix + "rope_parameters", f"must be an object, got {rp!r}")
+        kind = rp.get("rope_type", "axial")
+        if kind != "axial":
+            raise _err(source, prefix + "rope_parameters.rope_type", f"is {kind!r}; the tower uses 'axial' RoPE")
+        theta = _get(rp, "rope_theta", source, float, theta, prefix + "rope_parameters.")
+        if theta <= 0:
+            raise _err(source, prefix + "rope_parameters.rope_theta", f"must be positive, got {theta}")
+    for key in v:
+        if key not in _INERT_VISION_KEYS and key not in VisionConfig.__dataclass_fields__:
+            warnings.warn(f"{source}: field '{prefix}{key}' is not used by qwen35 and was ignored", stacklevel=3)
+    return VisionConfig(hidden_act=act, rope_theta=theta,
+                        initializer_range=_get(v, "initializer_range", source, float, defaults.initializer_range,
+                                               prefix),
+                        **kw)
+
+
 def _parse_quant(q: Any, source: str) -> QuantizationConfig:
     if not isinstance(q, dict):
         raise _err(source, "quantization_config", f"must be an object, got {q!r}")
@@ -433,11 +555,12 @@ def config_from_dict(d: dict[str, Any], source: str = "<dict>") -> ModelConfig:
             raise _err(source, "text_config.num_experts",
                        f"{'is set' if text.is_moe else 'is missing'} but model_type is {model_type!r}")
         vision = d.get("vision_config")
+        vision = _parse_vision(vision, source, text.hidden_size) if vision is not None else None
         for key in d:
             if key not in _INERT_TOP_KEYS:
                 warnings.warn(f"{source}: field '{key}' is not used by qwen35 and was ignored", stacklevel=2)
         return ModelConfig(
-            model_type=model_type, text=text, multimodal=True, vision=copy.deepcopy(vision), quantization=quant,
+            model_type=model_type, text=text, multimodal=True, vision=vision, quantization=quant,
             architectures=arch, image_token_id=d.get("image_token_id"), video_token_id=d.get("video_token_id"),
             vision_start_token_id=d.get("vision_start_token_id"), vision_end_token_id=d.get("vision_end_token_id"),
             source=source, raw=copy.deepcopy(d))

@@ -20,7 +20,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .config import ConfigError, ModelConfig
+from .config import ModelConfig
 
 __all__ = [
     "WEIGHT_DTYPES", "KV_DTYPES", "TensorGroup", "ParamCounts", "StateBytes", "FitResult",
@@ -159,29 +159,14 @@ def _deltanet_groups(cfg: ModelConfig, copies: int, part: str, prefix: str) -> l
 
 
 def _vision_dims(cfg: ModelConfig) -> dict[str, int] | None:
-    """The vision tower's sizes, with transformers' Qwen3_5VisionConfig defaults for missing keys."""
+    """The vision tower's sizes (the config parser fills transformers' Qwen3_5VisionConfig defaults)."""
     v = cfg.vision
     if not cfg.multimodal or v is None:
         return None
-    src = f"{cfg.source}: vision_config"
-
-    def get(key: str, default: int) -> int:
-        val = v.get(key, default)
-        if isinstance(val, (list, tuple)) and val and all(isinstance(x, int) for x in val):
-            if len(set(val)) != 1:
-                raise ConfigError(f"{src}.{key} must be square, got {val!r}")
-            val = val[0]
-        if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
-            raise ConfigError(f"{src}.{key} must be a positive integer, got {val!r}")
-        return val
-
     return {
-        "depth": get("depth", 27), "hidden": get("hidden_size", 1152), "inter": get("intermediate_size", 4304),
-        "in_channels": get("in_channels", 3), "patch": get("patch_size", 16),
-        "temporal": get("temporal_patch_size", 2), "merge": get("spatial_merge_size", 2),
-        "positions": get("num_position_embeddings", 2304),
-        # the merger writes into the text embedding stream, so its output width is the text width by design
-        "out": get("out_hidden_size", cfg.text.hidden_size),
+        "depth": v.depth, "hidden": v.hidden_size, "inter": v.intermediate_size, "in_channels": v.in_channels,
+        "patch": v.patch_size, "temporal": v.temporal_patch_size, "merge": v.spatial_merge_size,
+        "positions": v.num_position_embeddings, "out": v.out_hidden_size,
     }
 
 

@@ -74,7 +74,7 @@ def test_preset_parses_cleanly_with_official_settings(name):
     assert t.max_position_embeddings == 262_144 and t.mtp_num_hidden_layers == 1
     assert t.mamba_ssm_dtype == "float32" and t.vocab_size == 248_320 and t.head_dim == 256
     assert t.tie_word_embeddings == (name in ("0.8B", "2B", "4B"))
-    assert cfg.vision["out_hidden_size"] == t.hidden_size
+    assert cfg.vision.out_hidden_size == t.hidden_size
     body = PRESETS[name]
     assert body["tie_word_embeddings"] == body["text_config"]["tie_word_embeddings"]
 

@@ -81,6 +81,8 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     for name, module in model.named_modules():
         for child_name, child in module.named_children():
             full = f"{name}.{child_name}" if name else child_name
+            if full.startswith("visual"):  # the tower stays in the model's dtype (memory.py counts it so)
+                continue
             if isinstance(child, nn.Linear) and not full.endswith(KEEP):
                 targets.append((module, child_name, Int8Linear))
             elif isinstance(child, Experts):
