@@ -7,7 +7,8 @@ layer, checkpoint loading or quantization.
 
 from .async_llm import AsyncLLM
 from .llm_engine import CompletionOutput, EngineConfig, LLMEngine, RequestOutput
+from .multimodal import VisionInput
 from .params import SamplingParams, StructuredSpec
 
 __all__ = ["AsyncLLM", "LLMEngine", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput",
-           "StructuredSpec"]
+           "StructuredSpec", "VisionInput"]

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 from .llm_engine import LLMEngine, RequestOutput
+from .multimodal import VisionInput
 from .params import SamplingParams
 
 Prompt = str | list[int]
@@ -43,14 +44,16 @@ class AsyncLLM:
         return self.engine.tokenizer
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Stream outputs of one request; leaving the iterator early (client gone) aborts it."""
+                       request_id: str | None = None, vision: VisionInput | None = None
+                       ) -> AsyncIterator[RequestOutput]:
+        """Stream outputs of one request; leaving the iterator early (client gone) aborts it.  ``vision``: the
+        prompt's preprocessed images / videos (see LLMEngine.add_request)."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         done = loop.create_future()
         # The id is fixed here, not by the engine, so that a caller cancelled before admission can still abort.
         request_id = request_id if request_id is not None else f"async-{uuid.uuid4().hex}"
-        self._inbox.put(("add", prompt, params, request_id, loop, q, done))
+        self._inbox.put(("add", prompt, params, request_id, vision, loop, q, done))
         self._wake.set()
         try:
             rid = await done  # raises the engine's ValueError for a bad request
@@ -97,9 +100,9 @@ class AsyncLLM:
             except queue.Empty:
                 return
             if msg[0] == "add":
-                _, prompt, params, rid, loop, q, done = msg
+                _, prompt, params, rid, vision, loop, q, done = msg
                 try:
-                    rid = self.engine.add_request(prompt, params, rid)
+                    rid = self.engine.add_request(prompt, params, rid, vision=vision)
                 except (ValueError, TypeError) as e:
                     _notify(loop, _settle, done, None, e)
                     continue

@@ -224,17 +224,17 @@ class HybridCache:
         """Chain hashes of every full block of the sequence's tokens (kept on the sequence, extended as it grows)."""
         if not seq.block_hashes:
             seq.block_hashes.append(self._root)
-        return extend_hashes(seq.block_hashes, seq.all_ids, self.block_size)
+        return extend_hashes(seq.block_hashes, seq.cache_ids, self.block_size)
 
     def lookup(self, seq: Sequence) -> Snapshot | None:
         """The snapshot of the longest cached prefix of the sequence's tokens that leaves one token to compute (its
         logits give the next token)."""
         if not self.prefix_caching or self.blocks.num_snapshots == 0:
             return None
-        return self.blocks.lookup(seq.all_ids, self.hashes(seq), seq.length - 1)
+        return self.blocks.lookup(seq.cache_ids, self.hashes(seq), seq.length - 1)
 
     def has_snapshot(self, seq: Sequence, length: int) -> bool:
-        return self.blocks.find(seq.all_ids, self.hashes(seq), length) is not None
+        return self.blocks.find(seq.cache_ids, self.hashes(seq), length) is not None
 
     def resume(self, seq: Sequence, snap: Snapshot) -> None:
         """Start an admitted sequence (empty block table, zeroed slot) at the end of ``snap``'s prefix: its KV shared
@@ -262,7 +262,7 @@ class HybridCache:
         ``length`` tokens).  False if it was cached already or there is no room."""
         if not self.prefix_caching:
             return False
-        snap = self.blocks.capture(seq.seq_id, seq.all_ids, self.hashes(seq), length)
+        snap = self.blocks.capture(seq.seq_id, seq.cache_ids, self.hashes(seq), length)
         if snap is None:
             return False
         saved = self._step_states.get((seq.seq_id, step)) if step is not None else \

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import HybridCache
+from .multimodal import VisionInput, prompt_vision
 from .params import SamplingParams
 from .runner import ModelRunner
 from .sampler import Sampler
@@ -152,7 +153,9 @@ class LLMEngine:
 
     # -- requests -----------------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, vision: VisionInput | None = None) -> str:
+        """Queue a request; returns its id.  ``vision``: the prompt's images and videos, preprocessed, with the
+        prompt's pad tokens already expanded to one per picture token (see engine.multimodal)."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
@@ -178,13 +181,16 @@ class LLMEngine:
             raise ValueError(f"the prompt has {len(ids)} tokens but the context holds {self.max_model_len} "
                              f"(prompt + at least one generated token); shorten it or raise max_model_len / "
                              "cache_memory")
+        pictures = None
+        if vision is not None and not vision.empty:
+            pictures = prompt_vision(self.model, ids, vision)
         grammars: list[GrammarMatcher | None] = [None] * params.n
         if params.structured is not None:
             grammars = [self.structured.matcher(params.structured) for _ in range(params.n)]
         seqs, decoders, matchers = [], [], []
         marks = message_marks(ids, self._message_start) if self.cache.prefix_caching else []
         for i in range(params.n):
-            seq = Sequence(request_id, ids, params, index=i, snapshot_marks=marks)
+            seq = Sequence(request_id, ids, params, index=i, snapshot_marks=marks, vision=pictures)
             if params.seed is not None:
                 seq.generator = torch.Generator().manual_seed(params.seed + i)
             seqs.append(seq)

@@ -172,9 +172,15 @@ class ModelRunner:
             positions.extend(range(start, start + n))
         m = self.model
         input_ids = torch.tensor([tokens], dtype=torch.long, device=m.device)
-        pos = torch.tensor([positions], dtype=torch.long, device=m.device)
+        embeds = None
+        if any(seg.seq.vision is not None for seg in segments):
+            # M-RoPE: three position rows (equal for text); picture rows written over their pad tokens' embeddings
+            pos = torch.cat([_position_rows(seg) for seg in segments], dim=1)[:, None].to(m.device)
+            embeds = self._with_pictures(input_ids, segments, len(batch.decodes))
+        else:
+            pos = torch.tensor([positions], dtype=torch.long, device=m.device)
         ctx = PagedContext(self.cache, segments, len(batch.decodes), m.rope(pos, m.dtype))
-        h = m.hidden_states(input_ids, ctx)
+        h = m.hidden_states(input_ids, ctx, inputs_embeds=embeds)
         self.last_hidden, self.last_segments = h[0], segments  # what a drafter reads (MTP)
         sampling: list[Sequence] = []
         rows: list[int] = []
@@ -191,6 +197,32 @@ class ModelRunner:
                 sampling.append(seg.seq)
                 rows.append(seg.start + seg.length - 1)
                 counts.append(1)
+        for seg in segments[len(batch.decodes):]:
+            if seg.seq.vision is not None:
+                seg.seq.vision.release_passed(seg.seq.num_computed)
         if not sampling:
             return [], None, []
         return sampling, m.compute_logits(h[0, rows]).float(), counts
+
+    def _with_pictures(self, input_ids: torch.Tensor, segments: list[Segment], num_decodes: int) -> torch.Tensor:
+        """The step's token embeddings [1, N, H] with every prompt chunk's picture rows in place (the tower runs
+        on a picture the first time a chunk reaches it; see engine.multimodal)."""
+        m = self.model
+        embeds = m.embed(input_ids)
+        for seg in segments[num_decodes:]:
+            vision = seg.seq.vision
+            if vision is None or seg.past >= len(seg.seq.prompt_ids):
+                continue
+            offsets, rows = vision.rows_for(seg.past, seg.past + seg.length, m.encode_vision)
+            if rows is not None:
+                at = torch.tensor(offsets, dtype=torch.long, device=embeds.device) + seg.start
+                embeds[0, at] = rows.to(embeds.dtype)
+        return embeds
+
+
+def _position_rows(seg: Segment) -> torch.Tensor:
+    """[3, length] M-RoPE positions of a segment's tokens (text tokens: the same position on every axis)."""
+    start, end = seg.past, seg.past + seg.length
+    if seg.seq.vision is None:
+        return torch.arange(start, end, dtype=torch.long).expand(3, -1)
+    return seg.seq.vision.position_rows(start, end, len(seg.seq.prompt_ids))

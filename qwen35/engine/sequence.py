@@ -7,9 +7,14 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from .params import SamplingParams
+
+if TYPE_CHECKING:
+    from .multimodal import PromptVision
 
 _ids = itertools.count()
 
@@ -50,10 +55,20 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)
     snapshot_marks: list[int] = field(default_factory=list)
     snapshot_points: list[int] = field(default_factory=list)
+    # images and videos of the prompt: their pad positions, M-RoPE positions, embeddings (engine.multimodal)
+    vision: PromptVision | None = None
 
     @property
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    @property
+    def cache_ids(self) -> list[int]:
+        """What the prefix cache hashes: the tokens, with every image / video pad standing for its picture's
+        content, so that prompts differing only in their pictures share nothing."""
+        if self.vision is None:
+            return self.all_ids
+        return self.vision.cache_ids + self.output_ids
 
     @property
     def length(self) -> int:
