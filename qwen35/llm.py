@@ -11,6 +11,12 @@ chat template and the reasoning / tool-call parsers (``qwen35.chat``).  The toke
 Sampling defaults: a call without ``params`` uses :meth:`LLM.get_default_sampling_params` -- the checkpoint's
 ``generation_config.json`` (greedy when it says ``do_sample: false``), with no token limit other than the context,
 so a chat answer runs to the end of its turn.  The CLI and the server take the same defaults.
+
+Pictures: ``chat`` takes image / video content parts (OpenAI's ``image_url`` / ``video_url`` or transformers'
+``image`` / ``video``; paths, bytes, PIL images, ``data:`` URLs), ``generate`` takes vLLM's
+``{"prompt": ..., "multi_modal_data": {"image": ..., "video": ...}}``; they are loaded under ``media_policy`` and
+preprocessed with the checkpoint's processor configs (qwen35.chat.vision_prompt).  A model without a vision tower
+refuses them by name.
 """
 
 from __future__ import annotations
@@ -22,12 +28,13 @@ from typing import Any
 
 import torch
 
-from .engine import EngineConfig, LLMEngine, RequestOutput, SamplingParams
+from .engine import EngineConfig, LLMEngine, RequestOutput, SamplingParams, VisionInput
 from .engine.params import sampling_defaults
 
 __all__ = ["LLM", "embedded_model_path", "parse_bytes"]
 
-Prompt = str | list[int]
+# a prompt: text, token ids, or vLLM's dict {"prompt" | "prompt_token_ids": ..., "multi_modal_data": {...}}
+Prompt = str | list[int] | Mapping[str, Any]
 
 EMBEDDED_MODEL_DIR = Path(__file__).parent / "assets" / "default"
 
@@ -86,7 +93,7 @@ class LLM:
                  cache_memory: int | str | None = None, max_model_len: int | None = None,
                  threads: int | None = None, quantization: str | None = None,
                  speculative_config: Mapping[str, Any] | str | None = None,
-                 enable_prefix_caching: bool = True) -> None:
+                 enable_prefix_caching: bool = True, media_policy: Any = None) -> None:
         from .chat.tokenizer import Tokenizer, TokenizerError
         from .checkpoint import load_model
         from .kernels.ops import check_switches
@@ -122,6 +129,64 @@ class LLM:
                               speculative_config=SpeculativeConfig.parse(speculative_config),
                               enable_prefix_caching=enable_prefix_caching)
         self.engine = LLMEngine(self.model, self.tokenizer, config)
+        self.media_policy = media_policy  # a qwen35.chat.vision_prompt.MediaPolicy (None: its defaults)
+        self._vision_preparer = None
+
+    # -- pictures -------------------------------------------------------------------------------------------
+    @property
+    def supports_vision(self) -> bool:
+        return getattr(self.model, "visual", None) is not None
+
+    def vision_preparer(self):
+        """The :class:`~qwen35.chat.vision_prompt.VisionPreparer` of this checkpoint (its processor configs);
+        ``ValueError`` naming why for a model without a vision tower."""
+        if not self.supports_vision:
+            why = ("its config has no vision_config" if self.model.config.vision is None
+                   else "its checkpoint holds no model.visual.* weights")
+            raise ValueError(f"this model cannot take images or videos: it has no vision tower ({why})")
+        if self._vision_preparer is None:
+            from .chat.vision_prompt import VisionPreparer
+
+            self._vision_preparer = VisionPreparer.for_folder(self.model_path, self.media_policy)
+        return self._vision_preparer
+
+    def _with_pictures(self, text: str, parts: Sequence[Any]) -> tuple[str, VisionInput | None]:
+        if not parts:
+            return text, None
+        prepared = self.vision_preparer().prepare(text, parts)
+        return prepared.text, VisionInput(**prepared.tensors())
+
+    def _request(self, prompt: Prompt) -> tuple[str | list[int], VisionInput | None]:
+        """A prompt as the engine takes it: text or ids, and the pictures of vLLM's ``multi_modal_data``."""
+        if not isinstance(prompt, Mapping):
+            return prompt, None
+        unknown = sorted(set(prompt) - {"prompt", "prompt_token_ids", "multi_modal_data"})
+        if unknown:
+            raise ValueError(f"a prompt dict takes 'prompt' or 'prompt_token_ids' and 'multi_modal_data', not "
+                             f"{', '.join(unknown)}")
+        if ("prompt" in prompt) == ("prompt_token_ids" in prompt):
+            raise ValueError("a prompt dict needs exactly one of 'prompt' (text) and 'prompt_token_ids'")
+        data = prompt.get("multi_modal_data") or {}
+        if not isinstance(data, Mapping) or set(data) - {"image", "video"}:
+            raise ValueError("multi_modal_data takes 'image' and 'video' (one picture or a list each)")
+        from .chat.vision_prompt import MediaPart
+
+        parts = []
+        for kind in ("image", "video"):
+            items = data.get(kind)
+            if items is None:
+                continue
+            # a video given as a list of frames is one item; a list of videos is a list of such items
+            many = isinstance(items, (list, tuple)) and not (kind == "video" and items and not isinstance(
+                items[0], (list, tuple, str, bytes, os.PathLike)))
+            for k, item in enumerate(items if many else [items]):
+                parts.append(MediaPart(kind, item, f"multi_modal_data[{kind!r}][{k}]"))
+        if "prompt_token_ids" in prompt:
+            if parts:
+                raise ValueError("pictures with prompt_token_ids are not supported: give the prompt as text with "
+                                 "one <|image_pad|> / <|video_pad|> per picture, and the engine expands them")
+            return list(prompt["prompt_token_ids"]), None
+        return self._with_pictures(prompt["prompt"], parts)
 
     # -- defaults -------------------------------------------------------------------------------------------
     @property
@@ -145,7 +210,8 @@ class LLM:
     def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
         """Run every prompt to completion (continuously batched); one RequestOutput per prompt, in order."""
-        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
+        single = isinstance(prompts, (str, Mapping)) or (isinstance(prompts, list) and prompts
+                                                           and isinstance(prompts[0], int))
         plist: list[Prompt] = [prompts] if single else list(prompts)
         if isinstance(params, SamplingParams) or params is None:
             params_list = [params or self.get_default_sampling_params()] * len(plist)
@@ -153,7 +219,12 @@ class LLM:
             params_list = list(params)
             if len(params_list) != len(plist):
                 raise ValueError(f"got {len(params_list)} SamplingParams for {len(plist)} prompts")
-        ids = [self.engine.add_request(p, sp) for p, sp in zip(plist, params_list)]
+        requests = [self._request(p) for p in plist]  # every picture loaded before anything is queued
+        return self._run(requests, params_list, use_tqdm)
+
+    def _run(self, requests: Sequence[tuple[str | list[int], VisionInput | None]],
+             params_list: Sequence[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+        ids = [self.engine.add_request(p, sp, vision=v) for (p, v), sp in zip(requests, params_list)]
         done: dict[str, RequestOutput] = {}
         bar = None
         if use_tqdm:
@@ -196,6 +267,7 @@ class LLM:
         the answer runs to the end of its turn with the checkpoint's sampling defaults.
         """
         from .chat.completion import build_chat_prompt, chat_result
+        from .chat.vision_prompt import media_parts
 
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer (this LLM was made with skip_tokenizer_init=True)")
@@ -206,8 +278,9 @@ class LLM:
                                      parallel_tool_calls=parallel_tool_calls, response_format=response_format)
                    for conv in conversations]
         base = params if params is not None else self.get_default_sampling_params()
-        outputs = self.generate([p.text for p in prompts], [p.sampling_params(base) for p in prompts],
-                                use_tqdm=use_tqdm)
+        # every picture loaded before anything is queued: a bad one fails the call, not half a batch
+        requests = [self._with_pictures(p.text, media_parts(conv)) for conv, p in zip(conversations, prompts)]
+        outputs = self._run(requests, [p.sampling_params(base) for p in prompts], use_tqdm)
         results = [chat_result(p, o) for p, o in zip(prompts, outputs)]
         return results if batch else results[0]
 
@@ -215,7 +288,9 @@ class LLM:
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yield a RequestOutput each step this request produced tokens; ``outputs[i].delta_text`` is the new
         text (always whole UTF-8 characters), and the deltas concatenate to the final text."""
-        rid = self.engine.add_request(prompt, params if params is not None else self.get_default_sampling_params())
+        text, vision = self._request(prompt)
+        rid = self.engine.add_request(text, params if params is not None else self.get_default_sampling_params(),
+                                      vision=vision)
         finished = False
         try:
             while not finished:
