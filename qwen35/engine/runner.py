@@ -175,7 +175,7 @@ class ModelRunner:
         embeds = None
         if any(seg.seq.vision is not None for seg in segments):
             # M-RoPE: three position rows (equal for text); picture rows written over their pad tokens' embeddings
-            pos = torch.cat([_position_rows(seg) for seg in segments], dim=1)[:, None].to(m.device)
+            pos = torch.cat([position_rows(seg) for seg in segments], dim=1)[:, None].to(m.device)
             embeds = self._with_pictures(input_ids, segments, len(batch.decodes))
         else:
             pos = torch.tensor([positions], dtype=torch.long, device=m.device)
@@ -220,7 +220,7 @@ class ModelRunner:
         return embeds
 
 
-def _position_rows(seg: Segment) -> torch.Tensor:
+def position_rows(seg: Segment) -> torch.Tensor:
     """[3, length] M-RoPE positions of a segment's tokens (text tokens: the same position on every axis)."""
     start, end = seg.past, seg.past + seg.length
     if seg.seq.vision is None:

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .runner import PagedContext, Segment
+from .runner import PagedContext, Segment, position_rows
 
 logger = logging.getLogger("qwen35.engine")
 
@@ -228,11 +228,9 @@ class MTPDrafter(Drafter):
             next_ids.extend(ids[seg.past + 1:seg.past + 1 + n])
         if not mtp_segments:
             return
-        m = self.model
         dev = hidden.device
-        positions = [p for s in mtp_segments for p in range(s.past, s.past + s.length)]
         x = self._run(mtp_segments, torch.tensor(next_ids, device=dev), hidden[torch.tensor(rows, device=dev)],
-                      positions, step=0, from_mtp=False)
+                      step=0, from_mtp=False)
         # 2. drafts for the sequences that decode next and whose last token this step covered
         drafting = []
         for seg in mtp_segments:
@@ -256,14 +254,20 @@ class MTPDrafter(Drafter):
             segs = [Segment(seq, k, 1, seq.length - 2 + j) for k, (_, seq) in enumerate(live)]
             idx = torch.tensor([i for i, _ in live], device=dev)
             ids = torch.tensor([seq.draft_ids[-1] for _, seq in live], device=dev)
-            last = self._run(segs, ids, last[idx], [s.past for s in segs], step=j, from_mtp=True)
+            last = self._run(segs, ids, last[idx], step=j, from_mtp=True)
             for (_, seq), t in zip(live, self._argmax(last, vocab_limit)):
                 seq.draft_ids.append(t)
             drafting = [drafting[i] for i, _ in live]
 
-    def _run(self, segments, next_ids, hidden, positions, step: int, from_mtp: bool):
+    def _run(self, segments, next_ids, hidden, step: int, from_mtp: bool):
+        """The MTP layer on ``hidden`` (one row per position of ``segments``) under the RoPE of those positions
+        (M-RoPE rows for sequences with pictures)."""
         m = self.model
-        pos = torch.tensor([positions], dtype=torch.long, device=hidden.device)
+        if any(s.seq.vision is not None for s in segments):
+            pos = torch.cat([position_rows(s) for s in segments], dim=1)[:, None].to(hidden.device)
+        else:
+            pos = torch.tensor([[p for s in segments for p in range(s.past, s.past + s.length)]], dtype=torch.long,
+                               device=hidden.device)
         ctx = _MTPContext(self.cache, segments, 0, m.rope(pos, m.dtype), self.kv)
         return m.mtp_hidden_states(next_ids[None], hidden[None], ctx, step=step, from_mtp=from_mtp)[0]
 

@@ -150,3 +150,30 @@ def test_a_model_without_a_tower_refuses_pictures(model):
     with pytest.raises(ValueError, match="no vision tower"):
         eng.add_request([1, 2, 3], SamplingParams(max_tokens=2),
                         vision=VisionInput(pixel_values=torch.zeros(4, 8), image_grid_thw=torch.tensor([[1, 2, 2]])))
+
+
+@pytest.mark.parametrize("method", ["mtp", "ngram"])
+def test_speculative_decoding_after_pictures_is_token_identical(pair, method):
+    # drafts after a picture prompt: the verify rows and the MTP layer run at the M-RoPE-shifted positions
+    from qwen35.config import config_from_dict
+    from qwen35.engine.speculative import SpeculativeConfig
+    from qwen35.model import Qwen35ForCausalLM
+
+    _, ours = pair
+    d = ours.config.to_dict()
+    d["text_config"]["mtp_num_hidden_layers"] = 1
+    model = Qwen35ForCausalLM(config_from_dict(d), mtp=True, vision=True)
+    missing = model.load_state_dict(ours.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith("mtp.") for k in missing)
+    with torch.no_grad():
+        for name, p in model.mtp.named_parameters():
+            p.normal_(0, 0.08) if p.dim() >= 2 else None
+    model.eval()
+    p = Prompt(8, images=((1, 4, 4),), video=(2, 2, 2))
+    ids, v = p.ids[0].tolist(), vision_of(p)
+    plain = run(engine(model), [(ids, v)], 12)[0].outputs[0].token_ids
+    spec = engine(model, speculative_config=SpeculativeConfig(method=method, num_speculative_tokens=2,
+                                                                warmup=10 ** 6))
+    got = run(spec, [(ids, v), (ids, v)], 12)
+    assert [o.outputs[0].token_ids for o in got] == [plain, plain]
+    assert spec.drafter.stats.proposed > 0
