@@ -10,13 +10,14 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 __all__ = ["load_model", "load_config", "ConfigError", "CheckpointError", "LLM", "AsyncLLM", "SamplingParams",
-           "StructuredSpec",
+           "StructuredSpec", "MediaPolicy", "VisionInput",
            "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .checkpoint import CheckpointError, load_model
     from .config import ConfigError, load_config
-    from .engine import AsyncLLM, SamplingParams, StructuredSpec
+    from .chat.vision_prompt import MediaPolicy
+    from .engine import AsyncLLM, SamplingParams, StructuredSpec, VisionInput
     from .llm import LLM
 
 
@@ -27,7 +28,10 @@ def __getattr__(name: str) -> Any:
     if name == "LLM":
         from . import llm
         return llm.LLM
-    if name in ("AsyncLLM", "SamplingParams", "StructuredSpec"):
+    if name == "MediaPolicy":
+        from .chat import vision_prompt
+        return vision_prompt.MediaPolicy
+    if name in ("AsyncLLM", "SamplingParams", "StructuredSpec", "VisionInput"):
         from . import engine
         return getattr(engine, name)
     if name in ("load_config", "ConfigError"):
