@@ -100,6 +100,31 @@ def ngram_draft(tokens: Sequence[int], k: int, max_n: int, min_n: int) -> list[i
     return []
 
 
+class NgramIndex:
+    """:func:`ngram_draft` for one growing token list, without rescanning it: for each n in [min_n, max_n] the
+    latest start of every n-gram that has a token after it, extended as tokens are appended (a sequence's tokens
+    only ever grow; preemption keeps them).  A lookup costs O(max_n) instead of O(length)."""
+
+    def __init__(self, max_n: int, min_n: int) -> None:
+        self.max_n, self.min_n = max_n, min_n
+        self.latest: dict[tuple[int, ...], int] = {}  # n-gram -> its latest start (n is the tuple's length)
+        self.indexed = 0  # grams ending before this position are in ``latest``
+
+    def draft(self, tokens: Sequence[int], k: int) -> list[int]:
+        length = len(tokens)
+        # a gram ending at position e is followed by a token once e <= length - 2: index those not yet in
+        for end in range(self.indexed, length - 1):
+            for n in range(self.min_n, self.max_n + 1):
+                if end - n + 1 >= 0:
+                    self.latest[tuple(tokens[end - n + 1:end + 1])] = end - n + 1
+        self.indexed = max(self.indexed, length - 1)
+        for n in range(min(self.max_n, length - 1), self.min_n - 1, -1):
+            start = self.latest.get(tuple(tokens[length - n:]))
+            if start is not None:
+                return list(tokens[start + n:start + n + k])
+        return []
+
+
 @dataclass
 class SpeculativeStats:
     """Counters for /metrics and the log."""
@@ -133,18 +158,8 @@ class Drafter:
         self.stats = SpeculativeStats()
 
     def propose(self, seqs: Sequence[Any], max_model_len: int) -> None:
-        """Set ``draft_ids`` of each decoding sequence (prompt + output so far is its context)."""
-        c = self.config
-        if len(seqs) > c.max_batch_size:
-            self.stats.skipped_wide_batches += 1
-            return
-        for seq in seqs:
-            if seq.spec_off:
-                continue
-            room = self.room(seq, c.num_speculative_tokens, max_model_len)
-            if room <= 0:
-                continue
-            seq.draft_ids = ngram_draft(seq.all_ids, room, c.prompt_lookup_max, c.prompt_lookup_min)
+        """Set ``draft_ids`` of each decoding sequence before the step (prompt + output so far is its context);
+        a drafter that reads the step's hidden states proposes in ``after_step`` instead."""
 
     def after_step(self, segments: Sequence[Any], hidden: Any, max_model_len: int, vocab_limit: int | None) -> None:
         """Called after every step with the forward's segments and hidden states; prompt lookup needs neither."""
@@ -174,7 +189,30 @@ class Drafter:
 
 
 class NgramDrafter(Drafter):
-    """Prompt lookup (see :func:`ngram_draft`)."""
+    """Prompt lookup (see :func:`ngram_draft`), through an :class:`NgramIndex` per sequence."""
+
+    def __init__(self, config: SpeculativeConfig) -> None:
+        super().__init__(config)
+        self._indexes: dict[int, NgramIndex] = {}
+
+    def propose(self, seqs: Sequence[Any], max_model_len: int) -> None:
+        c = self.config
+        if len(seqs) > c.max_batch_size:
+            self.stats.skipped_wide_batches += 1
+            return
+        if len(self._indexes) > 2 * len(seqs) + 16:  # forget sequences that are gone (finished, aborted)
+            live = {seq.seq_id for seq in seqs}
+            self._indexes = {i: x for i, x in self._indexes.items() if i in live}
+        for seq in seqs:
+            if seq.spec_off:
+                continue
+            room = self.room(seq, c.num_speculative_tokens, max_model_len)
+            if room <= 0:
+                continue
+            index = self._indexes.get(seq.seq_id)
+            if index is None:
+                index = self._indexes[seq.seq_id] = NgramIndex(c.prompt_lookup_max, c.prompt_lookup_min)
+            seq.draft_ids = index.draft(seq.all_ids, room)
 
 
 class MTPDrafter(Drafter):
@@ -198,9 +236,6 @@ class MTPDrafter(Drafter):
         self.kv = {i: (torch.zeros_like(like), torch.zeros_like(like)) for i in model.mtp.kv_layers}
         # laid out like the cache's KV: a sequence resuming from the prefix cache gets these rows copied too
         cache.shadow_kv.extend(t for pair in self.kv.values() for t in pair)
-
-    def propose(self, seqs, max_model_len) -> None:
-        """Nothing before a step: the drafts were made from the previous step's hidden states."""
 
     def nbytes(self) -> int:
         return sum(k.numel() * k.element_size() * 2 for k, _ in self.kv.values())

@@ -176,6 +176,23 @@ def test_sampled_speculation_is_seeded_and_batch_independent(model):
     assert runs[0] == runs[1] and len(runs[0]) == 16
 
 
+def test_ngram_index_equals_the_scan():
+    # the incremental index proposes exactly what the right-to-left scan does, at every length of a growing list
+    import random
+
+    from qwen35.engine.speculative import NgramIndex
+
+    rng = random.Random(0)
+    for trial in range(30):
+        vocab = rng.choice([2, 3, 5, 12])
+        tokens = [rng.randrange(vocab) for _ in range(rng.randrange(1, 120))]
+        max_n, min_n = rng.choice([(1, 1), (2, 1), (3, 1), (4, 2), (5, 3)])
+        index = NgramIndex(max_n, min_n)
+        for length in range(1, len(tokens) + 1):
+            k = rng.randrange(1, 5)
+            assert index.draft(tokens[:length], k) == ngram_draft(tokens[:length], k, max_n, min_n), (trial, length)
+
+
 def test_ngram_draft():
     assert ngram_draft([1, 2, 3, 9, 1, 2], 2, 3, 1) == [3, 9]
     assert ngram_draft([5, 6, 7, 5, 6, 8, 5, 6], 3, 2, 1) == [8, 5, 6]  # the latest occurrence wins
