@@ -16,9 +16,8 @@ __all__ = ["load_model", "load_config", "ConfigError", "CheckpointError", "LLM",
 if TYPE_CHECKING:  # pragma: no cover
     from .checkpoint import CheckpointError, load_model
     from .config import ConfigError, load_config
-    from .chat.vision_prompt import MediaPolicy
     from .engine import AsyncLLM, SamplingParams, StructuredSpec, VisionInput
-    from .llm import LLM
+    from .llm import LLM, MediaPolicy
 
 
 def __getattr__(name: str) -> Any:
@@ -29,8 +28,8 @@ def __getattr__(name: str) -> Any:
         from . import llm
         return llm.LLM
     if name == "MediaPolicy":
-        from .chat import vision_prompt
-        return vision_prompt.MediaPolicy
+        from . import llm
+        return llm.MediaPolicy
     if name in ("AsyncLLM", "SamplingParams", "StructuredSpec", "VisionInput"):
         from . import engine
         return getattr(engine, name)

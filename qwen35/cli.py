@@ -261,6 +261,9 @@ each); --python-tool offers a sandboxed Python interpreter. The model may call t
 answers (at most --max-rounds model turns). Every call is shown, e.g. [tool call] calculator(expression="2+2"),
 then its result, [tool result] 4. Unless --yes is given, each call is asked about first (y/n); when stdin is not
 a terminal there is no one to ask, so calls are refused and the model told so -- pass --yes to run them.
+
+Pictures (a model with a vision tower): --image PATH and --video PATH attach files to the first message,
+/image PATH and /video PATH in the REPL to the next one. A text-only model refuses them.
 """
 
 _CHAT_EPILOG = """\
@@ -269,6 +272,8 @@ commands (in the REPL):
   /reset           clear the conversation (the --system message stays)
   /think on|off    switch thinking on or off (/think alone says which it is)
   /tools           list the tools offered to the model
+  /image PATH      attach a picture to the next message (repeatable; a model with a vision tower)
+  /video PATH      attach a video (a file PyAV reads, or an animated GIF / PNG / WebP) to the next message
   /exit, /quit     leave (Ctrl-D too); Ctrl-C stops the answer being generated
   //text           send a message that starts with '/' (as /text)
 
@@ -284,6 +289,7 @@ examples:
   qwen35 chat --python-tool -m 'Use python to compute 2**100'
   qwen35 chat --mcp 'python my_server.py' --mcp 'npx -y @modelcontextprotocol/server-filesystem /tmp'
   echo 'What is 123 * 45?' | qwen35 chat --mcp 'python calc_server.py' --yes
+  qwen35 chat --model ~/models/Qwen3.5-0.8B --image circles.png -m 'How many circles?'
 
 MCP support needs the MCP Python SDK: pip install 'qwen35[mcp]'.
 """
@@ -294,6 +300,8 @@ _CHAT_COMMANDS = {
     "/reset": "clear the conversation (the system message stays)",
     "/think on|off": "switch thinking on or off (/think alone says which it is)",
     "/tools": "list the tools offered to the model",
+    "/image PATH": "attach a picture to the next message (repeatable)",
+    "/video PATH": "attach a video to the next message (repeatable)",
     "/exit": "leave (also /quit and Ctrl-D)",
     "//text": "send a message that starts with '/'",
 }
@@ -315,6 +323,12 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--message", "-m", metavar="TEXT", help="answer this one message and exit")
     p.add_argument("--system", metavar="TEXT", help="a system message")
     p.add_argument("--no-think", action="store_true", help="start with thinking off")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="attach this picture to the first message, --message or the first one typed (repeatable, "
+                        "in order; needs a model with a vision tower)")
+    p.add_argument("--video", action="append", default=[], metavar="PATH",
+                   help="attach this video to the first message, after the pictures (repeatable; a file PyAV "
+                        "reads, or an animated GIF / PNG / WebP)")
     g = p.add_argument_group("tools")
     g.add_argument("--mcp", action="append", default=[], metavar="'CMD ARGS'",
                    help="start this stdio MCP server and offer its tools (repeatable; split like a shell command "
@@ -375,7 +389,7 @@ class _ChatView:
             out.write(text)
             out.flush()
 
-        stream = self.llm.stream(prompt.text, prompt.sampling_params(base))
+        stream = self.llm.stream(_with_media(prompt.text, messages), prompt.sampling_params(base))
         try:
             for item in stream:
                 last = item
@@ -426,6 +440,31 @@ class _ChatView:
                 return False
 
 
+def _with_media(text: str, messages: list[dict]):
+    """The prompt for LLM.stream: the text alone, or vLLM's dict with the conversation's pictures (every turn's,
+    in order: a later turn resends them all, and the prefix cache finds them again)."""
+    from .chat.vision_prompt import media_parts
+
+    media: dict[str, list] = {}
+    for part in media_parts(messages):
+        media.setdefault(part.kind, []).append(part.source)
+    return {"prompt": text, "multi_modal_data": media} if media else text
+
+
+def _media_part(kind: str, path: str) -> dict:
+    """A content part for a picture or video file named on the command line or by /image, /video."""
+    from pathlib import Path
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise CommandError(f"--{kind} {path}: no such file")
+    return {"type": kind, kind: file}
+
+
+def _user_message(text: str, media: list[dict]) -> dict:
+    return {"role": "user", "content": [*media, {"type": "text", "text": text}] if media else text}
+
+
 def _chat_tools(args: argparse.Namespace, stack) -> list:
     """The tools asked for on the command line; MCP servers are closed by ``stack``."""
     import logging
@@ -470,13 +509,33 @@ class _ChatSession:
         self.view, self.params, self.tools, self.base = view, params, tools, base
         self.thinking, self.max_rounds = thinking, max_rounds
         self.messages = list(base)
+        self.media: list[dict] = []  # pictures and videos for the next message (--image, /image)
 
     def send(self, text: str) -> None:
+        media, self.media = self.media, []  # attached to this message only, sent or not
         try:
-            self.messages = _chat_turn(self.view, self.params, self.messages + [{"role": "user", "content": text}],
+            self.messages = _chat_turn(self.view, self.params, self.messages + [_user_message(text, media)],
                                        self.thinking, self.tools, self.max_rounds)
         except KeyboardInterrupt:  # the history stays as it was before this message
             print("\n(interrupted)", file=sys.stderr)
+
+    def attach(self, kind: str, rest: list[str]) -> None:
+        from .llm import no_vision_reason
+
+        if not rest:
+            print(f"usage: /{kind} PATH", file=sys.stderr)
+            return
+        refusal = no_vision_reason(self.view.llm.model)
+        if refusal is not None:
+            print(f"error: {refusal}", file=sys.stderr)
+            return
+        path = " ".join(rest)  # a path with spaces needs no quotes
+        try:
+            self.media.append(_media_part(kind, path))
+        except CommandError as e:
+            print(f"error: {str(e).removeprefix('--')}", file=sys.stderr)
+            return
+        print(f"{kind} {path} attached to the next message ({len(self.media)} waiting)", file=sys.stderr)
 
     def command(self, line: str) -> bool:
         """Run a /command; True when the REPL should end."""
@@ -486,6 +545,8 @@ class _ChatSession:
         if name == "/help":
             width = max(map(len, _CHAT_COMMANDS))
             print("\n".join(f"  {cmd:<{width}}  {what}" for cmd, what in _CHAT_COMMANDS.items()))
+        elif name in ("/image", "/video"):
+            self.attach(name[1:], rest)
         elif name == "/reset":
             self.messages = list(self.base)
             print("history cleared", file=sys.stderr)
@@ -518,15 +579,23 @@ def _run_chat(args: argparse.Namespace) -> int:
         raise CommandError(f"--max-rounds must be a positive integer, got {args.max_rounds}")
     with contextlib.ExitStack() as stack:
         tools = _chat_tools(args, stack)  # before the model: a bad --mcp fails fast
+        media = [_media_part("image", p) for p in args.image] + [_media_part("video", p) for p in args.video]
         llm = _load_llm(args)
+        if media:
+            from .llm import no_vision_reason
+
+            refusal = no_vision_reason(llm.model)
+            if refusal is not None:
+                raise CommandError(f"--{media[0]['type']}: {refusal}")
         params = _sampling_params(args, llm.tokenizer)
         view = _ChatView(llm, ask=not args.yes)
         base = [{"role": "system", "content": args.system}] if args.system else []
         session = _ChatSession(view, params, tools, base, not args.no_think, args.max_rounds)
+        session.media = media
         try:
             if args.message is not None:
                 try:
-                    _chat_turn(view, params, base + [{"role": "user", "content": args.message}], session.thinking,
+                    _chat_turn(view, params, base + [_user_message(args.message, media)], session.thinking,
                                tools, args.max_rounds)
                 except ValueError as e:  # a prompt longer than the context, say
                     raise CommandError(str(e).splitlines()[0]) from None
@@ -586,6 +655,12 @@ requests:
   tool_choice "required" or a named function, and response_format (json_object / json_schema), are enforced by
   grammar-constrained decoding (llguidance: pip install 'qwen35[structured]').
   Sampling parameters a request leaves out come from the checkpoint's generation_config.json.
+
+pictures (a model with a vision tower; a text-only model answers them 400):
+  content parts {"type": "image_url", "image_url": {"url": ...}} and {"type": "video_url", ...} (or
+  transformers' {"type": "image", "image": ...}). data: URLs are always accepted; file paths and file:// URLs only
+  inside --allowed-local-media-path DIR; http(s) URLs only with --allow-remote-media. A picture that cannot be
+  used (corrupt, too large, aspect ratio beyond 200:1, not allowed) is a 400 whose param names its content part.
 """
 
 
@@ -611,6 +686,20 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="largest request body; larger ones get 413 (default: 16MiB)")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default: info)")
+    m = p.add_argument_group("pictures", "where the images and videos of chat requests may come from: data: URLs "
+                             "always, nothing else unless allowed here")
+    m.add_argument("--allowed-local-media-path", metavar="DIR",
+                   help="let requests name files (a path or a file:// URL) inside DIR, and only there; a path "
+                        "outside it is refused (default: no local files)")
+    m.add_argument("--allow-remote-media", action="store_true",
+                   help="fetch http:// and https:// picture URLs. The server then connects wherever a request "
+                        "says, hosts of its own network included: turn this on only where that is safe "
+                        "(default: refused)")
+    m.add_argument("--media-fetch-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="with --allow-remote-media: give up on a connection that is silent this long (default: 10)")
+    m.add_argument("--max-image-pixels", type=int, metavar="N",
+                   help="refuse pictures (and video frames) larger than N pixels, from the size their header "
+                        "declares, before decoding them (default: 67108864, 8192x8192)")
     p.set_defaults(func=_run_serve)
 
 
@@ -624,7 +713,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     if not 0 < args.port < 65536:
         raise CommandError(f"--port must be in 1..65535, got {args.port}")
-    for name in ("max_num_seqs", "max_num_batched_tokens", "max_tokens_cap"):
+    for name in ("max_num_seqs", "max_num_batched_tokens", "max_tokens_cap", "max_image_pixels"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise CommandError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
@@ -640,6 +729,8 @@ def _run_serve(args: argparse.Namespace) -> int:
               max_body_bytes=max_body, quantization=getattr(args, "quantization", None),
               speculative_config=args.speculative_config,
               enable_prefix_caching=not getattr(args, "no_prefix_caching", False),
+              allowed_local_media_path=args.allowed_local_media_path, allow_remote_media=args.allow_remote_media,
+              media_fetch_timeout_s=args.media_fetch_timeout, max_image_pixels=args.max_image_pixels,
               log_level=args.log_level)
     except (CheckpointError, ValueError) as e:
         raise CommandError(str(e).splitlines()[0]) from None

@@ -28,10 +28,11 @@ from typing import Any
 
 import torch
 
+from .chat.vision_prompt import MediaPolicy
 from .engine import EngineConfig, LLMEngine, RequestOutput, SamplingParams, VisionInput
 from .engine.params import sampling_defaults
 
-__all__ = ["LLM", "embedded_model_path", "parse_bytes"]
+__all__ = ["LLM", "embedded_model_path", "no_vision_reason", "parse_bytes"]
 
 # a prompt: text, token ids, or vLLM's dict {"prompt" | "prompt_token_ids": ..., "multi_modal_data": {...}}
 Prompt = str | list[int] | Mapping[str, Any]
@@ -52,6 +53,16 @@ def default_model_path() -> Path:
         raise ValueError(f"this build of qwen35 has no embedded model ({EMBEDDED_MODEL_DIR} is missing or "
                          "incomplete); pass a checkpoint folder")
     return path
+
+
+def no_vision_reason(model: Any) -> str | None:
+    """Why a loaded model cannot take images or videos, as the message a refusal gives; None when it can.
+    (The server refuses picture parts with the same words as :meth:`LLM.vision_preparer`.)"""
+    if getattr(model, "visual", None) is not None:
+        return None
+    why = ("its config has no vision_config" if model.config.vision is None
+           else "its checkpoint holds no model.visual.* weights")
+    return f"this model cannot take images or videos: it has no vision tower ({why})"
 
 
 def parse_bytes(value: int | str | None) -> int | None:
@@ -93,7 +104,7 @@ class LLM:
                  cache_memory: int | str | None = None, max_model_len: int | None = None,
                  threads: int | None = None, quantization: str | None = None,
                  speculative_config: Mapping[str, Any] | str | None = None,
-                 enable_prefix_caching: bool = True, media_policy: Any = None) -> None:
+                 enable_prefix_caching: bool = True, media_policy: MediaPolicy | None = None) -> None:
         from .chat.tokenizer import Tokenizer, TokenizerError
         from .checkpoint import load_model
         from .kernels.ops import check_switches
@@ -129,7 +140,7 @@ class LLM:
                               speculative_config=SpeculativeConfig.parse(speculative_config),
                               enable_prefix_caching=enable_prefix_caching)
         self.engine = LLMEngine(self.model, self.tokenizer, config)
-        self.media_policy = media_policy  # a qwen35.chat.vision_prompt.MediaPolicy (None: its defaults)
+        self.media_policy = media_policy  # where pictures may come from (None: MediaPolicy's defaults)
         self._vision_preparer = None
 
     # -- pictures -------------------------------------------------------------------------------------------
@@ -140,10 +151,9 @@ class LLM:
     def vision_preparer(self):
         """The :class:`~qwen35.chat.vision_prompt.VisionPreparer` of this checkpoint (its processor configs);
         ``ValueError`` naming why for a model without a vision tower."""
-        if not self.supports_vision:
-            why = ("its config has no vision_config" if self.model.config.vision is None
-                   else "its checkpoint holds no model.visual.* weights")
-            raise ValueError(f"this model cannot take images or videos: it has no vision tower ({why})")
+        refusal = no_vision_reason(self.model)
+        if refusal is not None:
+            raise ValueError(refusal)
         if self._vision_preparer is None:
             from .chat.vision_prompt import VisionPreparer
 

@@ -138,6 +138,7 @@ def _plain(value: Any, where: str, media: bool = False) -> Any:
 
 
 def _check_content(content: Any, where: str) -> None:
+    """Check a message's (plain-copied) content, and give video_url parts the key templates read."""
     if content is None or isinstance(content, str):
         return
     if not isinstance(content, list):
@@ -154,6 +155,11 @@ def _check_content(content: Any, where: str) -> None:
             raise ValueError(f"{part_where}.type {kind!r} is not one of {', '.join(_CONTENT_PART_TYPES)}")
         if kind == "text" and not isinstance(part.get("text"), str):
             raise ValueError(f"{part_where}.text must be a string")
+        if kind == "video_url" and "video" not in part:
+            # Qwen's templates know an image by its 'image_url' key but a video only by 'video' (transformers'
+            # form), so OpenAI-style video parts would fail to render; vLLM renames them the same way.  The
+            # content is this function's own plain copy, so the caller's message is untouched.
+            part["video"] = part["video_url"]
 
 
 def _canonical_tool_call(call: Any, where: str) -> dict[str, Any]:
@@ -192,7 +198,8 @@ def validate_messages(messages: Any) -> list[dict[str, Any]]:
     """Check a conversation and return a plain, canonical copy ready for a template.
 
     Canonical means: reasoning sent as ``reasoning``/``thinking`` is also available as
-    ``reasoning_content``; tool-call arguments are mappings (JSON strings are decoded).
+    ``reasoning_content``; tool-call arguments are mappings (JSON strings are decoded); a
+    ``video_url`` content part also carries its URL under ``video`` (what templates look for).
     Raises ``ValueError`` naming the message index and field at fault.
     """
     if not isinstance(messages, (list, tuple)) or not messages:

@@ -33,6 +33,7 @@ from .media import (
     MediaLimits,
     VideoProcessorConfig,
     expand_placeholders,
+    image_grid_thw,
     load_image,
     preprocess_images,
 )
@@ -87,6 +88,8 @@ def media_parts(messages: Sequence[Mapping[str, Any]]) -> list[MediaPart]:
             if not isinstance(part, Mapping):
                 continue
             kind = part.get("type")
+            if kind is None:  # an untyped part is what its payload key says, as validate_messages reads it
+                kind = next((k for k in ("text", *_PART_KEYS) if k in part), None)
             if kind not in _PART_KEYS:
                 continue
             where = f"messages[{i}].content[{j}]"
@@ -94,7 +97,7 @@ def media_parts(messages: Sequence[Mapping[str, Any]]) -> list[MediaPart]:
             if kind.endswith("_url"):
                 source = source.get("url") if isinstance(source, Mapping) else source
                 if not isinstance(source, str) or not source:
-                    raise MediaError(f"{where}: a {kind} part needs {{\"url\": \"...\"}}")
+                    raise MediaError(f"{where}: the {kind} part needs {{\"url\": \"...\"}}")
             if source is None:
                 raise MediaError(f"{where}: the {kind} part holds no picture (give '{_PART_KEYS[kind][0]}')")
             parts.append(MediaPart("video" if kind.startswith("video") else "image", source, where))
@@ -123,7 +126,11 @@ class VisionPreparer:
             source = self._resolve(part)
             try:
                 if part.kind == "image":
-                    images.append(load_image(source, self.policy.limits, allow_paths=self._paths_ok(source)))
+                    image = load_image(source, self.policy.limits, allow_paths=self._paths_ok(source))
+                    # the size the processor will give it, now: a shape it refuses (an aspect ratio beyond 200:1)
+                    # is then named by its part, not found later for the whole batch of pictures
+                    image_grid_thw(image.height, image.width, self.image_config)
+                    images.append(image)
                 else:
                     frames = load_video(source, self.video_config, limits=self.policy.limits,
                                         allow_paths=self._paths_ok(source))

@@ -41,8 +41,12 @@ from ..chat.completion import (
     chat_finish_reason,
     chat_result,
 )
+from ..chat.media import IMAGE_TOKEN, VIDEO_TOKEN, MediaError
+from ..chat.vision_prompt import VisionPreparer, media_parts
 from ..engine.llm_engine import CompletionOutput, RequestOutput
+from ..engine.multimodal import VisionInput
 from ..engine.params import SamplingParams, sampling_defaults
+from ..llm import no_vision_reason
 from .metrics import RequestTimer, ServerMetrics
 from .protocol import (
     ChatCompletionRequest,
@@ -61,6 +65,8 @@ LOGPROB_FLOOR = -9999.0  # stands for -inf, which JSON cannot carry
 # Fields named at the start of the messages of build_chat_prompt / validate_messages / validate_tools.
 _CHAT_FIELDS = ("messages", "tools", "tool_choice", "chat_template_kwargs", "enable_thinking", "parallel_tool_calls")
 _UNION_TAG = re.compile(r"^(str|int|float|bool|none|list\[.*\]|dict\[.*\]|.*\[.*\])$")
+# A MediaError's message starts with the content part it is about (qwen35.chat.vision_prompt): OpenAI's error.param.
+_MEDIA_PART = re.compile(r"^(messages\[\d+\]\.content\[\d+\])")
 
 
 # =============================================================================================
@@ -97,6 +103,11 @@ def _validation_message(exc: ValidationError | RequestValidationError) -> tuple[
         if first_param is None and loc:
             first_param = str(loc[0])
     return "invalid request: " + "; ".join(parts[:4]), first_param
+
+
+def _media_param(message: str) -> str:
+    found = _MEDIA_PART.match(message)
+    return found.group(1) if found else "messages"  # e.g. placeholders typed into the text that match no picture
 
 
 def _chat_param(message: str) -> str:
@@ -209,20 +220,24 @@ def _static_response(name: str) -> Response:
 
 
 def create_app(async_llm: Any, model_name: str, api_key: str | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_tokens_cap: int | None = None) -> FastAPI:
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_tokens_cap: int | None = None,
+               vision: VisionPreparer | None = None) -> FastAPI:
     """A FastAPI app serving ``async_llm`` (an :class:`~qwen35.engine.AsyncLLM`) under the name ``model_name``.
 
     ``api_key``: if set, /v1/* requests need ``Authorization: Bearer <api_key>`` (/health and /metrics stay open).
     ``max_body_bytes``: larger request bodies get 413.  ``max_tokens_cap``: the most tokens one choice may ask
     for, and what it gets when it asks for no limit (default: the engine's context length).
+    ``vision``: loads and preprocesses the images and videos of chat requests, under its ``MediaPolicy`` (where
+    pictures may come from, how large they may be): ``LLM.vision_preparer()`` of a model with a vision tower.
+    Without it every image / video content part is answered 400, naming why.
     The app does not own the engine: shutting the engine down is the caller's business (see :func:`serve`).
     """
-    return _Server(async_llm, model_name, api_key, max_body_bytes, max_tokens_cap).app
+    return _Server(async_llm, model_name, api_key, max_body_bytes, max_tokens_cap, vision).app
 
 
 class _Server:
     def __init__(self, async_llm: Any, model_name: str, api_key: str | None, max_body_bytes: int,
-                 max_tokens_cap: int | None) -> None:
+                 max_tokens_cap: int | None, vision: VisionPreparer | None = None) -> None:
         if max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be positive, got {max_body_bytes}")
         self.llm = async_llm
@@ -235,6 +250,11 @@ class _Server:
         self.max_tokens_cap = max_tokens_cap or self.max_model_len
         self.defaults = sampling_defaults(getattr(self.tokenizer, "generation_config", None) or {})
         self.token_text = _TokenText(self.tokenizer)
+        self.vision = vision
+        # what a picture part gets when there is no preparer: the model's own reason, else the server's
+        self.no_vision = None if vision is not None else (
+            no_vision_reason(async_llm.engine.model)
+            or "this server takes no images or videos (it was started without a vision preparer)")
         self.metrics = ServerMetrics(async_llm)
         self.created = int(time.time())
         self.app = self._build()
@@ -355,13 +375,13 @@ class _Server:
         return ids
 
     async def _generate(self, ids: list[int], params: SamplingParams, request_id: str,
-                        ) -> AsyncIterator[RequestOutput]:
+                        vision: VisionInput | None = None) -> AsyncIterator[RequestOutput]:
         """The engine's outputs for one request, counted and timed in the metrics, with one access-log line."""
         admitted = False
         endpoint = "/v1/chat/completions" if request_id.startswith("chatcmpl-") else "/v1/completions"
         timer = RequestTimer(self.metrics, request_id, endpoint)
         status = "error"
-        async with aclosing(self.llm.generate(ids, params, request_id)) as stream:
+        async with aclosing(self.llm.generate(ids, params, request_id, vision=vision)) as stream:
             try:
                 async for out in stream:
                     if not admitted:
@@ -382,11 +402,11 @@ class _Server:
                 access_log.info("%s", timer.end(status))
 
     async def _final_output(self, request: Request, ids: list[int], params: SamplingParams,
-                            request_id: str) -> RequestOutput | None:
+                            request_id: str, vision: VisionInput | None = None) -> RequestOutput | None:
         """Run a request to the end; None if the client disconnected first (the request is then aborted)."""
         async def run() -> RequestOutput | None:
             last = None
-            async with aclosing(self._generate(ids, params, request_id)) as stream:
+            async with aclosing(self._generate(ids, params, request_id, vision)) as stream:
                 async for out in stream:
                     last = out
             return last
@@ -421,19 +441,45 @@ class _Server:
 
     # ------------------------------------------------------------------ /v1/chat/completions
 
+    def _pictures(self, text: str, messages: list[Any]) -> tuple[str, VisionInput | None]:
+        """The rendered prompt with its picture placeholders expanded, and the pictures' tensors (None for a
+        prompt without pictures).  Runs on a worker thread: reading, fetching and decoding take a while."""
+        parts = media_parts(messages)
+        if not parts and (self.vision is None or (IMAGE_TOKEN not in text and VIDEO_TOKEN not in text)):
+            return text, None
+        if self.vision is None:
+            self.metrics.media.labels(parts[0].kind, "refused").inc()
+            raise APIError(f"{parts[0].where}: {self.no_vision}", parts[0].where)
+        try:
+            prepared = self.vision.prepare(text, parts)
+        except MediaError as e:
+            where = _media_param(str(e))
+            refused = next((p for p in parts if p.where == where), parts[0] if parts else None)
+            if refused is not None:  # (None: placeholders typed into the text, no picture sent)
+                self.metrics.media.labels(refused.kind, "refused").inc()
+            raise
+        for part in parts:
+            self.metrics.media.labels(part.kind, "accepted").inc()
+        return prepared.text, VisionInput(**prepared.tensors())
+
     async def chat_completions(self, request: Request) -> Response:
         req: ChatCompletionRequest = await self._read(request, ChatCompletionRequest)
         kwargs = dict(req.chat_template_kwargs or {})
 
-        def prepare() -> tuple[ChatPrompt, list[int]]:
+        def prepare() -> tuple[ChatPrompt, list[int], VisionInput | None]:
             prompt = build_chat_prompt(self.tokenizer, req.messages, tools=req.tools, tool_choice=req.tool_choice,
                                        enable_thinking=req.enable_thinking, chat_template_kwargs=kwargs,
                                        parallel_tool_calls=req.parallel_tool_calls,
                                        response_format=req.response_format)
-            return prompt, self.tokenizer.encode(prompt.text)
+            text, vision = self._pictures(prompt.text, req.messages)
+            return prompt, self.tokenizer.encode(text), vision
 
-        try:  # rendering and tokenising a long conversation takes a while: keep the event loop free
-            prompt, ids = await asyncio.to_thread(prepare)
+        try:  # rendering, tokenising and loading pictures take a while: keep the event loop free
+            prompt, ids, vision = await asyncio.to_thread(prepare)
+        except APIError:
+            raise
+        except MediaError as e:  # a picture that cannot be used, or may not be read: its part is the param
+            raise APIError(str(e), _media_param(str(e))) from None
         except ValueError as e:
             message = str(e)
             raise APIError(message, "response_format" if message.startswith("response_format")
@@ -455,10 +501,10 @@ class _Server:
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         if req.stream:
-            return _EventStream(self._chat_stream(req, prompt, ids, params, request_id, created),
+            return _EventStream(self._chat_stream(req, prompt, ids, params, request_id, created, vision),
                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-        out = await self._final_output(request, ids, params, request_id)
+        out = await self._final_output(request, ids, params, request_id, vision)
         if out is None:
             return Response(status_code=499)  # client closed the request (nobody reads this)
         result = chat_result(prompt, out)
@@ -490,7 +536,8 @@ class _Server:
         return {"content": entries}
 
     async def _chat_stream(self, req: ChatCompletionRequest, prompt: ChatPrompt, ids: list[int],
-                           params: SamplingParams, request_id: str, created: int) -> AsyncIterator[str]:
+                           params: SamplingParams, request_id: str, created: int,
+                           vision: VisionInput | None = None) -> AsyncIterator[str]:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         continuous_usage = bool(req.stream_options and req.stream_options.continuous_usage_stats)
         n = params.n
@@ -518,7 +565,7 @@ class _Server:
         try:
             for i in range(n):
                 yield chunk(i, {"role": "assistant", "content": ""})
-            async with aclosing(self._generate(ids, params, request_id)) as stream:
+            async with aclosing(self._generate(ids, params, request_id, vision)) as stream:
                 async for out in stream:
                     last = out
                     for o in out.outputs:
@@ -656,10 +703,20 @@ _BODIES = {"/v1/chat/completions": (ChatCompletionRequest, "A chat completion, o
 
 # What the handlers check by hand (the pydantic models take these fields as Any so that every malformed shape gets
 # one readable message), written out for clients and schema-driven tools.
+_MEDIA_URL = {"type": "string", "description": "a data: URL (always accepted); a file path or file:// URL inside "
+               "the server's --allowed-local-media-path; an http(s) URL with --allow-remote-media"}
+_CONTENT_PART_SCHEMA = {"anyOf": [
+    {"type": "object", "required": ["type", "text"], "properties": {"type": {"const": "text"},
+                                                                     "text": {"type": "string"}}},
+    *({"type": "object", "required": ["type", key], "properties": {"type": {"const": key}, key: {"anyOf": [
+        _MEDIA_URL, {"type": "object", "required": ["url"], "properties": {"url": _MEDIA_URL}}]}}}
+      for key in ("image_url", "video_url")),
+    {"type": "object", "required": ["type"], "description": "transformers' form of a picture part",
+     "properties": {"type": {"enum": ["image", "video"]}, "image": _MEDIA_URL, "video": _MEDIA_URL,
+                    "url": _MEDIA_URL, "path": _MEDIA_URL}}]}
 _MESSAGE_SCHEMA = {"type": "object", "required": ["role"], "properties": {
     "role": {"type": "string", "enum": ["system", "developer", "user", "assistant", "tool"]},
-    "content": {"anyOf": [{"type": "string"}, {"type": "null"}, {"type": "array", "items": {
-        "type": "object", "required": ["type"], "properties": {"type": {"type": "string"}, "text": {"type": "string"}}}}]},
+    "content": {"anyOf": [{"type": "string"}, {"type": "null"}, {"type": "array", "items": _CONTENT_PART_SCHEMA}]},
     "reasoning_content": {"type": "string"}, "name": {"type": "string"}, "tool_call_id": {"type": "string"},
     "tool_calls": {"type": "array", "items": {"type": "object"}}}}
 _TOOL_SCHEMA = {"type": "object", "required": ["type", "function"], "properties": {

@@ -98,6 +98,9 @@ class ServerMetrics:
                                      registry=self.registry)
         self.generation_tokens = Counter("qwen35_generation_tokens", "Generated tokens (all choices, aborted "
                                          "requests included).", registry=self.registry)
+        self.media = Counter("qwen35_media_inputs", "Images and videos in chat requests, by kind and outcome "
+                             "(accepted, or refused with a 400: unreadable, too large, not allowed, or a model "
+                             "without a vision tower).", ["kind", "outcome"], registry=self.registry)
         self.aborted = Counter("qwen35_requests_aborted", "Requests aborted because the client went away.",
                                registry=self.registry)
         self.queue_time = Histogram("qwen35_request_queue_time_seconds", "Time from a request's arrival until the "
