@@ -30,6 +30,41 @@ def _prompts(llm, args) -> list[str]:
     return [llm.tokenizer.apply_chat_template([{"role": "user", "content": t}]) for t in lines]
 
 
+class StepClock:
+    """Wall time per engine step, split into the model forward (``runner.run``), the drafter's own forward
+    (``after_step``: the MTP layer) and the rest (scheduling, sampling, verification, Python): where a speculative
+    step's time goes, and what bounds its speed-up even with no engine overhead at all."""
+
+    def __init__(self, engine) -> None:
+        self.steps = 0
+        self.seconds = {"step": 0.0, "forward": 0.0, "draft": 0.0}
+        self._wrap(engine, "step", "step", count=True)
+        self._wrap(engine.runner, "run", "forward")
+        if engine.drafter is not None:
+            self._wrap(engine.drafter, "after_step", "draft")
+        self.on = False
+
+    def _wrap(self, obj, name: str, key: str, count: bool = False) -> None:
+        inner = getattr(obj, name)
+
+        def timed(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                if self.on:
+                    self.seconds[key] += time.perf_counter() - t
+                    self.steps += count
+
+        setattr(obj, name, timed)
+
+    def per_step_ms(self) -> dict[str, float]:
+        n = max(self.steps, 1)
+        out = {k: round(1000 * v / n, 3) for k, v in self.seconds.items()}
+        out["rest"] = round(out["step"] - out["forward"] - out["draft"], 3)
+        return out
+
+
 def _run(llm, prompts, params, concurrent: bool) -> tuple[float, list[list[int]]]:
     start = time.perf_counter()
     if concurrent:
@@ -68,14 +103,19 @@ def main(argv: list[str] | None = None) -> int:
         llm = qwen35.LLM(a.model, dtype=a.dtype, speculative_config=spec, max_num_seqs=max(16, a.concurrent))
         prompts = _prompts(llm, a)
         _run(llm, prompts[:2], params, True)  # warm-up: kernels, allocator
+        clock = StepClock(llm.engine)
         row = {"config": spec or "plain"}
         for mode, batch in (("solo", prompts[:a.solo]), ("concurrent", prompts)):
             best, ids = None, None
+            clock.on = mode == "solo"
             for _ in range(a.repeats):
                 seconds, ids = _run(llm, batch, params, mode == "concurrent")
                 best = seconds if best is None else min(best, seconds)
             tokens = sum(len(t) for t in ids)
             row[mode] = {"tokens": tokens, "seconds": round(best, 3), "tok_s": round(tokens / best, 1)}
+            if mode == "solo":
+                row["solo_ms_per_step"] = clock.per_step_ms()
+                row["solo_tokens_per_step"] = round(tokens * a.repeats / max(clock.steps, 1), 3)
             if spec is None:
                 reference[mode] = ids
             else:
@@ -95,6 +135,15 @@ def main(argv: list[str] | None = None) -> int:
         acc = "" if row is base else " ".join(f"{x:.2f}" for x in row["acceptance_by_position"])
         print(f"{name:<46} {s['tok_s']:>10.1f} {s['tok_s'] / base['solo']['tok_s']:>6.2f} {c['tok_s']:>10.1f} "
               f"{c['tok_s'] / base['concurrent']['tok_s']:>6.2f}  {same:<9}  {acc}")
+    # the bound: the speed-up if only the two forwards cost anything (tokens per step x plain forward / spec forwards)
+    plain_forward = base["solo_ms_per_step"]["forward"]
+    print("\nsolo, per step (ms): forward / drafter forward / rest; tokens per step; speed-up bound with zero "
+          "engine overhead = tokens per step x plain forward / (forward + drafter forward)")
+    for row in results:
+        name = json.dumps(row["config"]) if row["config"] != "plain" else "plain"
+        ms, per = row["solo_ms_per_step"], row["solo_tokens_per_step"]
+        bound = per * plain_forward / max(ms["forward"] + ms["draft"], 1e-9)
+        print(f"{name:<46} {ms['forward']:>7.2f} {ms['draft']:>7.2f} {ms['rest']:>7.2f}   {per:>5.2f}   {bound:>5.2f}x")
     if a.json:
         with open(a.json, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=2)
