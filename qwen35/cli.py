@@ -126,7 +126,8 @@ def _run_info(args: argparse.Namespace) -> int:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", metavar="PATH", help="checkpoint folder (config.json, safetensors, tokenizer.json); "
+    p.add_argument("--model", metavar="PATH", help="checkpoint folder (config.json, safetensors, tokenizer.json) "
+                   "or a llama.cpp .gguf file; "
                    "default: the embedded model (a 5.5M-parameter Qwen3.5-MoE trained by this project)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
                    help="weight and activation dtype (auto: bf16 for bf16/FP8 checkpoints, else as stored)")
@@ -737,6 +738,80 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# convert
+
+_CONVERT_DESCRIPTION = """\
+Convert between a checkpoint folder (config.json, safetensors, tokenizer) and a llama.cpp GGUF file, either way:
+a folder IN becomes the GGUF file OUT (the layout and metadata llama.cpp's convert_hf_to_gguf.py writes, tokenizer
+and chat template included); a .gguf file IN becomes the folder OUT (dequantised weights in the official layout,
+tokenizer.json, tokenizer_config.json and chat_template.jinja rebuilt from the file).
+"""
+
+_CONVERT_EPILOG = """\
+types (--type, folder -> GGUF):
+  bf16   every matrix in BF16
+  q8_0   every matrix in Q8_0 (as the converter's --outtype q8_0)
+  q4_0   the large matrices in Q4_0; embedding, output head, DeltaNet in_proj_a / in_proj_b and mtp.fc in Q8_0
+  Norms, routers, the DeltaNet conv / A / dt stay F32 in every type.
+
+examples:
+  qwen35 convert ~/models/Qwen3.5-0.8B qwen3.5-0.8b-q8_0.gguf --type q8_0
+  qwen35 convert Qwen3.5-0.8B-Q4_K_M.gguf ~/models/qwen3.5-0.8b-from-gguf
+"""
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="checkpoint folder -> GGUF file, or GGUF file -> checkpoint folder",
+                       description=_CONVERT_DESCRIPTION, epilog=_CONVERT_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", metavar="IN", help="a checkpoint folder, or a .gguf file")
+    p.add_argument("output", metavar="OUT", help="the .gguf file to write (IN a folder), or the folder (IN a .gguf)")
+    # qwen35.quant.gguf.FILE_TYPES, spelled out so that building the parser imports no torch
+    p.add_argument("--type", choices=["bf16", "q8_0", "q4_0"], default="bf16",
+                   help="tensor type of the GGUF written from a folder (default: bf16)")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32", "float16"], default="auto",
+                   help="dtype of the weights: of the model read from IN (default: auto, bf16 unless all float32)")
+    p.add_argument("--tokenizer", metavar="PATH",
+                   help="folder with the tokenizer.json to put in the GGUF (default: IN)")
+    p.set_defaults(func=_run_convert)
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .checkpoint import CheckpointError, load_model, save_pretrained
+    from .quant.gguf import GGUFError, load_gguf, read_gguf_metadata, save_gguf
+
+    src, dst = Path(args.input), Path(args.output)
+    start = time.perf_counter()
+    try:
+        if src.is_dir():
+            if dst.suffix.lower() != ".gguf" or dst.is_dir():
+                raise CommandError(f"OUT must be a .gguf file path when IN is a folder, got {dst}")
+            model = load_model(src, dtype=args.dtype)
+            save_gguf(model, Path(args.tokenizer) if args.tokenizer else src, dst, file_type=args.type)
+        elif src.is_file() and src.suffix.lower() == ".gguf":
+            from .chat.gguf_vocab import write_tokenizer_files
+            from .chat.tokenizer import TokenizerError
+
+            if dst.exists() and not dst.is_dir():
+                raise CommandError(f"OUT must be a folder when IN is a .gguf file, and {dst} is a file")
+            model = load_gguf(src, dtype=args.dtype)
+            save_pretrained(model, dst)
+            try:
+                write_tokenizer_files(read_gguf_metadata(src), dst,
+                                      model_max_length=model.config.text.max_position_embeddings)
+            except TokenizerError as e:
+                raise CommandError(str(e)) from None
+        else:
+            raise CommandError(f"IN must be a checkpoint folder or a .gguf file, got {src}")
+    except (CheckpointError, GGUFError) as e:
+        raise CommandError(str(e).splitlines()[0]) from None
+    print(f"wrote {dst} in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     from .train.cli import DESCRIPTION, EPILOG, add_train_arguments
 
@@ -757,7 +832,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 # Adders of every subcommand, in the order `qwen35 --help` lists them.
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_info, _add_generate, _add_chat,
-                                                                    _add_serve, _add_train]
+                                                                    _add_serve, _add_train, _add_convert]
 
 
 def build_parser() -> argparse.ArgumentParser:

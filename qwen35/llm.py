@@ -22,6 +22,7 @@ refuses them by name.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,20 @@ def no_vision_reason(model: Any) -> str | None:
     return f"this model cannot take images or videos: it has no vision tower ({why})"
 
 
+def _gguf_tokenizer_folder(path: Path) -> tempfile.TemporaryDirectory:
+    """A temporary folder holding the tokenizer files rebuilt from a GGUF's metadata (qwen35.chat.gguf_vocab)."""
+    from .chat.gguf_vocab import write_tokenizer_files
+    from .quant.gguf import read_gguf_metadata
+
+    folder = tempfile.TemporaryDirectory(prefix="qwen35-gguf-tokenizer-")
+    try:
+        write_tokenizer_files(read_gguf_metadata(path), folder.name)
+    except BaseException:
+        folder.cleanup()
+        raise
+    return folder
+
+
 def parse_bytes(value: int | str | None) -> int | None:
     """'2GiB', '512MiB', '1.5GB', '300000000' or an int -> bytes."""
     if value is None or isinstance(value, int):
@@ -88,7 +103,7 @@ def parse_bytes(value: int | str | None) -> int | None:
 class LLM:
     """A loaded model with its tokenizer and an engine; every method batches continuously.
 
-    ``model``: a checkpoint folder (None: the embedded model).  ``tokenizer``: a folder (or tokenizer.json) to take
+    ``model``: a checkpoint folder or a llama.cpp ``.gguf`` file (None: the embedded model).  ``tokenizer``: a folder (or tokenizer.json) to take
     the tokenizer from instead of the checkpoint's.  ``skip_tokenizer_init=True`` loads no tokenizer at all:
     prompts must then be token ids and outputs carry ids only (``text`` stays empty), as in vLLM.
     ``speculative_config``: e.g. ``{"method": "ngram", "num_speculative_tokens": 3}`` (a dict or its JSON text)
@@ -118,7 +133,15 @@ class LLM:
             raise ValueError(f"quantization must be None or 'int8', got {quantization!r}")
         path = Path(model) if model is not None else default_model_path()
         self.model_path = path
-        self.model = load_model(path, dtype=dtype)
+        is_gguf = path.is_file() and path.suffix.lower() == ".gguf"
+        if is_gguf:  # llama.cpp's one-file format: weights, config and tokenizer together
+            from .quant.gguf import load_gguf
+            self.model = load_gguf(path, dtype=dtype)
+        else:
+            self.model = load_model(path, dtype=dtype)
+        # a GGUF's tokenizer is rebuilt as files in a folder that lives as long as this LLM (save_pretrained
+        # copies them from there)
+        self._gguf_tokenizer_dir: tempfile.TemporaryDirectory | None = None
         if quantization == "int8":
             from .quant import quantize_int8
             quantize_int8(self.model)
@@ -126,6 +149,9 @@ class LLM:
         if not skip_tokenizer_init:
             source = Path(tokenizer) if tokenizer is not None else path
             try:
+                if is_gguf and tokenizer is None:
+                    self._gguf_tokenizer_dir = _gguf_tokenizer_folder(path)
+                    source = Path(self._gguf_tokenizer_dir.name)
                 self.tokenizer = Tokenizer(source)
             except TokenizerError as e:
                 if tokenizer is None:
