@@ -31,38 +31,55 @@ def _prompts(llm, args) -> list[str]:
 
 
 class StepClock:
-    """Wall time per engine step, split into the model forward (``runner.run``), the drafter's own forward
-    (``after_step``: the MTP layer) and the rest (scheduling, sampling, verification, Python): where a speculative
-    step's time goes, and what bounds its speed-up even with no engine overhead at all."""
+    """Wall time per decode step (steps that run no prompt chunk), split into the model forward (``runner.run``),
+    the drafter's own forward (``after_step``: the MTP layer) and the rest (scheduling, sampling, verification,
+    Python): where a speculative step's time goes, and what bounds its speed-up even with no engine overhead."""
 
     def __init__(self, engine) -> None:
         self.steps = 0
+        self.tokens = 0
         self.seconds = {"step": 0.0, "forward": 0.0, "draft": 0.0}
-        self._wrap(engine, "step", "step", count=True)
-        self._wrap(engine.runner, "run", "forward")
-        if engine.drafter is not None:
-            self._wrap(engine.drafter, "after_step", "draft")
         self.on = False
+        self._current: dict[str, float] = {}
+        self._prefill = False
+        step, run = engine.step, engine.runner.run
 
-    def _wrap(self, obj, name: str, key: str, count: bool = False) -> None:
-        inner = getattr(obj, name)
-
-        def timed(*args, **kwargs):
+        def timed_step():
+            self._current, self._prefill = {"forward": 0.0, "draft": 0.0}, False
             t = time.perf_counter()
-            try:
-                return inner(*args, **kwargs)
-            finally:
-                if self.on:
-                    self.seconds[key] += time.perf_counter() - t
-                    self.steps += count
+            out = step()
+            if self.on and not self._prefill:
+                self.steps += 1
+                self.tokens += sum(len(c.delta_token_ids) for o in out for c in o.outputs)
+                self.seconds["step"] += time.perf_counter() - t
+                for k, v in self._current.items():
+                    self.seconds[k] += v
+            return out
 
-        setattr(obj, name, timed)
+        def timed_run(batch):
+            self._prefill = self._prefill or bool(batch.prefills)
+            return self._timed("forward", run, batch)
+
+        engine.step, engine.runner.run = timed_step, timed_run
+        if engine.drafter is not None:
+            after = engine.drafter.after_step
+            engine.drafter.after_step = lambda *a, **k: self._timed("draft", after, *a, **k)
+
+    def _timed(self, key: str, fn, *args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self._current[key] = self._current.get(key, 0.0) + time.perf_counter() - t
 
     def per_step_ms(self) -> dict[str, float]:
         n = max(self.steps, 1)
         out = {k: round(1000 * v / n, 3) for k, v in self.seconds.items()}
         out["rest"] = round(out["step"] - out["forward"] - out["draft"], 3)
         return out
+
+    def tokens_per_step(self) -> float:
+        return round(self.tokens / max(self.steps, 1), 3)
 
 
 def _run(llm, prompts, params, concurrent: bool) -> tuple[float, list[list[int]]]:
@@ -115,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             row[mode] = {"tokens": tokens, "seconds": round(best, 3), "tok_s": round(tokens / best, 1)}
             if mode == "solo":
                 row["solo_ms_per_step"] = clock.per_step_ms()
-                row["solo_tokens_per_step"] = round(tokens * a.repeats / max(clock.steps, 1), 3)
+                row["solo_tokens_per_step"] = clock.tokens_per_step()
             if spec is None:
                 reference[mode] = ids
             else:
@@ -137,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{c['tok_s'] / base['concurrent']['tok_s']:>6.2f}  {same:<9}  {acc}")
     # the bound: the speed-up if only the two forwards cost anything (tokens per step x plain forward / spec forwards)
     plain_forward = base["solo_ms_per_step"]["forward"]
-    print("\nsolo, per step (ms): forward / drafter forward / rest; tokens per step; speed-up bound with zero "
-          "engine overhead = tokens per step x plain forward / (forward + drafter forward)")
+    print("\nsolo decode steps (no prompt chunk), ms per step: forward / drafter forward / rest; tokens per step; "
+          "speed-up bound with zero engine overhead = tokens per step x plain forward / (forward + drafter forward)")
     for row in results:
         name = json.dumps(row["config"]) if row["config"] != "plain" else "plain"
         ms, per = row["solo_ms_per_step"], row["solo_tokens_per_step"]
