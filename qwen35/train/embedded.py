@@ -17,6 +17,10 @@ per step of 16 sequences, 1.2-1.6 s per step, so the default 2,400 steps take ab
 on one H100 (``--device cuda``, ~4.5 minutes).  Measured on held-out problems (benchmarks/RESULTS.md): 1,200 steps learn
 every format but not operand copying (2-digit addition 0%); 2,400 steps reach 92-100% on 2-digit addition.
 
+Vision stage: ``python -m qwen35.train.embedded --out DIR --vision-from qwen35/assets/default [--vision-steps N]``
+gives a trained model a tiny vision tower and trains both on synthetic picture questions
+(:mod:`qwen35.train.embedded_vision`).
+
 Recipe: ``python -m qwen35.train.embedded --out DIR [--steps N] [--device cuda]`` trains (tokenizer, model,
 MTP head), writes ``DIR/model`` (the checkpoint folder to ship, bf16) and evaluates it into ``DIR/eval.json``:
 
@@ -127,9 +131,13 @@ TOOL_TASKS = ("calculator", "lookup", "multi_tool")
 
 @torch.no_grad()
 def greedy_generate(model, prompts: Sequence[Sequence[int]], stop_ids: Sequence[int], pad_id: int,
-                    max_new_tokens: int = 384, batch_size: int = 32) -> list[list[int]]:
+                    max_new_tokens: int = 384, batch_size: int = 32,
+                    images: Sequence[tuple[torch.Tensor, torch.Tensor] | None] | None = None) -> list[list[int]]:
     """Greedy continuation of each prompt until a stop id (included) or the budget, in left-padded batches with
-    a :class:`SequenceCache` (each row gets the tokens it would get alone)."""
+    a :class:`SequenceCache` (each row gets the tokens it would get alone).
+
+    ``images[i]``: the ``(pixel_values, image_grid_thw)`` of prompt i's pictures (its image pad tokens already
+    expanded), or None for a text prompt; the prompt pass then takes them and positions are M-RoPE."""
     from qwen35.model import SequenceCache
 
     device = next(model.parameters()).device
@@ -146,7 +154,12 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], stop_ids: Sequence[
             ids[r, L - len(p):] = p
             mask[r, L - len(p):] = 1
         cache = SequenceCache()
-        out = model(ids.to(device), attention_mask=mask.to(device), cache=cache, logits_to_keep=1)
+        pictures = [images[i] for i in rows if images[i] is not None] if images is not None else []
+        vision = {}
+        if pictures:
+            vision = {"pixel_values": torch.cat([p for p, _ in pictures]).to(device),
+                      "image_grid_thw": torch.cat([g for _, g in pictures])}
+        out = model(ids.to(device), attention_mask=mask.to(device), cache=cache, logits_to_keep=1, **vision)
         done = torch.zeros(len(rows), dtype=torch.bool, device=device)
         gen: list[list[int]] = [[] for _ in rows]
         for _ in range(max_new_tokens):
@@ -412,7 +425,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--compare-mtp-sources", type=int, metavar="STEPS", default=0,
                    help="after training, train fresh pre-norm and post-norm MTP heads on the frozen model for "
                         "STEPS steps and report their acceptance")
+    p.add_argument("--vision-from", metavar="MODEL",
+                   help="instead: the vision stage (qwen35.train.embedded_vision) -- give the trained text model "
+                        "folder MODEL a vision tower and train both on picture questions with text replay")
+    from qwen35.train.embedded_vision import add_arguments, run_from_args
+
+    add_arguments(p)
     args = p.parse_args(argv)
+    if args.vision_from:
+        return run_from_args(args, args.vision_from)
     out = Path(args.out)
     if args.eval_only:
         torch.set_num_threads(args.threads)

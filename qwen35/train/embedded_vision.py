@@ -1,0 +1,735 @@
+"""The vision stage of the embedded model: a tiny vision tower of the official architecture, trained with the
+shipped text model so that it answers questions about synthetic pictures.
+
+    python -m qwen35.train.embedded --out DIR --vision-from qwen35/assets/default [--vision-steps N]
+
+(or ``python -m qwen35.train.embedded_vision --out DIR --base qwen35/assets/default``) does:
+
+1. **Conversion.**  The text checkpoint (``qwen3_5_moe_text``) becomes the official multimodal layout
+   (``qwen3_5_moe``: ``text_config`` + ``vision_config`` + the image / video / vision start / end token ids of
+   its own tokenizer), with a freshly initialised tower: :data:`EMBEDDED_TOWER` (3 blocks of width 128, 4 heads,
+   16-pixel patches, 2 temporal frames, 2x2 merging into the text width 256, a 6x6 learned position grid).
+   Text weights are copied unchanged, so text prompts give the same logits as before (:func:`to_multimodal`).
+2. **Joint training** of tower + language model (+ MTP head) on two micro-batches per step: synthetic picture
+   questions (:mod:`qwen35.train.vision_data`, fresh pictures every step) and replayed text tasks of the text
+   recipe (:data:`qwen35.train.embedded.EMBEDDED_MIX`), so the text skills do not fade.  The loss is the text
+   recipe's (next-token CE on assistant tokens, MTP CE, MoE balance), the mean of each micro-batch weighted
+   ``picture_weight`` / ``1 - picture_weight``.  The new tower learns at a higher rate than the trained LM.
+3. **Export** to ``DIR/model``: config.json, bf16 model.safetensors (``model.language_model.*``,
+   ``model.visual.*``, ``mtp.*``), tokenizer files and chat template of the base model, generation_config,
+   ``preprocessor_config.json`` (:data:`qwen35.train.vision_data.PROCESSOR`: pictures resized to about
+   96x96, 9 tokens) and training_info.json; ``qwen35.checkpoint.load_model`` and transformers'
+   ``Qwen3_5MoeForConditionalGeneration`` load it.
+4. **Evaluation** into ``DIR/eval.json``: held-out picture questions (new colour/shape pairs, new count
+   combinations, new text/ink combinations), exact match of the answer per task, greedy with thinking on,
+   through ``model.forward`` with ``pixel_values``; the text recipe's evaluation
+   (:func:`qwen35.train.embedded.evaluate`) on the same folder; and, when transformers is installed, its load
+   report and logits agreement on a picture prompt.
+
+The stage writes ``DIR/checkpoint/state.pt`` every ``save_every`` steps and resumes from it (``--resume``):
+every batch is a pure function of the recipe and the step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwen35.config import config_from_dict
+from qwen35.model import Qwen35ForCausalLM
+from qwen35.train.loop import Batch, TrainConfig, lr_factor
+
+# The tower: the official architecture (ViT blocks with 2-D RoPE, learned positions, 2x2 patch merger) at a size
+# that costs little next to the 4-layer LM; 6x6 learned positions = the patch grid of a 96x96 picture.
+EMBEDDED_TOWER: dict[str, Any] = {
+    "depth": 3,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_heads": 4,
+    "hidden_act": "gelu_pytorch_tanh",
+    "in_channels": 3,
+    "patch_size": 16,
+    "temporal_patch_size": 2,
+    "spatial_merge_size": 2,
+    "num_position_embeddings": 36,
+    "initializer_range": 0.02,
+}
+
+VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+DEFAULT_VISION_STEPS = 900
+
+
+@dataclass
+class VisionRecipe:
+    """Everything the vision stage depends on."""
+
+    base: str = "qwen35/assets/default"  # the trained text model folder
+    out_dir: str = "runs/embedded-vision"
+    steps: int = DEFAULT_VISION_STEPS
+    picture_batch: int = 16  # picture questions per step (~120 tokens each)
+    text_batch: int = 6  # replayed text examples per step (~250 tokens each)
+    picture_weight: float = 0.5  # share of the loss from the picture micro-batch
+    lr: float = 6e-4  # the trained language model (and MTP head)
+    tower_lr: float = 2e-3  # the new tower
+    min_lr_ratio: float = 0.1  # end of the cosine decay, as a share of each peak
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    mtp_loss_weight: float = 0.3  # 0: the MTP head is not trained (it is still exported)
+    think_prob: float = 0.7
+    seq_len: int = 640  # longest text example replayed
+    tower: dict[str, Any] = field(default_factory=lambda: dict(EMBEDDED_TOWER))
+    picture_mix: dict[str, float] | None = None  # None: vision_data.DEFAULT_PICTURE_MIX
+    text_mix: dict[str, float] | None = None  # None: embedded.EMBEDDED_MIX
+    seed: int = 0
+    eval_every: int = 100
+    eval_pictures: int = 64  # held-out picture questions in the periodic loss evaluation
+    eval_text: int = 64  # held-out text examples in it
+    save_every: int = 100
+    threads: int | None = 1
+    device: str = "cpu"
+    save_dtype: str = "bfloat16"
+    progress: bool = True
+
+    RESUME_SAFE = ("steps", "eval_every", "save_every", "out_dir", "threads", "progress", "device", "save_dtype")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# conversion
+
+
+def vision_token_ids(tok) -> dict[str, int]:
+    """The config's image / video / vision start / end token ids, from a tokenizer (``tokenizers.Tokenizer`` or
+    ``qwen35.chat.Tokenizer``) that has the Qwen3.5 special tokens."""
+    ids = {t: tok.token_to_id(t) for t in VISION_TOKENS}
+    lacking = [t for t, i in ids.items() if i is None]
+    if lacking:
+        raise ValueError(f"the tokenizer has no {', '.join(lacking)}: it cannot take pictures")
+    return {"image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"],
+            "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"]}
+
+
+def multimodal_body(text_model: Qwen35ForCausalLM, tower: Mapping[str, Any], token_ids: Mapping[str, int]
+                    ) -> dict[str, Any]:
+    """The config.json body of the multimodal model around a text-only model: ``qwen3_5_moe`` (or ``qwen3_5``)
+    with the text model's settings as ``text_config`` and ``tower`` as ``vision_config``."""
+    cfg = text_model.config
+    text = cfg.to_dict()
+    text.pop("architectures", None)
+    if cfg.multimodal:
+        raise ValueError(f"{cfg.source}: already a multimodal config")
+    moe = cfg.text.is_moe
+    text["model_type"] = "qwen3_5_moe_text" if moe else "qwen3_5_text"
+    vision = dict(tower)
+    vision["out_hidden_size"] = cfg.text.hidden_size
+    return {
+        "model_type": "qwen3_5_moe" if moe else "qwen3_5",
+        "architectures": ["Qwen3_5MoeForConditionalGeneration" if moe else "Qwen3_5ForConditionalGeneration"],
+        "text_config": text, "vision_config": vision, "tie_word_embeddings": cfg.text.tie_word_embeddings,
+        **token_ids,
+    }
+
+
+@torch.no_grad()
+def init_tower(tower: nn.Module, std: float = 0.02) -> None:
+    """Training-from-scratch initialisation of the tower: linears, the patch embedding and the position table
+    ~ N(0, std), biases 0, LayerNorms scale 1 and shift 0."""
+    for m in tower.modules():
+        if isinstance(m, (nn.Linear, nn.Conv3d, nn.Embedding)):
+            nn.init.normal_(m.weight, std=std)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def to_multimodal(text_model: Qwen35ForCausalLM, token_ids: Mapping[str, int],
+                  tower: Mapping[str, Any] | None = None, seed: int = 0) -> Qwen35ForCausalLM:
+    """A multimodal copy of a text-only model: the same text (and MTP) weights, a new tower initialised with
+    ``seed``.  Text prompts give exactly the text model's logits."""
+    body = multimodal_body(text_model, EMBEDDED_TOWER if tower is None else tower, token_ids)
+    config = config_from_dict(body, source="embedded vision recipe")
+    head = text_model.mtp
+    kw = {"mtp": head is not None, "vision": True}
+    if head is not None:
+        kw["mtp_hidden_source"] = head.hidden_source
+    model = Qwen35ForCausalLM(config, **kw)
+    missing, unexpected = model.load_state_dict(text_model.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("visual.") for k in missing):
+        raise RuntimeError(f"text weights do not fit the multimodal model: missing "
+                           f"{[k for k in missing if not k.startswith('visual.')][:5]}, unexpected {unexpected[:5]}")
+    torch.manual_seed(seed)
+    init_tower(model.visual, config.vision.initializer_range)
+    model.to(text_model.dtype)
+    model.source_path = getattr(text_model, "source_path", None)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# batches
+
+
+@dataclass
+class PictureBatch:
+    batch: Batch
+    pixel_values: torch.Tensor  # [patches, C·T·P·P], the rows' pictures in row order
+    image_grid_thw: torch.Tensor  # [rows, 3]
+
+    def to(self, device: torch.device | str) -> PictureBatch:
+        return PictureBatch(self.batch.to(device), self.pixel_values.to(device), self.image_grid_thw)
+
+
+def picture_batch(examples: Sequence[Mapping[str, Any]], tok, image_token_id: int, merge: int,
+                  pad_id: int) -> PictureBatch:
+    """Right-padded ids, loss masks and pixels of picture examples (one picture each)."""
+    from qwen35.chat.media import count_vision_tokens
+    from qwen35.train.loop import TokenizedSet, collate
+    from qwen35.train.vision_data import encode_picture_example, picture_pixels
+
+    pixels, grid = picture_pixels([ex["scene"] for ex in examples])
+    data = TokenizedSet([], [], [], [])
+    for i, ex in enumerate(examples):
+        ids, mask = encode_picture_example(tok, ex, image_token_id, count_vision_tokens(grid[i], merge))
+        data.ids.append(torch.tensor(ids, dtype=torch.long))
+        data.masks.append(torch.tensor(mask, dtype=torch.bool))
+        data.tasks.append(ex["task"])
+        data.source.append(i)
+    return PictureBatch(collate(data, range(len(examples)), pad_id), pixels, grid)
+
+
+PICTURE_WINDOW = 16  # steps whose picture questions are bucketed by length together
+
+
+def picture_length(tok, ex: Mapping[str, Any]) -> int:
+    """Tokens of a picture example before its image pad is expanded (the expansion adds the same to all)."""
+    from qwen35.train.data import render_example
+
+    return len(tok.encode(render_example(dict(ex))).ids)
+
+
+@dataclass
+class Losses:
+    main_sum: torch.Tensor
+    main_n: int
+    mtp_sum: torch.Tensor | None
+    mtp_n: int
+    balance: torch.Tensor | None
+    mtp_balance: torch.Tensor | None
+    main_correct: int = 0
+
+
+def batch_losses(model: Qwen35ForCausalLM, batch: Batch, pixel_values: torch.Tensor | None = None,
+                 image_grid_thw: torch.Tensor | None = None, train_mtp: bool = True,
+                 count_correct: bool = False) -> Losses:
+    """The text recipe's losses (:func:`qwen35.train.loop.forward_losses`) of one micro-batch that may hold
+    pictures: the main model runs with ``pixel_values`` (M-RoPE positions); the MTP head reads its hidden
+    states at plain positions, as the engine's MTP drafter runs it."""
+    from qwen35.train.losses import load_balancing_loss, mtp_inputs, selected_loss
+
+    cfg = model.text_config
+    T = batch.ids.shape[1]
+    out = model(batch.ids, logits_to_keep=1, pixel_values=pixel_values, image_grid_thw=image_grid_thw)
+    keep = batch.loss_mask[:, 1:]
+    main_sum, main_n, logits = selected_loss(out.hidden_states[:, :-1], keep, batch.ids[:, 1:], model.compute_logits)
+    res = Losses(main_sum, main_n, None, 0, None, None)
+    if count_correct:
+        res.main_correct = int((logits.argmax(-1) == batch.ids[:, 1:][keep]).sum())
+    if cfg.is_moe and out.router_logits:
+        res.balance = load_balancing_loss(out.router_logits, cfg.num_experts, cfg.num_experts_per_tok, batch.valid)
+    if train_mtp and model.mtp is not None and T >= 3:
+        hidden, nxt = mtp_inputs(out.hidden_states, batch.ids)
+        keep2 = batch.loss_mask[:, 2:]
+        logits2, _, router = model.mtp.draft_with_router(model, hidden, nxt, logits_at=keep2)
+        res.mtp_n = int(keep2.sum())
+        res.mtp_sum = F.cross_entropy(logits2.float(), batch.ids[:, 2:][keep2], reduction="sum") if res.mtp_n \
+            else logits2.sum() * 0.0
+        if router is not None:
+            res.mtp_balance = load_balancing_loss([router], cfg.num_experts, cfg.num_experts_per_tok,
+                                                  batch.valid[:, : T - 2])
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the stage
+
+STATE_FILE = "state.pt"
+
+
+class VisionStage:
+    """One vision-stage run; :func:`run_vision_recipe` is the usual entry point."""
+
+    def __init__(self, recipe: VisionRecipe, resume: bool = False) -> None:
+        from tokenizers import Tokenizer
+
+        from qwen35.checkpoint import load_model
+        from qwen35.train.data import generate_split
+        from qwen35.train.embedded import EMBEDDED_MIX
+        from qwen35.train.loop import BatchStream, encode_examples, eval_batches
+
+        self.recipe = recipe = copy.deepcopy(recipe)
+        self.out = Path(recipe.out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        if recipe.threads:
+            torch.set_num_threads(recipe.threads)
+        state = self._read_state() if resume else None
+        if state is None and (self.out / "checkpoint" / STATE_FILE).exists():
+            raise FileExistsError(f"{self.out} holds a training state; resume it (--resume) or choose another out")
+        if state is not None:
+            changed = [k for k, v in recipe.to_dict().items()
+                       if k not in VisionRecipe.RESUME_SAFE and state["recipe"].get(k) != v]
+            if changed:
+                raise ValueError(f"cannot resume: the saved run used different {', '.join(sorted(changed))}")
+
+        self.base = Path(recipe.base)
+        self.tok = Tokenizer.from_file(str(self.base / "tokenizer.json"))
+        self.pad_id = self.tok.token_to_id("<|endoftext|>")
+        self.token_ids = vision_token_ids(self.tok)
+        text_model = load_model(self.base, dtype="float32")
+        self.model = to_multimodal(text_model, self.token_ids, recipe.tower, recipe.seed)
+        del text_model
+        self.device = torch.device(recipe.device)
+        self.model.to(self.device).train()
+        self.merge = self.model.config.vision.spatial_merge_size
+
+        # text replay: fresh train-split examples of the text recipe's tasks (the split is by problem hash)
+        text_mix = recipe.text_mix if recipe.text_mix is not None else dict(EMBEDDED_MIX)
+        train_ex, held_ex = generate_split(recipe.steps * recipe.text_batch, max(recipe.eval_text, 1),
+                                           1000 + recipe.seed, text_mix, think_prob=recipe.think_prob)
+        self.text = encode_examples(self.tok, train_ex, recipe.seq_len)
+        self.text_stream = BatchStream(self.text, recipe.text_batch, recipe.seed, self.pad_id)
+        held_text = encode_examples(self.tok, held_ex, recipe.seq_len)
+        self.eval_text = [b.to(self.device) for b in eval_batches(held_text, recipe.text_batch,
+                                                                  max(1, recipe.eval_text // recipe.text_batch),
+                                                                  self.pad_id)]
+        from qwen35.train.vision_data import picture_example
+
+        held_pics = [picture_example(i, recipe.seed, True, recipe.picture_mix, recipe.think_prob)
+                     for i in range(recipe.eval_pictures)]
+        self.eval_pictures = [self._pictures(held_pics[i:i + recipe.picture_batch]).to(self.device)
+                              for i in range(0, len(held_pics), recipe.picture_batch)]
+
+        tower = [p for n, p in self.model.named_parameters() if n.startswith("visual.")]
+        rest = [p for n, p in self.model.named_parameters() if not n.startswith("visual.")]
+        self.params = tower + rest
+        groups = []
+        for params, lr in ((tower, recipe.tower_lr), (rest, recipe.lr)):
+            groups.append({"params": [p for p in params if p.dim() >= 2], "weight_decay": recipe.weight_decay,
+                           "base_lr": lr})
+            groups.append({"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "base_lr": lr})
+        self.optimizer = torch.optim.AdamW(groups, lr=recipe.lr, betas=recipe.betas, foreach=True)
+        self.schedule = TrainConfig(steps=recipe.steps, lr=1.0, min_lr=recipe.min_lr_ratio,
+                                    warmup_steps=recipe.warmup_steps)
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        self.evals: list[dict[str, Any]] = []
+        self._window: tuple[int, list[list[dict[str, Any]]]] | None = None
+        if state is not None:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.step = int(state["step"])
+            self.history, self.evals = list(state["history"]), list(state["evals"])
+
+    # ------------------------------------------------------------------------------------------------ data
+
+    def _pictures(self, examples: Sequence[Mapping[str, Any]]) -> PictureBatch:
+        return picture_batch(examples, self.tok, self.token_ids["image_token_id"], self.merge, self.pad_id)
+
+    def picture_examples(self, step: int) -> list[dict[str, Any]]:
+        """The picture questions of a step: fresh train-split examples, length-bucketed as the text batches are
+        (each window of :data:`PICTURE_WINDOW` steps draws its examples, sorts them by length, cuts them into
+        the steps' micro-batches and shuffles those), so a batch is padded little."""
+        from qwen35.train.vision_data import picture_example
+
+        r = self.recipe
+        window, at = divmod(step, PICTURE_WINDOW)
+        if self._window is None or self._window[0] != window:
+            n = PICTURE_WINDOW * r.picture_batch
+            exs = [picture_example(window * n + j, r.seed, False, r.picture_mix, r.think_prob) for j in range(n)]
+            lengths = [picture_length(self.tok, ex) for ex in exs]
+            order = sorted(range(n), key=lambda i: lengths[i])
+            batches = [[exs[i] for i in order[b:b + r.picture_batch]] for b in range(0, n, r.picture_batch)]
+            random.Random(f"qwen35-picture-batches:{r.seed}:{window}").shuffle(batches)
+            self._window = (window, batches)
+        return self._window[1][at]
+
+    # ------------------------------------------------------------------------------------------------ steps
+
+    def _combined(self, parts: Sequence[tuple[Losses, float]]) -> tuple[torch.Tensor, dict[str, float]]:
+        r = self.recipe
+        coef = self.model.text_config.router_aux_loss_coef
+        loss = torch.zeros((), device=self.device)
+        rec: dict[str, float] = {}
+        for name, (res, w) in zip(("picture", "text"), parts):
+            main = res.main_sum / max(res.main_n, 1)
+            loss = loss + w * main
+            rec[f"{name}_loss"] = float(main.detach())
+            if res.mtp_sum is not None and r.mtp_loss_weight > 0:
+                mtp = res.mtp_sum / max(res.mtp_n, 1)
+                loss = loss + w * r.mtp_loss_weight * mtp
+                rec[f"{name}_mtp_loss"] = float(mtp.detach())
+            if res.balance is not None:
+                loss = loss + w * coef * res.balance
+            if res.mtp_balance is not None:
+                loss = loss + w * coef * r.mtp_loss_weight * res.mtp_balance
+        return loss, rec
+
+    def train_step(self) -> dict[str, Any]:
+        r = self.recipe
+        t0 = time.perf_counter()
+        factor = lr_factor(self.step, self.schedule)
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["base_lr"] * factor
+        pics = self._pictures(self.picture_examples(self.step)).to(self.device)
+        text = self.text_stream[self.step].to(self.device)
+        mtp = r.mtp_loss_weight > 0
+        pic_losses = batch_losses(self.model, pics.batch, pics.pixel_values, pics.image_grid_thw, mtp)
+        text_losses = batch_losses(self.model, text, train_mtp=mtp)
+        loss, rec = self._combined([(pic_losses, r.picture_weight), (text_losses, 1 - r.picture_weight)])
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, r.grad_clip if r.grad_clip > 0 else math.inf)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        rec.update(step=self.step, loss=float(loss.detach()), lr_factor=factor, grad_norm=float(grad_norm),
+                   tokens=pics.batch.tokens + text.tokens, seconds=time.perf_counter() - t0)
+        self.history.append(rec)
+        return rec
+
+    @torch.no_grad()
+    def evaluate_loss(self) -> dict[str, Any]:
+        """Held-out masked CE and next-token accuracy on picture questions and on text examples."""
+        self.model.eval()
+        out: dict[str, Any] = {"step": self.step}
+        for name, batches in (("picture", self.eval_pictures), ("text", self.eval_text)):
+            total = correct = n = 0
+            for b in batches:
+                if isinstance(b, PictureBatch):
+                    res = batch_losses(self.model, b.batch, b.pixel_values, b.image_grid_thw, False, True)
+                else:
+                    res = batch_losses(self.model, b, train_mtp=False, count_correct=True)
+                total += float(res.main_sum)
+                n += res.main_n
+                correct += res.main_correct
+            out[f"{name}_loss"] = total / max(n, 1)
+            out[f"{name}_accuracy"] = correct / max(n, 1)
+        self.model.train()
+        self.evals.append(out)
+        return out
+
+    def run(self, log=None) -> Path:
+        """Train to ``recipe.steps``, then export ``out/model``; ``log(record)`` is called after each step."""
+        r = self.recipe
+        bar = None
+        if r.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=r.steps, initial=self.step, desc="vision", unit="step", dynamic_ncols=True)
+        if self.step == 0 and r.eval_every:
+            self.evaluate_loss()  # the starting point: the text model's held-out text loss, an untrained tower
+        while self.step < r.steps:
+            rec = self.train_step()
+            if r.eval_every and self.step % r.eval_every == 0:
+                rec["eval"] = self.evaluate_loss()
+            if r.save_every and self.step % r.save_every == 0 and self.step < r.steps:
+                self.save_state()
+            if log is not None:
+                log(rec)
+            if bar is not None:
+                bar.set_postfix({"pic": f"{rec['picture_loss']:.3f}", "text": f"{rec['text_loss']:.3f}"},
+                                refresh=False)
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        if not self.evals or self.evals[-1]["step"] != self.step:
+            self.evaluate_loss()
+        self.save_state()
+        (self.out / "history.json").write_text(json.dumps({"train": self.history, "eval": self.evals}) + "\n")
+        return self.export(self.out / "model")
+
+    # ------------------------------------------------------------------------------------------------ state
+
+    def save_state(self) -> Path:
+        folder = self.out / "checkpoint"
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {"step": self.step, "recipe": self.recipe.to_dict(), "model": self.model.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "history": self.history, "evals": self.evals,
+                 "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+        tmp = folder / (STATE_FILE + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, folder / STATE_FILE)
+        return folder / STATE_FILE
+
+    def _read_state(self) -> dict[str, Any]:
+        path = self.out / "checkpoint" / STATE_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no training state to resume from")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    # ------------------------------------------------------------------------------------------------ output
+
+    def export(self, folder: Path) -> Path:
+        return export_model(self.model, folder, self.base, self.recipe.save_dtype, {
+            "steps": self.step, "base_model": str(self.base),
+            "final_eval": self.evals[-1] if self.evals else None, "vision_recipe": self.recipe.to_dict()})
+
+
+def export_model(model: Qwen35ForCausalLM, folder: str | Path, base: str | Path, dtype: str = "bfloat16",
+                 info: Mapping[str, Any] | None = None) -> Path:
+    """A complete checkpoint folder: weights and config (official multimodal layout), the base model's
+    tokenizer files, chat template and generation config, the picture processor's config, training_info.json."""
+    from qwen35.checkpoint import KEEP_FP32
+    from qwen35.train.vision_data import PROCESSOR
+
+    folder = Path(folder)
+    if folder.exists():
+        shutil.rmtree(folder)
+    target = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    out = copy.deepcopy(model).to("cpu", target)
+    for name, p in out.named_parameters():
+        if name.endswith(KEEP_FP32):  # decay rates stay float32, as official checkpoints store A_log
+            p.data = p.data.float()
+    out.save_pretrained(folder, tokenizer_from=base)
+    (folder / "preprocessor_config.json").write_text(json.dumps(PROCESSOR.to_dict(), indent=2) + "\n")
+    body = {"mtp_hidden_source": model.mtp.hidden_source if model.mtp is not None else None, **(info or {})}
+    (folder / "training_info.json").write_text(json.dumps(body, indent=2) + "\n")
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# evaluation
+
+
+def picture_prompt(tok, ex: Mapping[str, Any], grid: torch.Tensor, merge: int, enable_thinking: bool = True
+                   ) -> list[int]:
+    """Token ids of a picture example's prompt, its image pad expanded for ``grid``."""
+    from qwen35.chat.media import expand_placeholders
+    from qwen35.train.vision_data import prompt_messages
+
+    text = tok.apply_chat_template(prompt_messages(ex), enable_thinking=enable_thinking)
+    return tok.encode(expand_placeholders(text, image_grid_thw=grid, merge_size=merge))
+
+
+def evaluate_pictures(model_dir: str | Path, per_task: int = 50, tasks: Sequence[str] | None = None,
+                      max_new_tokens: int = 160, batch_size: int = 32, device: str = "cpu",
+                      model: Qwen35ForCausalLM | None = None) -> dict[str, Any]:
+    """Held-out picture questions: exact match of the answer per task (greedy, thinking on), split by why the
+    picture is held out, how often the whole thinking trace is the expected one, and the share of scan lines
+    (one per cell of a shapes picture) that name what the cell holds.
+
+    Returns ``{"exact_match": {task: rate}, "exact_match_mean", "exact_match_all", "by_reason": {...},
+    "trace_exact": {task: rate}, "cells_read", "problems": {task: n}, "samples": {task: text}, "seconds"}``."""
+    from qwen35.chat import Tokenizer, split_reasoning
+    from qwen35.checkpoint import load_model
+    from qwen35.train.data import check_answer
+    from qwen35.train.embedded import greedy_generate
+    from qwen35.train.vision_data import PICTURE_TASKS, held_out_pictures, held_out_reason, picture_pixels
+
+    t0 = time.perf_counter()
+    model_dir = Path(model_dir)
+    if model is None:
+        model = load_model(model_dir, dtype="float32").eval().to(device)
+    tok = Tokenizer(model_dir)
+    merge = model.config.vision.spatial_merge_size
+    stop = sorted(tok.stop_token_ids)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.endoftext_id
+    jobs, prompts, images = [], [], []
+    for task in (tasks or PICTURE_TASKS):
+        for ex in held_out_pictures(task, per_task):
+            pixels, grid = picture_pixels([ex["scene"]])
+            jobs.append((task, ex))
+            prompts.append(picture_prompt(tok, ex, grid, merge))
+            images.append((pixels, grid))
+    outputs = greedy_generate(model, prompts, stop, pad, max_new_tokens, batch_size, images=images)
+    hits: dict[str, list[bool]] = {}
+    traces: dict[str, list[bool]] = {}
+    reasons: dict[str, list[bool]] = {}
+    samples: dict[str, str] = {}
+    cells: list[bool] = []
+    for (task, ex), ids in zip(jobs, outputs):
+        text = tok.decode([i for i in ids if i not in tok.stop_token_ids])
+        reasoning, content = split_reasoning(text, thinking=True)
+        ok = check_answer(ex, content)
+        hits.setdefault(task, []).append(ok)
+        want = ex["messages"][-1].get("reasoning_content", "")
+        traces.setdefault(task, []).append((reasoning or "").strip() == want.strip())
+        if ex["scene"].shapes:  # the nine scan lines: what the model saw in each cell
+            got_lines = (reasoning or "").strip().splitlines()
+            for k, line in enumerate(want.splitlines()[:9]):
+                cells.append(k < len(got_lines) and got_lines[k].split(".")[0] == line.split(".")[0])
+        reasons.setdefault(held_out_reason(ex), []).append(ok)
+        samples.setdefault(task, text[-300:])
+    rate = {t: sum(v) / len(v) for t, v in hits.items()}
+    every = [x for v in hits.values() for x in v]
+    return {"exact_match": rate, "exact_match_mean": sum(rate.values()) / max(len(rate), 1),
+            "exact_match_all": sum(every) / max(len(every), 1),
+            "by_reason": {k: {"exact_match": sum(v) / len(v), "n": len(v)} for k, v in sorted(reasons.items())},
+            "trace_exact": {t: sum(v) / len(v) for t, v in traces.items()},
+            "cells_read": sum(cells) / max(len(cells), 1),
+            "problems": {t: len(v) for t, v in hits.items()}, "samples": samples,
+            "seconds": time.perf_counter() - t0}
+
+
+def transformers_check(model_dir: str | Path) -> dict[str, Any]:
+    """Whether transformers' ``Qwen3_5MoeForConditionalGeneration`` loads the folder with every text and vision
+    weight (missing / unexpected keys, ``mtp.*`` aside: transformers has no MTP), and how far its logits on a
+    picture prompt are from ours (float32).  ``{"available": False}`` without transformers."""
+    try:
+        import transformers
+    except ImportError:
+        return {"available": False}
+    from qwen35.chat import Tokenizer
+    from qwen35.checkpoint import load_model
+    from qwen35.train.vision_data import picture_example, picture_pixels
+
+    model_dir = Path(model_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf, info = transformers.Qwen3_5MoeForConditionalGeneration.from_pretrained(
+            model_dir, dtype=torch.float32, output_loading_info=True)
+    hf.eval()
+    ours = load_model(model_dir, dtype="float32").eval()
+    tok = Tokenizer(model_dir)
+    ex = picture_example(0, 0, True)
+    pixels, grid = picture_pixels([ex["scene"]])
+    ids = torch.tensor([picture_prompt(tok, ex, grid, ours.config.vision.spatial_merge_size)])
+    cfg = ours.config
+    mm = (ids == cfg.image_token_id).long() + 2 * (ids == cfg.video_token_id).long()  # the processor's token types
+    with torch.no_grad():
+        ref = hf(input_ids=ids, pixel_values=pixels, image_grid_thw=grid, mm_token_type_ids=mm).logits
+        got = ours(ids, pixel_values=pixels, image_grid_thw=grid).logits
+    missing = [k for k in info["missing_keys"] if not k.startswith("mtp.")]
+    unexpected = [k for k in info["unexpected_keys"] if not k.startswith("mtp.")]
+    return {"available": True, "version": transformers.__version__, "missing_keys": missing,
+            "unexpected_keys": unexpected, "mismatched_keys": [str(k) for k in info.get("mismatched_keys", [])],
+            "max_abs_logit_diff": float((ref - got).abs().max()), "logit_scale": float(ref.abs().max()),
+            "same_argmax": float((ref.argmax(-1) == got.argmax(-1)).float().mean())}
+
+
+def folder_bytes(folder: str | Path) -> int:
+    return sum(f.stat().st_size for f in Path(folder).iterdir() if f.is_file())
+
+
+def evaluate_all(model_dir: str | Path, per_task: int = 50, text_per_task: int = 50, device: str = "cpu",
+                 check_transformers: bool = True) -> dict[str, Any]:
+    """Picture questions, the text recipe's evaluation, the transformers check, the folder size."""
+    from qwen35.train.embedded import evaluate
+
+    report: dict[str, Any] = {"pictures": evaluate_pictures(model_dir, per_task, device=device)}
+    if text_per_task > 0:
+        report["text"] = evaluate(model_dir, per_task=text_per_task, device=device)
+    if check_transformers:
+        report["transformers"] = transformers_check(model_dir)
+    report["folder_bytes"] = folder_bytes(model_dir)
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# entry points
+
+
+def run_vision_recipe(recipe: VisionRecipe, resume: bool = False, evaluate_after: bool = True,
+                      per_task: int = 50, text_per_task: int = 50, log_file: str | Path | None = None
+                      ) -> dict[str, Any]:
+    """Convert, train, export and (optionally) evaluate; returns the report written to ``out_dir/eval.json``."""
+    t0 = time.perf_counter()
+    stage = VisionStage(recipe, resume=resume)
+    log = None
+    if log_file is not None:
+        handle = open(log_file, "a", encoding="utf-8")  # noqa: SIM115 - closed below
+
+        def log(rec: Mapping[str, Any]) -> None:
+            handle.write(json.dumps(rec) + "\n")
+            handle.flush()
+    try:
+        model_dir = stage.run(log)
+    finally:
+        if log_file is not None:
+            handle.close()
+    hist = stage.history
+    report: dict[str, Any] = {"steps": stage.step, "wall_seconds": time.perf_counter() - t0,
+                              "train_seconds": sum(h["seconds"] for h in hist),
+                              "final_eval_loss": stage.evals[-1] if stage.evals else None}
+    out = Path(recipe.out_dir)
+    if evaluate_after:
+        del stage
+        report.update(evaluate_all(model_dir, per_task, text_per_task, recipe.device))
+    (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--vision-steps", type=int, default=DEFAULT_VISION_STEPS,
+                   help=f"optimiser steps of the vision stage (default {DEFAULT_VISION_STEPS})")
+    p.add_argument("--picture-batch", type=int, default=VisionRecipe.picture_batch)
+    p.add_argument("--text-batch", type=int, default=VisionRecipe.text_batch)
+    p.add_argument("--log", metavar="FILE", help="one JSON line per step (default DIR/train_log.jsonl)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m qwen35.train.embedded_vision",
+                                description="Give the embedded model a vision tower and train it on pictures.")
+    p.add_argument("--out", required=True, metavar="DIR", help="run folder; the checkpoint goes to DIR/model")
+    p.add_argument("--base", default=VisionRecipe.base, help="the trained text model folder")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in DIR/checkpoint")
+    p.add_argument("--no-eval", action="store_true", help="train only")
+    p.add_argument("--eval-only", action="store_true", help="only evaluate DIR/model")
+    p.add_argument("--per-task", type=int, default=50, help="held-out problems per picture and text task")
+    add_arguments(p)
+    args = p.parse_args(argv)
+    return run_from_args(args, args.base)
+
+
+def run_from_args(args: argparse.Namespace, base: str) -> int:
+    out = Path(args.out)
+    torch.set_num_threads(args.threads)
+    if args.eval_only:
+        report = evaluate_all(out / "model", args.per_task, args.per_task, args.device)
+        (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    else:
+        recipe = VisionRecipe(base=str(base), out_dir=str(out), steps=args.vision_steps, threads=args.threads,
+                              device=args.device, picture_batch=args.picture_batch, text_batch=args.text_batch)
+        out.mkdir(parents=True, exist_ok=True)
+        report = run_vision_recipe(recipe, resume=args.resume, evaluate_after=not args.no_eval,
+                                   per_task=args.per_task, text_per_task=args.per_task,
+                                   log_file=args.log or out / "train_log.jsonl")
+
+    def brief(d: Any) -> Any:
+        return {k: brief(v) for k, v in d.items() if k != "samples"} if isinstance(d, dict) else d
+
+    print(json.dumps(brief(report), indent=2))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+
+
+__all__ = ["EMBEDDED_TOWER", "DEFAULT_VISION_STEPS", "VisionRecipe", "VisionStage", "PictureBatch",
+           "vision_token_ids", "multimodal_body", "init_tower", "to_multimodal", "picture_batch", "batch_losses",
+           "export_model", "picture_prompt", "evaluate_pictures", "transformers_check", "evaluate_all",
+           "run_vision_recipe", "main"]
