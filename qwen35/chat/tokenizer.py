@@ -241,8 +241,12 @@ class Tokenizer:
             if type(self._tk.decoder).__name__ != "ByteLevel":
                 return None
             byte_of = _gpt2_byte_decoder()
-            table = [b""] * self.vocab_size
-            for token, idx in self._tk.get_vocab(with_added_tokens=False).items():
+            vocab = self._tk.get_vocab(with_added_tokens=False)
+            # ids need not be contiguous (a vocabulary rebuilt from a GGUF may have holes): size the table by the
+            # largest id; a hole reads as no bytes
+            size = max([self.vocab_size, *(i + 1 for i in vocab.values()), *(i + 1 for i in self.added_tokens.values())])
+            table = [b""] * size
+            for token, idx in vocab.items():
                 # Every character of a byte-level vocabulary entry stands for one byte.
                 table[idx] = bytes(byte_of[ch] for ch in token)
             for content, idx in self.added_tokens.items():

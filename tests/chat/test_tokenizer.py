@@ -203,3 +203,29 @@ def test_incremental_decoder_fallback_for_non_byte_level(tmp_path):
     assert ids == [1, 2, 3, 4]
     deltas = _stream(tok.incremental_decoder(), ids)
     assert "".join(deltas) == tok.decode(ids)
+
+
+def test_token_bytes_with_holes_in_the_ids(tmp_path):
+    # A vocabulary rebuilt from a GGUF can skip ids (unused slots): the byte table is sized by the largest id
+    # and the ids after a hole keep their own bytes.
+    from tokenizers import AddedToken, decoders, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers.models import BPE
+
+    from qwen35.chat.tokenizer import _gpt2_byte_decoder
+
+    byte_of = _gpt2_byte_decoder()
+    vocab = {ch: byte_of[ch] for ch in pre_tokenizers.ByteLevel.alphabet()}
+    vocab["Hi"] = 300  # 256..299 unused
+    tok = HFTokenizer(BPE(vocab=vocab, merges=[("H", "i")]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_tokens([AddedToken("<|im_end|>", special=True, normalized=False)])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    ours = Tokenizer(tmp_path)
+    table = ours._token_bytes()
+    im_end = ours.token_to_id("<|im_end|>")
+    assert len(ours) < 300 < len(table) == 301  # the id count is below the largest id
+    assert table[300] == b"Hi" and table[ord("x")] == b"x" and table[im_end] == b"<|im_end|>"
+    assert table[280] == b""  # a hole
+    assert ours.encode("Hi") == [300]
