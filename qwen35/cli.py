@@ -82,8 +82,9 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
                    help="memory budget in GB (10^9 bytes) for the fit: longest context and sequences at once")
     p.add_argument("--dtype", choices=list(WEIGHT_DTYPES), default=None,
                    help="weight format used for the fit (default: fp8 for an FP8 checkpoint, else bf16)")
-    p.add_argument("--kv-dtype", choices=list(KV_DTYPES), default="bf16",
-                   help="KV cache element type (default: bf16)")
+    p.add_argument("--kv-cache-dtype", "--kv-dtype", dest="kv_dtype", choices=list(KV_DTYPES), default="bf16",
+                   help="KV cache element type (default: bf16); int8 / fp8 are the engine's --kv-cache-dtype "
+                        "formats: 1 B per value plus a float32 scale per token per KV head")
     p.add_argument("--context", type=int, metavar="N",
                    help="tokens per sequence for the KV figure and the fit (default: the model's maximum)")
     p.set_defaults(func=_run_info)
@@ -139,12 +140,20 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help='speculative decoding, vLLM\'s JSON: e.g. \'{"method": "mtp", "num_speculative_tokens": 2}\' '
                         "(the checkpoint's MTP block drafts) or method ngram (prompt lookup); drafts are verified in "
                         "one forward, so the output is unchanged (greedy: token for token)")
-    p.add_argument("--quantization", choices=["int8"], default=None,
+    p.add_argument("--quantization", choices=["int8", "int4", "fp8"], default=None,
                    help="int8: weight-only int8 with per-row scales (half the weight memory; several times faster "
-                        "decoding on CPUs without native bf16)")
+                        "decoding on CPUs without native bf16); int4: 4-bit weights, one bf16 scale per 32 inputs "
+                        "(about a quarter of bf16's weight memory, faster decoding still; lm_head int8); fp8: "
+                        "block-FP8 as the official -FP8 checkpoints (e4m3, a scale per 128x128 block; half of bf16). "
+                        "Default: as the checkpoint is (an FP8 checkpoint stays FP8 unless --dtype is given)")
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="recompute every prompt from the start (by default a prompt that begins like an earlier one, "
                         "e.g. the next turn of a chat, resumes from the cached KV blocks and DeltaNet state)")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "int8", "fp8"], default="auto",
+                   help="how the attention layers' KV cache is stored: auto = the model dtype; int8 / fp8 (e4m3) = "
+                        "one byte per value plus a float32 scale per token per KV head, about half the memory (so "
+                        "about twice the context in the same --cache-memory) at a small cost in accuracy "
+                        "(default: auto)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int | None) -> None:
@@ -189,7 +198,8 @@ def _load_llm(args: argparse.Namespace):
         return LLM(args.model, dtype=args.dtype, threads=args.threads, cache_memory=args.cache_memory,
                    max_model_len=args.max_model_len, quantization=args.quantization,
                    speculative_config=args.speculative_config,
-                   enable_prefix_caching=not getattr(args, "no_prefix_caching", False))
+                   enable_prefix_caching=not getattr(args, "no_prefix_caching", False),
+                   kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"))
     except (CheckpointError, ValueError) as e:
         raise CommandError(str(e).splitlines()[0]) from None
 
@@ -732,7 +742,7 @@ def _run_serve(args: argparse.Namespace) -> int:
               enable_prefix_caching=not getattr(args, "no_prefix_caching", False),
               allowed_local_media_path=args.allowed_local_media_path, allow_remote_media=args.allow_remote_media,
               media_fetch_timeout_s=args.media_fetch_timeout, max_image_pixels=args.max_image_pixels,
-              log_level=args.log_level)
+              log_level=args.log_level, kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"))
     except (CheckpointError, ValueError) as e:
         raise CommandError(str(e).splitlines()[0]) from None
     return 0
@@ -789,7 +799,7 @@ def _run_convert(args: argparse.Namespace) -> int:
         if src.is_dir():
             if dst.suffix.lower() != ".gguf" or dst.is_dir():
                 raise CommandError(f"OUT must be a .gguf file path when IN is a folder, got {dst}")
-            model = load_model(src, dtype=args.dtype)
+            model = load_model(src, dtype=args.dtype, quantization=None)  # GGUF types start from float
             save_gguf(model, Path(args.tokenizer) if args.tokenizer else src, dst, file_type=args.type)
         elif src.is_file() and src.suffix.lower() == ".gguf":
             from .chat.gguf_vocab import write_tokenizer_files
@@ -812,6 +822,98 @@ def _run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+_QUANTIZE_DESCRIPTION = """\
+Write a quantized copy of a checkpoint folder that qwen35 (and, for fp8, transformers and vLLM) loads directly.
+A machine that cannot hold the bf16 weights then loads the quantized folder with about its size in memory.
+
+IN is read tensor by tensor and each converted weight is quantized as it is read, so the float model is never
+built: the peak memory is about the quantized model plus one shard being written.  OUT is an ordinary folder
+(config.json with the format's quantization_config, safetensors, the tokenizer files copied from IN).
+
+formats:
+  fp8   the official Qwen3.5-*-FP8 layout: weight float8_e4m3fn + weight_scale_inv float32 per 128x128 block;
+        quantization_config {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128], ...}.
+        Kept high precision as in the official release: embeddings, lm_head, DeltaNet in_proj_a/in_proj_b,
+        the MoE router and shared_expert_gate, mtp.fc, norms, conv1d, A_log, dt_bias, the vision tower.
+  int8  weight-only int8, one scale per output row (qwen35's --quantization int8), in compressed-tensors'
+        naming: weight int8 + weight_scale float32 [rows, 1]; quantization_config {"quant_method":
+        "compressed-tensors", "format": "int-quantized", ...}.  lm_head is int8 too; the same exceptions
+        otherwise.
+  int4  4-bit symmetric weights, one bf16 scale per group of 32 inputs (--group-size), qwen35's own packing
+        (qwen35/quant/int4.py): weight uint8 [rows, inputs/2] + weight_scale bfloat16 [rows, inputs/group] +
+        weight_shape int64 [2]; the lm_head int8 by default (--lm-head); quantization_config
+        {"quant_method": "qwen35-int4", "group_size": 32, "lm_head": "int8", ...}.  Only qwen35 reads it.
+Routed experts are written per expert (experts.E.{gate,up,down}_proj.weight), as the official FP8 checkpoints are.
+"""
+
+_QUANTIZE_EPILOG = """\
+examples:
+  qwen35 quantize ~/models/Qwen3.5-0.8B ~/models/Qwen3.5-0.8B-fp8 --quantization fp8
+  qwen35 generate --model ~/models/Qwen3.5-0.8B-fp8 "Hello"      # loads as FP8, no --quantization needed
+  qwen35 quantize ~/models/Qwen3.5-35B-A3B ~/models/Qwen3.5-35B-A3B-int4 --quantization int4
+"""
+
+
+def _add_quantize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quantize", help="checkpoint folder -> quantized checkpoint folder (fp8, int8, int4)",
+                       description=_QUANTIZE_DESCRIPTION, epilog=_QUANTIZE_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", metavar="IN", help="a checkpoint folder (bf16, float32, or quantized: re-quantized)")
+    p.add_argument("output", metavar="OUT", help="the folder to write (created; must not be IN)")
+    p.add_argument("--quantization", required=True, choices=["fp8", "int8", "int4"],
+                   help="the weight format to write (see above)")
+    p.add_argument("--group-size", type=int, default=None, metavar="N",
+                   help="int4 only: inputs sharing one scale, a power of two >= 32 (default 32: the lowest KL "
+                        "measured, 4.5 bits per weight; 64 is 4.25)")
+    p.add_argument("--lm-head", choices=["int8", "int4", "keep"], default=None,
+                   help="int4 only: how the output head is stored (default int8: the KL of a bf16 head at half "
+                        "its bytes; keep: the model's dtype)")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32", "float16"], default="auto",
+                   help="dtype of the weights kept high precision (default: auto, bf16 unless IN is all float32)")
+    p.add_argument("--max-shard-size", metavar="SIZE", default="2GiB",
+                   help="largest safetensors shard to write, e.g. 2GiB (default); the writer holds one shard in "
+                        "memory at a time")
+    p.set_defaults(func=_run_quantize)
+
+
+def _run_quantize(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .checkpoint import CheckpointError, load_model, save_pretrained
+    from .llm import parse_bytes
+
+    src, dst = Path(args.input), Path(args.output)
+    if not src.is_dir():
+        raise CommandError(f"IN must be a checkpoint folder, got {src}")
+    if dst.exists() and (not dst.is_dir() or dst.resolve() == src.resolve()):
+        raise CommandError(f"OUT must be a new folder (not IN, not a file), got {dst}")
+    try:
+        shard = parse_bytes(args.max_shard_size)
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+    quantization = args.quantization
+    if args.group_size is not None or args.lm_head is not None:
+        if quantization != "int4":
+            raise CommandError(f"--group-size and --lm-head apply to --quantization int4, not {quantization}")
+        from .quant.int4 import DEFAULT_GROUP_SIZE
+        from .quant.saved import Int4Format
+
+        try:
+            quantization = Int4Format(group_size=DEFAULT_GROUP_SIZE if args.group_size is None else args.group_size,
+                                      lm_head=None if args.lm_head == "keep" else args.lm_head or "int8")
+        except ValueError as e:
+            raise CommandError(str(e)) from None
+    start = time.perf_counter()
+    try:
+        # an explicit dtype would widen a quantized IN first; "auto" keeps the rest of the weights as stored
+        model = load_model(src, dtype=args.dtype, quantization=quantization)
+        save_pretrained(model, dst, max_shard_bytes=shard)
+    except CheckpointError as e:
+        raise CommandError(str(e).splitlines()[0]) from None
+    print(f"wrote {dst} ({args.quantization}) in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     from .train.cli import DESCRIPTION, EPILOG, add_train_arguments
 
@@ -827,12 +929,28 @@ def _run_train(args: argparse.Namespace) -> int:
     return run_train(args)
 
 
+def _add_rl(sub: argparse._SubParsersAction) -> None:
+    from .rl.cli import DESCRIPTION, EPILOG, add_rl_arguments  # no torch, no ray: --help stays instant
+
+    p = sub.add_parser("rl", help="improve a model with RL on verifiable tasks (Ray: rollouts + trainer)",
+                       description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_rl_arguments(p)
+    p.set_defaults(func=_run_rl)
+
+
+def _run_rl(args: argparse.Namespace) -> int:
+    from .rl.cli import run_rl_command
+
+    return run_rl_command(args)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the parser and the entry point
 
 # Adders of every subcommand, in the order `qwen35 --help` lists them.
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_info, _add_generate, _add_chat,
-                                                                    _add_serve, _add_train, _add_convert]
+                                                                    _add_serve, _add_train, _add_rl, _add_convert,
+                                                                    _add_quantize]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -111,6 +111,9 @@ class LLM:
     output is token-identical), see ``qwen35/engine/speculative.py``; ``{"method": "mtp", ...}`` drafts with the
     checkpoint's MTP block.  ``enable_prefix_caching`` (default True) resumes requests from cached prefixes (KV
     blocks and DeltaNet state snapshots; ``RequestOutput.num_cached_tokens`` says how many prompt tokens hit).
+    ``kv_cache_dtype``: "auto" (keys and values in the model dtype), "int8" or "fp8" (one byte per value plus a
+    float32 scale per token per KV head: about half the attention layers' cache memory, so about twice the
+    context in the same ``cache_memory``; see ``qwen35/engine/kv_quant.py``).
     """
 
     def __init__(self, model: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto", *,
@@ -119,18 +122,28 @@ class LLM:
                  cache_memory: int | str | None = None, max_model_len: int | None = None,
                  threads: int | None = None, quantization: str | None = None,
                  speculative_config: Mapping[str, Any] | str | None = None,
-                 enable_prefix_caching: bool = True, media_policy: MediaPolicy | None = None) -> None:
+                 enable_prefix_caching: bool = True, media_policy: MediaPolicy | None = None,
+                 kv_cache_dtype: str = "auto") -> None:
         from .chat.tokenizer import Tokenizer, TokenizerError
         from .checkpoint import load_model
+        from .engine.kv_quant import check_kv_cache_dtype
         from .kernels.ops import check_switches
 
         check_switches()  # a bad QWEN35_CPU_BF16 / QWEN35_NATIVE_ISA fails here, not in the first forward
+        check_kv_cache_dtype(kv_cache_dtype)  # and a bad KV format before the weights are read
         if threads is not None:
             if threads < 1:
                 raise ValueError(f"threads must be >= 1, got {threads}")
             torch.set_num_threads(threads)
-        if quantization not in (None, "int8"):
-            raise ValueError(f"quantization must be None or 'int8', got {quantization!r}")
+        if quantization not in (None, "int8", "int4", "fp8"):
+            raise ValueError(f"quantization must be None, 'int8', 'int4' or 'fp8', got {quantization!r}")
+        from .quant.saved import FORMATS as SAVED_FORMATS
+
+        # every format (fp8, int8, int4: qwen35/quant/saved.py) is applied while loading, tensor by tensor, so the
+        # float model is never built (a folder already in that format loads as stored); None keeps a quantized
+        # folder (official FP8, or what `qwen35 quantize` wrote) quantized unless dtype is given explicitly.  A
+        # GGUF loads float and is quantized in memory after.
+        at_load = quantization if quantization in SAVED_FORMATS else "auto" if quantization is None else None
         path = Path(model) if model is not None else default_model_path()
         self.model_path = path
         is_gguf = path.is_file() and path.suffix.lower() == ".gguf"
@@ -138,13 +151,14 @@ class LLM:
             from .quant.gguf import load_gguf
             self.model = load_gguf(path, dtype=dtype)
         else:
-            self.model = load_model(path, dtype=dtype)
+            self.model = load_model(path, dtype=dtype, quantization=at_load)
         # a GGUF's tokenizer is rebuilt as files in a folder that lives as long as this LLM (save_pretrained
         # copies them from there)
         self._gguf_tokenizer_dir: tempfile.TemporaryDirectory | None = None
-        if quantization == "int8":
-            from .quant import quantize_int8
-            quantize_int8(self.model)
+        if quantization in SAVED_FORMATS:
+            if getattr(self.model, "quantization", None) != quantization:  # a GGUF: quantized after loading
+                from .quant.saved import get_format
+                get_format(quantization).quantize_model(self.model)
         self.tokenizer: Tokenizer | None = None
         if not skip_tokenizer_init:
             source = Path(tokenizer) if tokenizer is not None else path
@@ -164,7 +178,7 @@ class LLM:
                               block_size=block_size, cache_memory=parse_bytes(cache_memory),
                               max_model_len=max_model_len,
                               speculative_config=SpeculativeConfig.parse(speculative_config),
-                              enable_prefix_caching=enable_prefix_caching)
+                              enable_prefix_caching=enable_prefix_caching, kv_cache_dtype=kv_cache_dtype)
         self.engine = LLMEngine(self.model, self.tokenizer, config)
         self.media_policy = media_policy  # where pictures may come from (None: MediaPolicy's defaults)
         self._vision_preparer = None

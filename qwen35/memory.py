@@ -23,7 +23,7 @@ from typing import Any
 from .config import ModelConfig
 
 __all__ = [
-    "WEIGHT_DTYPES", "KV_DTYPES", "TensorGroup", "ParamCounts", "StateBytes", "FitResult",
+    "WEIGHT_DTYPES", "KV_DTYPES", "KV_SCALE_BYTES", "TensorGroup", "ParamCounts", "StateBytes", "FitResult",
     "tensor_groups", "param_counts", "vision_params", "weight_bytes", "weight_bytes_by_part",
     "kv_bytes_per_token", "state_bytes_per_sequence", "fit", "default_weight_dtype",
     "report_dict", "format_report",
@@ -33,24 +33,29 @@ __all__ = [
 # formats
 
 # How each weight format stores the tensors it converts.  Only "fp8" describes real official checkpoints
-# (Qwen/Qwen3.5-*-FP8, facts §2).  "int8" / "int4" are generic weight-only schemes, chosen as the common
-# layouts (per-channel int8; group-128 int4 with a scale and a zero point, as in AWQ/GPTQ) — an estimate,
-# not a description of any published Qwen3.5 file.
+# (Qwen/Qwen3.5-*-FP8, facts §2).  "int8" / "int4" are qwen35's own weight-only formats (per-row int8; int4
+# symmetric with one bf16 scale per 32 inputs, qwen35/quant/int4.py), not descriptions of published files.
 WEIGHT_DTYPES: dict[str, str] = {
     "bf16": "every tensor 2 B/param (the official release)",
     "fp32": "every tensor 4 B/param",
     "fp8": ("e4m3 1 B/param + one fp32 scale_inv per 128x128 block on the converted Linear weights; "
             "embeddings, lm_head, routers, GDN in_proj_a/b, MTP fc, vision, norms, conv stay bf16"),
     "int8": "1 B/param + one bf16 scale per output row on the same weights as fp8; the rest bf16 [estimate]",
-    "int4": ("0.5 B/param + bf16 scale and zero per group of 128 inputs (0.53125 B/param) on the same "
-             "weights as fp8; the rest bf16 [estimate]"),
+    "int4": ("0.5 B/param + one bf16 scale per group of 32 inputs (0.5625 B/param; qwen35/quant/int4.py) on "
+             "the same weights as fp8; the lm_head int8 (1 B/param + a float32 and a bf16 scale per row; a tied "
+             "head becomes a copy of its own beside the bf16 embedding); the rest bf16"),
 }
-KV_DTYPES: dict[str, int] = {"bf16": 2, "fp16": 2, "fp32": 4, "fp8": 1}
+KV_DTYPES: dict[str, int] = {"bf16": 2, "fp16": 2, "fp32": 4, "int8": 1, "fp8": 1}
+# The quantized KV formats (the engine's --kv-cache-dtype int8 / fp8, qwen35/engine/kv_quant.py) add one float32
+# scale per token per KV head, for K and for V
+KV_SCALE_BYTES: dict[str, int] = {"int8": 4, "fp8": 4}
 _FLOAT_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 
 _FP8_BLOCK = 128  # weight_block_size [128, 128] of the official FP8 checkpoints
 _FP8_SCALE_BYTES = 4  # weight_scale_inv is float32 (DeepSeek-V3 style block FP8)
-_INT4_GROUP = 128
+_INT4_GROUP = 32  # qwen35/quant/int4.py DEFAULT_GROUP_SIZE: symmetric, one bf16 scale per group
+# quantize_int4's lm_head (default "int8"): Int8Linear keeps per row a float32 scale and its bf16 copy
+_INT4_HEAD_ROW_BYTES = 4 + 2
 
 # The parts a tensor can belong to.  "embedding" holds the tied matrix when the head is tied.
 PARTS = ("embedding", "lm_head", "decoder", "vision", "mtp")
@@ -90,8 +95,9 @@ class TensorGroup:
         if dtype == "int8":
             return (n + 2 * out_dim) * self.copies
         if dtype == "int4":
-            groups = out_dim * math.ceil(in_dim / _INT4_GROUP)
-            return (math.ceil(n / 2) + 4 * groups) * self.copies
+            span = max(_INT4_GROUP, 64)  # rows are stored in whole 64-weight blocks and whole groups
+            padded = math.ceil(in_dim / span) * span
+            return (out_dim * padded // 2 + 2 * out_dim * padded // _INT4_GROUP) * self.copies
         raise ValueError(f"unknown weight dtype {dtype!r}; choose one of {', '.join(WEIGHT_DTYPES)}")
 
 
@@ -290,9 +296,14 @@ def _check_kv_dtype(dtype: str) -> str:
 
 
 def default_weight_dtype(cfg: ModelConfig) -> str:
-    """fp8 for an FP8 checkpoint (its config.json says so), bf16 otherwise."""
+    """The format a quantized checkpoint's config.json names (fp8, or the int4 that ``qwen35 quantize`` writes:
+    quant_method "qwen35-int4", qwen35/quant/saved.py), bf16 otherwise."""
     q = cfg.quantization
-    return "fp8" if q is not None and q.quant_method == "fp8" else "bf16"
+    if q is not None and q.quant_method == "fp8":
+        return "fp8"
+    if q is not None and q.quant_method == "qwen35-int4":  # counted as the default recipe (group 32, int8 head)
+        return "int4"
+    return "bf16"
 
 
 def weight_bytes_by_part(cfg: ModelConfig, dtype: str = "bf16") -> dict[str, int]:
@@ -300,6 +311,11 @@ def weight_bytes_by_part(cfg: ModelConfig, dtype: str = "bf16") -> dict[str, int
     out = dict.fromkeys(PARTS, 0)
     for g in tensor_groups(cfg):
         out[g.part] += g.nbytes(dtype)
+    if dtype == "int4":
+        # what quantize_int4 stores for the head: int8 rows (tests/test_memory.py checks these figures against
+        # the bytes of a quantized model); tied, the embedding stays bf16 and the head is a separate int8 copy
+        v, h = cfg.text.vocab_size, cfg.text.hidden_size
+        out["lm_head"] = v * h + _INT4_HEAD_ROW_BYTES * v
     return out
 
 
@@ -313,10 +329,12 @@ def weight_bytes(cfg: ModelConfig, dtype: str = "bf16", *, include_vision: bool 
 
 
 def kv_bytes_per_token(cfg: ModelConfig, kv_dtype: str = "bf16", *, include_mtp: bool = False) -> int:
-    """K and V of every full-attention layer; the DeltaNet layers keep no per-token cache."""
+    """K and V of every full-attention layer (with their per-head scales for int8 / fp8); the DeltaNet layers
+    keep no per-token cache."""
     t = cfg.text
     layers = len(t.full_attention_layers) + (t.mtp_num_hidden_layers if include_mtp else 0)
-    return layers * 2 * t.num_key_value_heads * t.head_dim * KV_DTYPES[_check_kv_dtype(kv_dtype)]
+    per_head = t.head_dim * KV_DTYPES[_check_kv_dtype(kv_dtype)] + KV_SCALE_BYTES.get(kv_dtype, 0)
+    return layers * 2 * t.num_key_value_heads * per_head
 
 
 @dataclass(frozen=True)
@@ -548,10 +566,13 @@ def format_report(cfg: ModelConfig, *, name: str | None = None, weight_dtype: st
         wb = r["weight_bytes"][d]
         mark = " <- used below" if d == r["weight_dtype"] else ""
         row(f"{d}", _gb(wb["loaded"]), f"with MTP {_gb(wb['with_mtp'])}{mark}")
-    add("  fp8 = block-128 FP8 as in the official -FP8 checkpoints; int8/int4 are estimates")
+    add("  fp8 = block-128 FP8 as in the official -FP8 checkpoints; int8 is an estimate;")
+    add("  int4 = what qwen35's --quantization int4 stores (group 32, lm_head int8)")
 
     add("")
     add(f"KV cache ({kvr['dtype']}; full-attention layers only, DeltaNet layers keep none)")
+    if kvr["dtype"] in KV_SCALE_BYTES:
+        add(f"  1 B per value + a {KV_SCALE_BYTES[kvr['dtype']]} B float32 scale per token per KV head (K and V)")
     row("per token", f"{kvr['bytes_per_token']:,} B", f"{kvr['bytes_per_token_with_mtp']:,} B with the MTP layer")
     row(f"at {kvr['context']:,} tokens", _gb(kvr["bytes_at_context"]))
     add("DeltaNet state per sequence (fixed, whatever the length)")

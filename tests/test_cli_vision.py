@@ -3,7 +3,7 @@ message (the answer is LLM.chat's on the same pictures); a text-only model refus
 `qwen35 serve`'s picture flags reach serve() and are explained in --help.
 
 Run in-process through qwen35.cli.main, with a tiny random multimodal checkpoint (tests/vision_checkpoint.py) and
-the embedded text-only model."""
+a tiny random text-only one."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 
 import qwen35
 from qwen35 import SamplingParams, cli
-from tests.vision_checkpoint import build_vision_checkpoint, encoded, picture
+from tests.vision_checkpoint import build_text_checkpoint, build_vision_checkpoint, encoded, picture
 
 REFUSAL = "this model cannot take images or videos: it has no vision tower (its config has no vision_config)"
 
@@ -27,8 +27,8 @@ def vision_llm(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def text_llm():
-    return qwen35.LLM()  # the embedded model: text only
+def text_llm(tmp_path_factory):
+    return qwen35.LLM(build_text_checkpoint(tmp_path_factory.mktemp("text_ckpt")), dtype="float32")
 
 
 @pytest.fixture(scope="module")

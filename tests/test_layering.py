@@ -1,6 +1,7 @@
 """The package's import graph goes one way, as README.md describes:
 
-    config -> model -> engine;  chat beside them;  llm over engine + chat -> serve / cli;  train -> model + chat
+    config -> model -> engine;  chat beside them;  llm over engine + chat -> serve / cli;  train -> model + chat;
+    rl over train + engine + llm -> cli
 
 Every import in every module (relative or absolute, at the top or inside a function, under TYPE_CHECKING too) is
 read with ``ast`` and checked against the layers each part may use.  Nothing imports serve or cli.
@@ -28,7 +29,8 @@ ALLOWED: dict[str, set[str]] = {
     "train": BASE | MODEL | {"chat", "train"},
     "serve": BASE | MODEL | {"engine", "chat", "llm", "serve"},
     "agent": BASE | MODEL | {"engine", "chat", "llm", "agent"},
-    "cli": BASE | MODEL | {"engine", "chat", "llm", "serve", "train", "agent", "cli"},
+    "rl": BASE | MODEL | {"engine", "chat", "llm", "train", "rl"},  # nothing imports rl but cli
+    "cli": BASE | MODEL | {"engine", "chat", "llm", "serve", "train", "agent", "rl", "cli"},
     "root": {"checkpoint", "config", "engine", "llm"},  # qwen35/__init__.py: lazy re-exports only
 }
 
@@ -97,6 +99,14 @@ def test_the_checker_sees_violations(tmp_path) -> None:
     finally:
         fake.unlink()
     assert {"chat", "serve"} <= parts
+
+
+def test_only_cli_imports_rl() -> None:
+    for path in MODULES:
+        rel = path.relative_to(PACKAGE)
+        if rel.parts[0] in ("rl", "cli.py", "__main__.py"):
+            continue
+        assert "rl" not in {name for name, _ in imported_parts(path)}, f"{rel} imports rl"
 
 
 def test_nothing_imports_serve_or_cli() -> None:

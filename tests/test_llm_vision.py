@@ -140,8 +140,10 @@ def test_policy_refuses_by_name(folder, tmp_path):
         qwen35.LLM(folder, dtype="float32").chat(ask({"type": "image", "image": b"not an image at all"}))
 
 
-def test_a_text_model_refuses_pictures():
-    llm = qwen35.LLM()  # the embedded model: text only
+def test_a_text_model_refuses_pictures(tmp_path):
+    from tests.vision_checkpoint import build_text_checkpoint
+
+    llm = qwen35.LLM(build_text_checkpoint(tmp_path / "text"), dtype="float32")
     with pytest.raises(ValueError, match="no vision tower"):
         llm.chat(ask({"type": "image", "image": picture(6)}))
     with pytest.raises(ValueError, match="no vision tower"):

@@ -157,7 +157,8 @@ def test_kv_and_state_match_facts_table(name):
     cfg = preset_config(name)
     assert len(cfg.text.full_attention_layers) == n_full
     assert kv_bytes_per_token(cfg) == kv
-    assert kv_bytes_per_token(cfg, "fp8") == kv // 2
+    scales = n_full * 2 * cfg.text.num_key_value_heads * 4  # one float32 scale per token per KV head, K and V
+    assert kv_bytes_per_token(cfg, "fp8") == kv_bytes_per_token(cfg, "int8") == kv // 2 + scales
     assert kv_bytes_per_token(cfg, include_mtp=True) == kv + kv // n_full  # one more full-attention layer
     st = state_bytes_per_sequence(cfg)
     assert st.recurrent == recurrent_mib * MIB
@@ -190,7 +191,9 @@ def test_weight_formats_on_one_hand_computed_tensor():
     assert g.nbytes("fp32") == 4 * 76_800 * 2
     assert g.nbytes("fp8") == (76_800 + 3 * 2 * 4) * 2  # 3 x 2 blocks of 128x128, fp32 scale_inv each
     assert g.nbytes("int8") == (76_800 + 300 * 2) * 2  # one bf16 scale per output row
-    assert g.nbytes("int4") == (38_400 + 300 * 2 * 4) * 2  # bf16 scale + zero per group of 128 inputs
+    assert g.nbytes("int4") == (38_400 + 300 * 8 * 2) * 2  # one bf16 scale per group of 32 inputs
+    odd = TensorGroup("w", (10, 100), copies=1, part="decoder", quantized=True)
+    assert odd.nbytes("int4") == 10 * 128 // 2 + 10 * 4 * 2  # rows stored in whole 64-blocks (qwen35/quant/int4.py)
     kept = TensorGroup("norm", (300,), copies=1, part="decoder")
     assert kept.nbytes("fp8") == kept.nbytes("int4") == 600
 
@@ -205,7 +208,12 @@ def test_weight_bytes_are_consistent_with_counts(name):
     assert weight_bytes(cfg, "bf16", include_vision=False) == 2 * pc.text
     fp8, int4 = weight_bytes(cfg, "fp8"), weight_bytes(cfg, "int4")
     assert pc.text_and_vision < fp8 < 2 * pc.text_and_vision
-    assert int4 < fp8
+    # the int4 recipe stores an int8 lm_head, which on a tied model (0.8B) is a copy beside the bf16 embedding:
+    # without the heads, int4 is below fp8 everywhere; with them it is too once the head is not tied
+    v, h = cfg.text.vocab_size, cfg.text.hidden_size
+    fp8_head = 0 if cfg.text.tie_word_embeddings else 2 * v * h
+    assert int4 - (v * h + 6 * v) < fp8 - fp8_head
+    assert int4 < fp8 or cfg.text.tie_word_embeddings
 
 
 def test_397b_fp8_keeps_only_small_modules_in_bf16():
@@ -269,8 +277,8 @@ def test_fit_uses_weight_and_kv_dtypes():
     cfg = preset_config("397B-A17B")
     r = fit(cfg, 640 * 10**9, "fp8", "fp8", context=131_072)
     assert r.weight_bytes == weight_bytes(cfg, "fp8")
-    assert r.kv_bytes_per_token == 15_360
-    assert r.max_sequences == (640 * 10**9 - r.weight_bytes) // (r.state_bytes_per_sequence + 131_072 * 15_360)
+    assert r.kv_bytes_per_token == 15 * 2 * 2 * (256 + 4)  # 1 B per value + a float32 scale per token per head
+    assert r.max_sequences == (640 * 10**9 - r.weight_bytes) // (r.state_bytes_per_sequence + 131_072 * 15_600)
     fp32 = fit(cfg, 10**13, "fp32")  # an fp32 model keeps its conv window in fp32 too
     assert fp32.state_bytes_per_sequence == 45 * 64 * 128 * 128 * 4 + 45 * 12_288 * 3 * 4
 
@@ -367,3 +375,42 @@ def test_counts_match_transformers_modules(moe, tie):
     assert pc.active == _numel(full.model.language_model) + pc.lm_head - experts + active_experts
     assert pc.routed_experts == experts
     assert math.isclose(pc.active_excl_embedding, pc.active - (0 if tie else pc.embedding))
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_int4_bytes_are_what_quantize_int4_stores(moe, tie):
+    """The int4 figure against a real model converted by the recipe (bf16 throughout, tower and MTP included):
+    4-bit layers and expert banks with their bf16 scales, the int8 lm_head (its own copy when tied)."""
+    import torch
+
+    from qwen35.memory import weight_bytes_by_part
+    from qwen35.model import Qwen35ForCausalLM
+    from qwen35.quant import quantize_int4
+
+    cfg = config_from_dict(_small_body(moe, tie))
+    with torch.device("meta"):
+        model = Qwen35ForCausalLM(cfg, mtp=True, vision=True)
+    model = model.to_empty(device="cpu").to(torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    quantize_int4(model)
+    seen, stored = set(), 0
+    for t in model.state_dict().values():  # persistent tensors, a shared one once
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            stored += t.numel() * t.element_size()
+    assert weight_bytes(cfg, "int4", include_mtp=True) == stored
+    v, h = cfg.text.vocab_size, cfg.text.hidden_size
+    assert weight_bytes_by_part(cfg, "int4")["lm_head"] == v * h + 6 * v  # int8 + float32 and bf16 row scales
+
+
+def test_an_int4_folder_defaults_to_the_int4_figures():
+    from qwen35.memory import default_weight_dtype
+
+    q = {"quant_method": "qwen35-int4", "bits": 4, "group_size": 32, "lm_head": "int8"}
+    body = dict(_small_body(False, False), quantization_config=q)
+    assert report_dict(config_from_dict(body))["weight_dtype"] == "int4"
+    body["quantization_config"] = {"quant_method": "compressed-tensors"}
+    assert default_weight_dtype(config_from_dict(body)) == "bf16"

@@ -32,6 +32,16 @@ def build_vision_checkpoint(folder: Path) -> Path:
     return path
 
 
+def build_text_checkpoint(folder: Path) -> Path:
+    """transformers' text-only Qwen3.5 (no vision tower), random weights, with the embedded tokenizer: the model
+    that must refuse pictures."""
+    tok = qwen35.chat.Tokenizer(ASSETS)
+    path = save_hf(build_hf(False, multimodal=False, vocab_size=len(tok)), folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(ASSETS / name, path / name)
+    return path
+
+
 def picture(seed: int = 0, size: tuple[int, int] = (70, 50)) -> Image.Image:
     """Random RGB pixels, ``size`` = (width, height)."""
     g = torch.Generator().manual_seed(seed)

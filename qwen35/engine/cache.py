@@ -24,6 +24,7 @@ import torch
 from ..config import ModelConfig
 from ..memory import kv_bytes_per_token, state_bytes_per_sequence
 from .blocks import BlockManager, Snapshot, extend_hashes, root_hash
+from .kv_quant import LayerKV, check_kv_cache_dtype, memory_name, storage_dtype
 
 if TYPE_CHECKING:
     from .sequence import Sequence
@@ -66,14 +67,15 @@ class CacheLayout:
 
 
 def plan_cache(config: ModelConfig, cache_memory: int, max_num_seqs: int, block_size: int,
-               dtype: torch.dtype) -> CacheLayout:
-    """Split ``cache_memory`` bytes: one state slot per concurrent sequence, the rest KV blocks."""
+               dtype: torch.dtype, kv_cache_dtype: str = "auto") -> CacheLayout:
+    """Split ``cache_memory`` bytes: one state slot per concurrent sequence, the rest KV blocks (stored as
+    ``kv_cache_dtype``: see kv_quant.py)."""
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
     if max_num_seqs <= 0:
         raise ValueError(f"max_num_seqs must be positive, got {max_num_seqs}")
     name = _DTYPE_NAMES[dtype]
-    block_bytes = kv_bytes_per_token(config, name) * block_size
+    block_bytes = kv_bytes_per_token(config, memory_name(kv_cache_dtype, dtype)) * block_size
     slot_bytes = state_bytes_per_sequence(config, name).total
     left = cache_memory - max_num_seqs * slot_bytes
     num_blocks = left // block_bytes if block_bytes else 0
@@ -90,17 +92,24 @@ class KVBlockPool:
     """KV of every attention layer in ``num_blocks`` blocks of ``block_size`` token rows.
 
     Stored flat per layer ([num_blocks · block_size, kv_heads, head_dim]) so that a token's row is
-    ``block · block_size + offset`` and writes / gathers are single index operations.
+    ``block · block_size + offset`` and writes / gathers are single index operations.  A quantized cache
+    (``kv_cache_dtype`` int8 / fp8) keeps int8 / float8_e4m3fn pools and their scales ([rows, kv_heads] float32,
+    ``key_scales`` / ``value_scales``) on the same rows.
     """
 
-    def __init__(self, config: ModelConfig, layout: CacheLayout, dtype: torch.dtype, device: str = "cpu") -> None:
+    def __init__(self, config: ModelConfig, layout: CacheLayout, dtype: torch.dtype, device: str = "cpu",
+                 kv_cache_dtype: str = "auto") -> None:
         t = config.text
         self.block_size = layout.block_size
         self.num_blocks = layout.num_blocks
         rows = layout.num_blocks * layout.block_size
-        self.keys = {i: torch.zeros(rows, t.num_key_value_heads, t.head_dim, dtype=dtype, device=device)
-                     for i in t.full_attention_layers}
-        self.values = {i: torch.zeros_like(k) for i, k in self.keys.items()}
+        stored = storage_dtype(kv_cache_dtype, dtype)
+        self.layers = {i: LayerKV.allocate(rows, t.num_key_value_heads, t.head_dim, stored, device)
+                       for i in t.full_attention_layers}
+        self.keys = {i: kv.keys for i, kv in self.layers.items()}
+        self.values = {i: kv.values for i, kv in self.layers.items()}
+        self.key_scales = {i: kv.key_scales for i, kv in self.layers.items() if kv.quantized}
+        self.value_scales = {i: kv.value_scales for i, kv in self.layers.items() if kv.quantized}
         self.blocks = BlockManager(layout.num_blocks, layout.block_size)  # HybridCache puts its own here
 
     @property
@@ -143,13 +152,15 @@ class StateSlotPool:
 
 class HybridCache:
     """Allocation of blocks and slots to sequences (by id), and the prefix cache.  Holds the tensors; knows nothing
-    of scheduling.  ``prefix_caching``: keep snapshots of finished prefixes and resume new sequences from them."""
+    of scheduling.  ``prefix_caching``: keep snapshots of finished prefixes and resume new sequences from them.
+    ``kv_cache_dtype``: "auto" (keys and values in the model dtype), "int8" or "fp8" (kv_quant.py)."""
 
     def __init__(self, config: ModelConfig, layout: CacheLayout, dtype: torch.dtype, device: str = "cpu",
-                 prefix_caching: bool = False) -> None:
+                 prefix_caching: bool = False, kv_cache_dtype: str = "auto") -> None:
         self.layout = layout
         self.block_size = layout.block_size
-        self.kv = KVBlockPool(config, layout, dtype, device)
+        self.kv_cache_dtype = check_kv_cache_dtype(kv_cache_dtype)
+        self.kv = KVBlockPool(config, layout, dtype, device, kv_cache_dtype)
         self.slots = StateSlotPool(config, layout, dtype, device)
         self.prefix_caching = bool(prefix_caching) and layout.snapshot_blocks > 0
         self.blocks = BlockManager(layout.num_blocks, layout.block_size,
@@ -159,14 +170,16 @@ class HybridCache:
         self.slot_of: dict[int, int] = {}
         # tokens between snapshots inside a long prompt (0: none but the prompt end); tests set it lower
         self.snapshot_interval = layout.snapshot_interval
-        self._root = root_hash("qwen35", config.source, config.model_type, _DTYPE_NAMES[dtype], layout.block_size)
+        self._root = root_hash("qwen35", config.source, config.model_type, _DTYPE_NAMES[dtype], layout.block_size,
+                               *(() if kv_cache_dtype == "auto" else (f"kv-{kv_cache_dtype}",)))
         self._linear_layers = list(config.text.linear_attention_layers)
         # tensors laid out like a K / V pool (row = block * block_size + offset) that others keep per position, e.g.
         # an MTP drafter's own KV: a sequence resumed from a snapshot gets their tail rows copied too
         self.shadow_kv: list[torch.Tensor] = []
-        # every attention layer's K and V pool as rows of bytes: where snapshots' states are laid
-        self._kv_rows = [t.view(torch.uint8).view(t.shape[0], -1) for t in (*self.kv.keys.values(),
-                                                                           *self.kv.values.values())]
+        # every attention layer's K and V pool (and their scales) as rows of bytes: where snapshots' states are laid
+        self._kv_rows = [t.view(torch.uint8).view(t.shape[0], -1) for t in (
+            *self.kv.keys.values(), *self.kv.values.values(), *self.kv.key_scales.values(),
+            *self.kv.value_scales.values())]
         # DeltaNet state after each verified token of a speculative step, (seq id, token index) -> {layer:
         # (window, state)}: what a sequence is rewound to when a draft token is rejected.  Lives for one step.
         self._step_states: dict[tuple[int, int], dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -176,9 +189,21 @@ class HybridCache:
 
     @classmethod
     def from_budget(cls, config: ModelConfig, cache_memory: int, max_num_seqs: int, block_size: int,
-                    dtype: torch.dtype, device: str = "cpu", prefix_caching: bool = False) -> "HybridCache":
-        return cls(config, plan_cache(config, cache_memory, max_num_seqs, block_size, dtype), dtype, device,
-                   prefix_caching)
+                    dtype: torch.dtype, device: str = "cpu", prefix_caching: bool = False,
+                    kv_cache_dtype: str = "auto") -> "HybridCache":
+        return cls(config, plan_cache(config, cache_memory, max_num_seqs, block_size, dtype, kv_cache_dtype), dtype,
+                   device, prefix_caching, kv_cache_dtype)
+
+    def layer_kv(self, layer: int) -> LayerKV:
+        """The K / V rows (and scales) of an attention layer."""
+        return self.kv.layers[layer]
+
+    def new_layer_kv(self) -> LayerKV:
+        """Zeroed K / V rows in this cache's format and row layout, for a caller that keeps a layer's KV itself
+        (the MTP drafter); add its ``tensors()`` to ``shadow_kv`` so prefix-cache hits copy them too."""
+        like = next(iter(self.kv.layers.values()))
+        return LayerKV.allocate(like.keys.shape[0], like.keys.shape[1], like.keys.shape[2], like.keys.dtype,
+                                str(like.keys.device))
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
@@ -283,16 +308,19 @@ class HybridCache:
 
     def _write_state(self, blocks: list[int], parts: list[torch.Tensor]) -> None:
         # the state's bytes in one buffer, cut into one piece per K / V pool: the rows of ``blocks`` in each
+        # (pools may differ in width: a quantized cache's scale pools are narrower than its K / V pools)
         rows = self._state_rows(blocks)
         pools = self._kv_rows
-        buf = torch.zeros(len(pools), len(rows), pools[0].shape[1], dtype=torch.uint8, device=pools[0].device)
-        flat = buf.view(-1)
+        flat = torch.zeros(len(rows) * sum(p.shape[1] for p in pools), dtype=torch.uint8, device=pools[0].device)
         off = 0
         for p in parts:
             flat[off:off + p.numel()].copy_(p)
             off += p.numel()
-        for pool, piece in zip(pools, buf):
-            pool.index_copy_(0, rows, piece)
+        at = 0
+        for pool in pools:
+            n = len(rows) * pool.shape[1]
+            pool.index_copy_(0, rows, flat[at:at + n].view(len(rows), pool.shape[1]))
+            at += n
 
     def _read_state(self, blocks: list[int]) -> torch.Tensor:
         rows = self._state_rows(blocks)
@@ -355,6 +383,6 @@ class HybridCache:
 
     def nbytes(self) -> int:
         """Bytes actually allocated; equals ``layout.total_bytes`` (tested)."""
-        tensors = [*self.kv.keys.values(), *self.kv.values.values(), *self.slots.windows.values(),
+        tensors = [*(t for kv in self.kv.layers.values() for t in kv.tensors()), *self.slots.windows.values(),
                    *self.slots.states.values()]
         return sum(t.numel() * t.element_size() for t in tensors)

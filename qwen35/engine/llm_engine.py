@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import HybridCache
+from .kv_quant import check_kv_cache_dtype, memory_name
 from .multimodal import VisionInput, prompt_vision
 from .params import SamplingParams
 from .runner import ModelRunner
@@ -42,8 +43,12 @@ class EngineConfig:
     speculative_config: SpeculativeConfig | None = None  # draft tokens and verify them (see speculative.py)
     # resume requests from cached prefixes (KV blocks + DeltaNet state snapshots; see cache.py and blocks.py)
     enable_prefix_caching: bool = True
+    # how keys and values are stored: "auto" (the model dtype), "int8" or "fp8" (one byte per value plus a float32
+    # scale per token per KV head: half the attention layers' cache memory; see kv_quant.py)
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        check_kv_cache_dtype(self.kv_cache_dtype)
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"enable_prefix_caching must be true or false, got {self.enable_prefix_caching!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -111,11 +116,13 @@ class LLMEngine:
         if memory is None:
             from ..memory import kv_bytes_per_token, state_bytes_per_sequence
             name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[model.dtype]
+            kv_name = memory_name(c.kv_cache_dtype, model.dtype)
             memory = c.max_num_seqs * (state_bytes_per_sequence(cfg, name).total
-                                       + min(self.max_model_len, 4096) * kv_bytes_per_token(cfg, name))
+                                       + min(self.max_model_len, 4096) * kv_bytes_per_token(cfg, kv_name))
             memory = min(memory, 8 * GiB)
         self.cache = HybridCache.from_budget(cfg, memory, c.max_num_seqs, c.block_size, model.dtype, str(model.device),
-                                             prefix_caching=c.enable_prefix_caching)
+                                             prefix_caching=c.enable_prefix_caching,
+                                             kv_cache_dtype=c.kv_cache_dtype)
         # a sequence can never outgrow the cache: lengths are capped at its capacity
         self.max_model_len = min(self.max_model_len, self.cache.layout.max_tokens)
         self.scheduler = Scheduler(self.cache, c.max_num_seqs, c.max_num_batched_tokens)

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels.ops import paged_decode_attention
 from ..model.context import ForwardContext, LinearMixer, sdpa
 from .cache import HybridCache
+from .kv_quant import LayerKV
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
 
@@ -80,27 +80,28 @@ class PagedContext(ForwardContext):
                                self.slots[members], [decodes[k].seq.seq_id for k in members
                                                      if decodes[k].length > 1]))
 
-    def kv_tensors(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def kv_tensors(self, layer: int) -> LayerKV:
         """The key and value rows of an attention layer (the MTP drafter keeps its layer's rows itself)."""
-        return self.cache.kv.keys[layer], self.cache.kv.values[layer]
+        return self.cache.layer_kv(layer)
 
     def attend(self, layer, q, k, v):
-        keys, values = self.kv_tensors(layer)
-        keys.index_copy_(0, self.write_rows, k[0])
-        values.index_copy_(0, self.write_rows, v[0])
+        # a quantized cache quantizes on write and every read below sees the stored (quantized) rows, this
+        # step's own tokens included: whichever path wrote a token, attention reads the same values
+        kv = self.kv_tensors(layer)
+        kv.write(self.write_rows, k[0], v[0])
         nd = self.num_decode_rows
         scale = q.shape[-1] ** -0.5
         if nd and self.num_decodes == len(self.segments):  # a decode-only step: no prompt chunk to stitch in
-            return paged_decode_attention(q[0], keys, values, self.decode_tables, self.decode_lengths,
-                                          self.cache.block_size, scale)[None]
+            return kv.decode_attention(q[0], self.decode_tables, self.decode_lengths, self.cache.block_size,
+                                       scale)[None]
         out = torch.empty_like(q)
         if nd:
-            out[0, :nd] = paged_decode_attention(q[0, :nd], keys, values, self.decode_tables, self.decode_lengths,
-                                                 self.cache.block_size, scale)
+            out[0, :nd] = kv.decode_attention(q[0, :nd], self.decode_tables, self.decode_lengths,
+                                              self.cache.block_size, scale)
         for seg, rows in zip(self.segments[self.num_decodes:], self.read_rows):
             qs = q[:, seg.start:seg.start + seg.length].transpose(1, 2)  # [1, H, t, d]
-            ks = keys.index_select(0, rows).transpose(0, 1)[None]  # [1, Hkv, L, d]
-            vs = values.index_select(0, rows).transpose(0, 1)[None]
+            ks, vs = kv.gather(rows, q.dtype)
+            ks, vs = ks.transpose(0, 1)[None], vs.transpose(0, 1)[None]  # [1, Hkv, L, d]
             mask = None
             if seg.length > 1 and seg.past > 0:  # causal, aligned to the end of the cached history
                 L = seg.past + seg.length

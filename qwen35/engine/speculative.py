@@ -232,13 +232,13 @@ class MTPDrafter(Drafter):
             raise ValueError("speculative_config method 'mtp' needs a checkpoint with an MTP block (mtp.* weights); "
                              "this one has none -- use {\"method\": \"ngram\"} instead")
         self.model, self.cache = model, cache
-        like = next(iter(cache.kv.keys.values()))
-        self.kv = {i: (torch.zeros_like(like), torch.zeros_like(like)) for i in model.mtp.kv_layers}
-        # laid out like the cache's KV: a sequence resuming from the prefix cache gets these rows copied too
-        cache.shadow_kv.extend(t for pair in self.kv.values() for t in pair)
+        # in the cache's format (quantized too with kv_cache_dtype int8 / fp8) and row layout: a sequence resuming
+        # from the prefix cache gets these rows copied too
+        self.kv = {i: cache.new_layer_kv() for i in model.mtp.kv_layers}
+        cache.shadow_kv.extend(t for kv in self.kv.values() for t in kv.tensors())
 
     def nbytes(self) -> int:
-        return sum(k.numel() * k.element_size() * 2 for k, _ in self.kv.values())
+        return sum(kv.nbytes() for kv in self.kv.values())
 
     @torch.inference_mode()
     def after_step(self, segments, hidden, max_model_len, vocab_limit) -> None:

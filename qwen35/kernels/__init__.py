@@ -2,9 +2,10 @@
 
 Only what PyTorch lacks on common CPUs lives here: a bf16-weight × float32-activation product for the few-row
 matmuls of decoding and a MoE layer's chosen experts (gemm_bf16.c), an in-place decode step of the gated delta
-rule on the slot pool (gated_delta_step.c), the layer norms in one pass each (fused_ops.c) and decode attention
-that reads the paged KV cache in place (paged_attention.c), sharing bf16.h and the vector layer simd.h; each
-source says why it exists.  The library is built once per source version, CPU and instruction-set variant
+rule on the slot pool (gated_delta_step.c), the layer norms in one pass each (fused_ops.c), decode attention
+that reads the paged KV cache in place (paged_attention.c), products with 4-bit weights (int4.c) and
+block-FP8 weights (gemm_fp8.c), sharing
+bf16.h and the vector layer simd.h; each source says why it exists.  The library is built once per source version, CPU and instruction-set variant
 (``$QWEN35_NATIVE_ISA``: native, avx512, avx2, scalar) into the cache folder (``$QWEN35_CACHE`` or
 ``~/.cache/qwen35``), then loaded.  Without a compiler, on a CPU it does not fit, or with
 ``QWEN35_NATIVE_KERNELS=0``, :func:`native` returns ``None`` and callers use PyTorch; nothing requires the
@@ -29,7 +30,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(n) for n in ("gemm_bf16.c", "gated_delta_step.c", "fused_ops.c",
-                                                 "paged_attention.c")]
+                                                 "paged_attention.c", "int4.c", "gemm_fp8.c")]
 HEADERS = [Path(__file__).with_name(n) for n in ("bf16.h", "simd.h")]
 ENV_SWITCH = "QWEN35_NATIVE_KERNELS"
 
@@ -52,8 +53,14 @@ class NativeKernels:
                                           [vp, i64, vp, i64, vp, ci, vp, ci, cf, i64, i64, ci])
         self._moe_experts = self._bind(lib.q35_moe_experts, [vp, ci, i64, i64, vp, vp, i64, vp, vp, i64, i64, vp, ci])
         self._linear_int8 = self._bind(lib.q35_linear_int8, [vp, ci, i64, vp, vp, vp, ci, i64, i64, i64, ci])
+        self._linear_fp8 = self._bind(lib.q35_linear_fp8, [vp, ci, i64, vp, vp, i64, i64, vp, ci, i64, i64, i64, ci])
+        self._linear_int4 = self._bind(lib.q35_linear_int4, [vp, ci, i64, vp, vp, i64, vp, ci, i64, i64, i64, ci])
+        self._dequantize_int4 = self._bind(lib.q35_dequantize_int4, [vp, vp, i64, vp, ci, i64, i64, ci])
         self._paged_decode_attention = self._bind(lib.q35_paged_decode_attention,
                                                   [vp, ci, i64, vp, vp, ci, vp, i64, vp] + [i64] * 5 + [cf, vp, ci])
+        self._paged_decode_attention_quant = self._bind(
+            lib.q35_paged_decode_attention_quant, [vp, ci, i64, vp, vp, ci, vp, vp, vp, i64, vp] + [i64] * 5
+            + [cf, vp, ci])
 
     @staticmethod
     def _bind(f, argtypes):
@@ -119,6 +126,88 @@ class NativeKernels:
             if rc != 0:
                 raise RuntimeError(f"q35_linear_int8 failed ({rc}) for M={x2.shape[0]} N={N} K={K}")
         return y.reshape(*x.shape[:-1], N)
+
+    def linear_fp8(self, x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
+                   out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``x @ (weight · scale_inv).T`` for a block-FP8 weight (float8_e4m3fn [N, K], float32 ``scale_inv``
+        [ceil(N/bn), ceil(K/bk)] for ``block`` = (bn, bk)): each value dequantized exactly as
+        ``ops.dequantize_fp8_blocks`` does, multiplied in float32 (gemm_fp8.c); returned as ``out_dtype``
+        (default x's dtype: float32 or bf16)."""
+        _check_float(x)
+        bn, bk = int(block[0]), int(block[1])
+        N, K = weight.shape if weight.dim() == 2 else (0, 0)
+        want = (-(-N // bn), -(-K // bk)) if bn > 0 and bk > 0 else None
+        if weight.dtype != torch.float8_e4m3fn or weight.dim() != 2 or not weight.is_contiguous() \
+                or K != x.shape[-1] or want is None or tuple(scale_inv.shape) != want \
+                or scale_inv.dtype != torch.float32:
+            raise ValueError(f"linear_fp8 needs a contiguous float8_e4m3fn weight [N, {x.shape[-1]}] and float32 "
+                             f"scales [ceil(N/{bn}), ceil(K/{bk})], got {weight.dtype} {tuple(weight.shape)} and "
+                             f"{scale_inv.dtype} {tuple(scale_inv.shape)}")
+        out_dtype = out_dtype or x.dtype
+        if out_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"linear_fp8 writes float32 or bfloat16, not {out_dtype}")
+        x2 = _rows(x)
+        y = torch.empty(x2.shape[0], N, dtype=out_dtype)
+        if x2.shape[0]:
+            scale_inv = scale_inv.contiguous()
+            rc = self._linear_fp8(x2.data_ptr(), _bf(x2), x2.stride(0), weight.data_ptr(), scale_inv.data_ptr(),
+                                  bn, bk, y.data_ptr(), int(out_dtype == torch.bfloat16), x2.shape[0], N, K,
+                                  torch.get_num_threads())
+            if rc != 0:
+                raise RuntimeError(f"q35_linear_fp8 failed ({rc}) for M={x2.shape[0]} N={N} K={K}")
+        return y.reshape(*x.shape[:-1], N)
+
+    @staticmethod
+    def _check_int4(qweight: torch.Tensor, scales: torch.Tensor, in_features: int, group_size: int) -> int:
+        """The output rows N of a packed 4-bit weight (qwen35/quant/int4.py), after checking its layout."""
+        if group_size < 32 or group_size & (group_size - 1):
+            raise ValueError(f"int4 group size must be a power of two >= 32, got {group_size}")
+        span = max(group_size, 64)  # rows are stored in whole 64-weight blocks and whole groups
+        groups = -(-in_features // span) * span // group_size if in_features > 0 else 0
+        N = qweight.shape[0] if qweight.dim() == 2 else -1
+        if qweight.dtype != torch.uint8 or qweight.dim() != 2 or not qweight.is_contiguous() or groups == 0 \
+                or qweight.shape[1] != groups * group_size // 2 or scales.dtype != torch.bfloat16 \
+                or scales.shape != (N, groups) or not scales.is_contiguous():
+            raise ValueError(f"int4 weights of {in_features} inputs in groups of {group_size} need contiguous uint8 "
+                             f"[N, {groups * group_size // 2}] and bf16 scales [N, {groups}], got {qweight.dtype} "
+                             f"{tuple(qweight.shape)} and {scales.dtype} {tuple(scales.shape)}")
+        return N
+
+    def linear_int4(self, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, in_features: int,
+                    group_size: int, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``x @ ŵ.T`` for a packed 4-bit weight (uint8 [N, Kp/2], bf16 ``scales`` [N, Kp/group_size]; ŵ as
+        :func:`qwen35.kernels.ops.dequantize_int4_reference` defines it), multiplied in float32; returned as
+        ``out_dtype`` (default x's dtype: float32 or bf16)."""
+        _check_float(x)
+        if x.shape[-1] != in_features:
+            raise ValueError(f"linear_int4: activations have {x.shape[-1]} features, the weight {in_features}")
+        N = self._check_int4(qweight, scales, in_features, group_size)
+        out_dtype = out_dtype or x.dtype
+        if out_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"linear_int4 writes float32 or bfloat16, not {out_dtype}")
+        x2 = _rows(x)
+        y = torch.empty(x2.shape[0], N, dtype=out_dtype)
+        if x2.shape[0] and N:
+            rc = self._linear_int4(x2.data_ptr(), _bf(x2), x2.stride(0), qweight.data_ptr(), scales.data_ptr(),
+                                   group_size, y.data_ptr(), int(out_dtype == torch.bfloat16), x2.shape[0], N,
+                                   in_features, torch.get_num_threads())
+            if rc != 0:
+                raise RuntimeError(f"q35_linear_int4 failed ({rc}) for M={x2.shape[0]} N={N} K={in_features}")
+        return y.reshape(*x.shape[:-1], N)
+
+    def dequantize_int4(self, qweight: torch.Tensor, scales: torch.Tensor, in_features: int, group_size: int,
+                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The packed 4-bit weight as a [N, in_features] float32 matrix (exact), or bf16 (rounded to nearest)."""
+        N = self._check_int4(qweight, scales, in_features, group_size)
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"dequantize_int4 writes float32 or bfloat16, not {dtype}")
+        out = torch.empty(N, in_features, dtype=dtype)
+        if N:
+            rc = self._dequantize_int4(qweight.data_ptr(), scales.data_ptr(), group_size, out.data_ptr(),
+                                       int(dtype == torch.bfloat16), N, in_features, torch.get_num_threads())
+            if rc != 0:
+                raise RuntimeError(f"q35_dequantize_int4 failed ({rc}) for N={N} K={in_features}")
+        return out
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
         """``x · rsqrt(mean(x²) + eps) · (offset + weight)`` over the last dim, float32 inside, x's dtype out."""
@@ -256,6 +345,48 @@ class NativeKernels:
                 raise ValueError(f"paged_decode_attention: lengths must be 1..{tables.shape[1] * block_size}")
             if rc != 0:
                 raise RuntimeError(f"q35_paged_decode_attention failed ({rc})")
+        return out
+
+    def paged_decode_attention_quant(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                                     key_scales: torch.Tensor, value_scales: torch.Tensor, tables: torch.Tensor,
+                                     lengths: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
+        """:meth:`paged_decode_attention` over a quantized KV cache: keys / values int8 or float8_e4m3fn pools
+        [R, Hkv, d], each row dequantized as stored · its float32 scale (``key_scales`` / ``value_scales``
+        [R, Hkv]) in registers as it is read.  Returns o [n, H, d] in q's dtype."""
+        _check_float(q)
+        kinds = {torch.int8: 2, torch.float8_e4m3fn: 3}
+        n, H, d = q.shape
+        R, Hkv, dk = keys.shape
+        if keys.dtype not in kinds or values.dtype != keys.dtype or values.shape != keys.shape or dk != d \
+                or H % Hkv or not (keys.is_contiguous() and values.is_contiguous()):
+            raise ValueError(f"paged_decode_attention_quant: q {tuple(q.shape)} and contiguous int8 or "
+                             f"float8_e4m3fn pools of one dtype [R, Hkv, {d}] needed, got keys {tuple(keys.shape)} "
+                             f"{keys.dtype}, values {tuple(values.shape)} {values.dtype}")
+        for s in (key_scales, value_scales):
+            if s.dtype != torch.float32 or s.shape != (R, Hkv) or not s.is_contiguous() or s.device.type != "cpu":
+                raise ValueError(f"paged_decode_attention_quant: scales must be contiguous float32 [{R}, {Hkv}] on "
+                                 f"the CPU, got {s.dtype} {tuple(s.shape)}")
+        if tables.dim() != 2 or tables.shape[0] != n or lengths.shape != (n,):
+            raise ValueError(f"paged_decode_attention_quant: tables {tuple(tables.shape)} / lengths "
+                             f"{tuple(lengths.shape)} do not match {n} sequences")
+        tables = tables.to(torch.int64).contiguous()
+        lengths = lengths.to(torch.int64).contiguous()
+        if n and (int(tables.min()) < 0 or int(tables.max()) * block_size >= R):
+            raise ValueError(f"paged_decode_attention_quant: a block id is outside the pool of {R // block_size} "
+                             "blocks")
+        if q.stride(-1) != 1 or q.stride(1) != d:
+            q = q.contiguous()
+        out = torch.empty(n, H, d, dtype=q.dtype)
+        if n:
+            rc = self._paged_decode_attention_quant(q.data_ptr(), _bf(q), q.stride(0), keys.data_ptr(),
+                                                    values.data_ptr(), kinds[keys.dtype], key_scales.data_ptr(),
+                                                    value_scales.data_ptr(), tables.data_ptr(), tables.shape[1],
+                                                    lengths.data_ptr(), n, H, Hkv, d, block_size, scale,
+                                                    out.data_ptr(), torch.get_num_threads())
+            if rc == -1:
+                raise ValueError(f"paged_decode_attention_quant: lengths must be 1..{tables.shape[1] * block_size}")
+            if rc != 0:
+                raise RuntimeError(f"q35_paged_decode_attention_quant failed ({rc})")
         return out
 
 

@@ -47,6 +47,13 @@ class Limits:
     gated_norm_max_elements: int  # the gated RMSNorm (an exp per value) in one pass up to this many values
     deltanet_decode: bool  # the in-place DeltaNet decode step on the slot pool
     decode_attention_min_keys: int  # paged decode attention reads the block table in place from this depth
+    # block-FP8 products (qwen35/quant/fp8.py) with fewer rows run on the native kernel, more dequantize the
+    # weight band by band to float32 (bf16 on the native kind) for PyTorch's GEMM; same cut-off as int8 (both
+    # stream a 1-byte weight and dequantize in registers) until benchmarks/bench_ops.py measures fp8 itself
+    fp8_max_rows: int = 48
+    # 4-bit products (qwen35/quant/int4.py) with fewer rows run on the native kernel; more dequantize the weight
+    # (band by band) for PyTorch's GEMM.  benchmarks/bench_ops.py --only int4 (see the int4 entry of RESULTS.md)
+    int4_max_rows: int = 48
 
 
 # Each number points at what set it (benchmarks/RESULTS.md has the runs).
@@ -204,6 +211,135 @@ def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     return linear_int8_reference(x, qweight, scale)
 
 
+# ---- 4-bit weights (group-wise, symmetric) ---------------------------------------------------------------------
+
+INT4_BAND_ELEMENTS = 1 << 24  # the many-row path dequantizes at most this many weights at a time (64 MiB float32)
+
+
+def dequantize_int4_reference(qweight: torch.Tensor, scales: torch.Tensor, in_features: int, group_size: int,
+                              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The definition of the 4-bit format (qwen35/quant/int4.py packs it, qwen35/kernels/int4.c says why this
+    layout): qweight [..., N, Kp/2] uint8 holds blocks of 64 weights as 32 bytes = eight little-endian 32-bit
+    words, bits 4i..4i+3 of word j being weight 8i + j of the block as a two's-complement nibble q (−8..7);
+    scales [..., N, Kp/group_size] bf16.  ŵ[n, k] = q · scales[n, k // group_size], exact in float32 (then cast
+    to ``dtype``); the padding past ``in_features`` is dropped."""
+    lead = qweight.shape[:-1]
+    b = qweight.reshape(*lead, -1, 8, 4)  # [..., block, word j, byte p]: byte p holds i = 2p (low), 2p + 1 (high)
+    n = torch.stack((b & 15, b >> 4), dim=-1)  # [..., block, j, p, half]
+    n = n.movedim(-3, -1).reshape(*lead, -1).to(torch.int16)  # [..., block, i, j] -> weight order
+    q = ((n ^ 8) - 8).to(torch.float32)
+    w = (q.unflatten(-1, (-1, group_size)) * scales.float()[..., None]).flatten(-2)
+    return w[..., :in_features].to(dtype)
+
+
+def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, in_features: int, group_size: int,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """:func:`dequantize_int4_reference` for one [N, Kp/2] weight; one native pass where the kernels load."""
+    kernels = native() if qweight.dim() == 2 and qweight.device.type == "cpu" and qweight.is_contiguous() \
+        and scales.is_contiguous() and dtype in (torch.float32, torch.bfloat16) else None
+    if kernels is not None:
+        return kernels.dequantize_int4(qweight, scales, in_features, group_size, dtype)
+    return dequantize_int4_reference(qweight, scales, in_features, group_size, dtype)
+
+
+def linear_int4_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, in_features: int,
+                          group_size: int) -> torch.Tensor:
+    """``x @ ŵ.T`` on the dequantized weight, float32 inside, x's dtype out."""
+    return F.linear(x.float(), dequantize_int4_reference(qweight, scales, in_features, group_size)).to(x.dtype)
+
+
+def linear_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, in_features: int,
+                group_size: int) -> torch.Tensor:
+    """The product of a 4-bit group-wise weight (:func:`dequantize_int4_reference`), x's dtype out.  Few rows
+    (decode): the native kernel, which streams the packed weight once and widens it in registers; more rows
+    (prompts): the weight dequantized band by band for PyTorch's GEMM — float32, or bf16 where the CPU
+    multiplies bf16 natively and x is bf16 — as fast as the bf16 model's own prompt path."""
+    if x.shape[-1] != in_features:
+        raise ValueError(f"linear_int4: activations have {x.shape[-1]} features, the weight takes {in_features}")
+    rows = _rows(x)
+    if rows < limits().int4_max_rows and x.device.type == "cpu":
+        kernels = _native_for(x)
+        if kernels is not None:
+            return kernels.linear_int4(x, qweight, scales, in_features, group_size)
+    work = torch.bfloat16 if x.dtype == torch.bfloat16 and cpu_kind() == "native" else torch.float32
+    xw = x.to(work)
+    N = qweight.shape[0]
+    band = max(1, INT4_BAND_ELEMENTS // max(in_features, 1))
+    if N <= band:
+        return F.linear(xw, dequantize_int4(qweight, scales, in_features, group_size, work)).to(x.dtype)
+    y = torch.empty(*x.shape[:-1], N, dtype=work)
+    for r0 in range(0, N, band):
+        r1 = min(N, r0 + band)
+        y[..., r0:r1] = F.linear(xw, dequantize_int4(qweight[r0:r1], scales[r0:r1], in_features, group_size, work))
+    return y.to(x.dtype)
+
+
+# ---- block-FP8 weights ----------------------------------------------------------------------------------------
+
+FP8_BAND_ROWS = 1024  # weight rows dequantized at a time on the many-row path (a multiple of any block height)
+
+
+def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
+                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """weight [N, K] float8_e4m3fn with one float32 ``scale_inv`` per block of [bn, bk] -> weight · scale_inv in
+    float32 (one rounding per value), cast to ``dtype``.  The definition every fp8 path is checked against."""
+    bn, bk = block
+    N, K = weight.shape
+    w = weight.float()
+    s = scale_inv.float()
+    if N % bn == 0 and K % bk == 0:  # whole blocks: a broadcast, no expanded scale tensor
+        return (w.view(N // bn, bn, K // bk, bk) * s[:, None, :, None]).view(N, K).to(dtype)
+    s = s.repeat_interleave(bn, 0)[:N].repeat_interleave(bk, 1)[:, :K]
+    return (w * s).to(dtype)
+
+
+def linear_fp8_reference(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
+                         bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ dequantize(weight).T (+ bias)`` in float32, x's dtype out."""
+    y = F.linear(x.float(), dequantize_fp8_blocks(weight, scale_inv, block))
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def _linear_fp8_banded(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]
+                       ) -> torch.Tensor:
+    """The many-row product: the weight dequantized FP8_BAND_ROWS rows at a time (never the whole matrix in
+    float32), each band one PyTorch GEMM — float32, or bf16 where the CPU multiplies bf16 natively and x is bf16."""
+    bn = block[0]
+    N = weight.shape[0]
+    in_bf16 = x.dtype == torch.bfloat16 and cpu_kind() == "native"
+    work = torch.bfloat16 if in_bf16 else torch.float32
+    xw = x.to(work)
+    band = max(bn, FP8_BAND_ROWS // bn * bn)
+    if N <= band:
+        return F.linear(xw, dequantize_fp8_blocks(weight, scale_inv, block, work)).to(x.dtype)
+    y = torch.empty(*x.shape[:-1], N, dtype=work)
+    for r0 in range(0, N, band):
+        r1 = min(N, r0 + band)
+        w = dequantize_fp8_blocks(weight[r0:r1], scale_inv[r0 // bn:-(-r1 // bn)], block, work)
+        y[..., r0:r1] = F.linear(xw, w)
+    return y.to(x.dtype)
+
+
+def linear_fp8(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The product of a block-FP8 weight (float8_e4m3fn [N, K], float32 ``scale_inv`` [ceil(N/bn), ceil(K/bk)],
+    w = fp8 · scale_inv), x's dtype out.  Few rows (decode): the native kernel, which dequantizes each block in
+    registers and streams the 1-byte weight once; more rows (prompts): the weight dequantized band by band for
+    PyTorch's GEMM; without the kernel, the same banded path."""
+    rows = _rows(x)
+    y = None
+    if rows < limits().fp8_max_rows and x.device.type == "cpu" and weight.is_contiguous():
+        kernels = _native_for(x)
+        if kernels is not None:
+            y = kernels.linear_fp8(x, weight, scale_inv if scale_inv.dtype == torch.float32 else scale_inv.float(),
+                                   block)
+    if y is None:
+        y = _linear_fp8_banded(x, weight, scale_inv, block)
+    return y if bias is None else y + bias.to(y.dtype)
+
+
 # ---- norms ----------------------------------------------------------------------------------------------------
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
@@ -325,17 +461,21 @@ def deltanet_decode_(qkv: torch.Tensor, conv_weight: torch.Tensor, windows: torc
 
 # ---- decode attention over the paged KV cache -----------------------------------------------------------------
 
-def paged_decode_attention_reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                                     tables: torch.Tensor, lengths: torch.Tensor, block_size: int, scale: float
-                                     ) -> torch.Tensor:
-    """Gather each sequence's history into one zero-padded batch and run SDPA over it."""
-    longest = int(lengths.max())
-    pos = torch.arange(longest, device=q.device)
+def _history_rows(tables: torch.Tensor, lengths: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pool rows [n, L] of every sequence's history (padded to the longest) and which of them are real."""
+    pos = torch.arange(int(lengths.max()), device=tables.device)
     rows = tables[:, pos // block_size] * block_size + pos % block_size  # [n, L]
     valid = pos[None] < lengths[:, None]
     # padding repeats the sequence's own first row: masked out, but never uninitialised memory (a NaN there
     # would survive a zero attention weight)
-    rows = torch.where(valid, rows, rows[:, :1])
+    return torch.where(valid, rows, rows[:, :1]), valid
+
+
+def paged_decode_attention_reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                                     tables: torch.Tensor, lengths: torch.Tensor, block_size: int, scale: float
+                                     ) -> torch.Tensor:
+    """Gather each sequence's history into one zero-padded batch and run SDPA over it."""
+    rows, valid = _history_rows(tables, lengths, block_size)
     ks, vs = keys[rows].transpose(1, 2), values[rows].transpose(1, 2)  # [n, Hkv, L, d]
     mask = None if bool(valid.all()) else valid[:, None, None, :]
     o = F.scaled_dot_product_attention(q[:, :, None], ks, vs, attn_mask=mask, scale=scale,
@@ -344,10 +484,19 @@ def paged_decode_attention_reference(q: torch.Tensor, keys: torch.Tensor, values
 
 
 def paged_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tables: torch.Tensor,
-                           lengths: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
+                           lengths: torch.Tensor, block_size: int, scale: float,
+                           key_scales: torch.Tensor | None = None, value_scales: torch.Tensor | None = None
+                           ) -> torch.Tensor:
     """One decode query per sequence (q [n, H, d]) over its history in the paged pools (keys / values
     [num_blocks · block_size, Hkv, d]; block ids ``tables`` [n, max_blocks], ``lengths`` [n] keys each) ->
-    o [n, H, d].  The native kernel reads the blocks where they lie; the reference gathers them."""
+    o [n, H, d].  The native kernel reads the blocks where they lie; the reference gathers them.
+
+    With ``key_scales`` / ``value_scales`` ([num_blocks · block_size, Hkv] float32) the pools are a quantized KV
+    cache (int8 or float8_e4m3fn, see :func:`quantize_kv`): the kernel dequantizes each row in registers as it
+    reads it, the reference gathers and dequantizes the history, then attends in float32."""
+    if key_scales is not None or value_scales is not None:
+        return _paged_decode_attention_quant(q, keys, values, key_scales, value_scales, tables, lengths,
+                                             block_size, scale)
     kernels = _native_for(q, keys, values) if q.shape[0] and int(lengths.min()) >= \
         limits().decode_attention_min_keys > 0 and not torch.is_grad_enabled() else None
     if kernels is not None:
@@ -355,8 +504,72 @@ def paged_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Te
     return paged_decode_attention_reference(q, keys, values, tables, lengths, block_size, scale)
 
 
-__all__ = ["CPU_BF16_SWITCH", "CPU_KINDS", "LIMITS", "Limits", "check_switches", "cpu_kind", "deltanet_decode_",
-           "deltanet_decode_reference_", "gated_rms_norm", "gated_rms_norm_reference", "grouped_experts",
-           "host_has_native_bf16", "limits", "linear", "linear_int8", "linear_int8_reference", "linear_reference",
+# ---- the quantized KV cache -----------------------------------------------------------------------------------
+
+# Largest magnitude of each KV storage format: a row's largest |value| is scaled onto it
+KV_QUANT_MAX: dict[torch.dtype, float] = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
+
+
+def quantize_kv(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric quantization of KV rows: x [..., d] -> (q [..., d] in ``dtype``, scale [...] float32), one scale
+    per row of d (per token per KV head), ``scale = max|row| / KV_QUANT_MAX[dtype]``, x ≈ q · scale.
+
+    int8 rounds to nearest (|error| <= scale / 2 = max|row| / 254); float8_e4m3fn rounds to nearest even with
+    3 mantissa bits (relative error <= 2^-4, absolute <= 2^-10 · scale below e4m3's smallest normal).  An
+    all-zero row gets scale 0 and dequantizes to exact zeros."""
+    if dtype not in KV_QUANT_MAX:
+        raise ValueError(f"quantize_kv stores int8 or float8_e4m3fn, not {dtype}")
+    xf = x.float()
+    qmax = KV_QUANT_MAX[dtype]
+    scale = xf.abs().amax(dim=-1) / qmax
+    y = xf / torch.where(scale > 0, scale, torch.ones_like(scale))[..., None]
+    if dtype == torch.int8:
+        return y.round_().clamp_(-qmax, qmax).to(torch.int8), scale
+    return y.clamp_(-qmax, qmax).to(dtype), scale
+
+
+def dequantize_kv(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """q · scale (q [..., d] int8 or float8_e4m3fn, scale [...]) in float32, then cast to ``dtype``."""
+    return (q.float() * scale.float()[..., None]).to(dtype)
+
+
+def paged_decode_attention_quant_reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                                           key_scales: torch.Tensor, value_scales: torch.Tensor,
+                                           tables: torch.Tensor, lengths: torch.Tensor, block_size: int,
+                                           scale: float) -> torch.Tensor:
+    """Decode attention over a quantized paged cache: gather each history, dequantize it to float32 and run the
+    float reference on it (q widened to float32, the output in q's dtype)."""
+    rows, _ = _history_rows(tables, lengths, block_size)
+    picked = rows.reshape(-1)
+    n, L = rows.shape
+    ks = dequantize_kv(keys[picked], key_scales[picked]).view(n * L, *keys.shape[1:])
+    vs = dequantize_kv(values[picked], value_scales[picked]).view(n * L, *values.shape[1:])
+    # the gathered history is a pool of its own: sequence i's is its one block (of L rows), block i
+    own = torch.arange(n, device=q.device)[:, None]
+    return paged_decode_attention_reference(q.float(), ks, vs, own, lengths, L, scale).to(q.dtype)
+
+
+def _paged_decode_attention_quant(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                                  key_scales: torch.Tensor | None, value_scales: torch.Tensor | None,
+                                  tables: torch.Tensor, lengths: torch.Tensor, block_size: int, scale: float
+                                  ) -> torch.Tensor:
+    if key_scales is None or value_scales is None or keys.dtype not in KV_QUANT_MAX or values.dtype != keys.dtype:
+        raise ValueError("a quantized KV cache needs int8 or float8_e4m3fn keys and values of one dtype and both "
+                         f"key_scales and value_scales; got {keys.dtype} / {values.dtype} pools")
+    kernels = native() if q.shape[0] and q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) \
+        and int(lengths.min()) >= limits().decode_attention_min_keys > 0 and not torch.is_grad_enabled() else None
+    if kernels is not None:
+        return kernels.paged_decode_attention_quant(q, keys, values, key_scales, value_scales, tables, lengths,
+                                                    block_size, scale)
+    return paged_decode_attention_quant_reference(q, keys, values, key_scales, value_scales, tables, lengths,
+                                                  block_size, scale)
+
+
+__all__ = ["CPU_BF16_SWITCH", "CPU_KINDS", "KV_QUANT_MAX", "LIMITS", "Limits", "check_switches", "cpu_kind",
+           "deltanet_decode_", "deltanet_decode_reference_", "dequantize_fp8_blocks", "dequantize_int4",
+           "dequantize_int4_reference", "dequantize_kv", "gated_rms_norm", "gated_rms_norm_reference",
+           "grouped_experts", "host_has_native_bf16", "limits", "linear", "linear_fp8", "linear_fp8_reference",
+           "linear_int4", "linear_int4_reference", "linear_int8", "linear_int8_reference", "linear_reference",
            "linears", "linears_reference", "moe_experts", "moe_experts_reference", "paged_decode_attention",
-           "paged_decode_attention_reference", "rms_norm", "rms_norm_reference", "swiglu"]
+           "paged_decode_attention_quant_reference", "paged_decode_attention_reference", "quantize_kv", "rms_norm",
+           "rms_norm_reference", "swiglu"]

@@ -12,7 +12,15 @@
  * tables[s * max_blocks + p / bs] * bs + p % bs), lengths [n] keys per sequence (>= 1), out [n, H, d]
  * contiguous.  q / out are float32 or bf16 (q_bf16), the pools float32 or bf16 (kv_bf16).  Arithmetic in
  * float32; the output is rounded once.  Returns 0, or -1 on arguments the kernel does not take, -2 out of
- * memory. */
+ * memory.
+ *
+ * The quantized KV cache (q35_paged_decode_attention_quant; qwen35/engine/kv_quant.py): int8 or float8_e4m3fn
+ * pools with one float32 scale per token per KV head (ks, vs [R, Hkv]), read in place like the float pools.
+ * The scales never touch the inner loops: a key row's scale multiplies its finished dot product, a value row's
+ * scale its softmax weight (after the running sum has taken the unscaled weight).  e4m3 is widened through
+ * IEEE half: its sign, exponent and mantissa bits moved into half's places give a half whose value is the e4m3
+ * value times 2^-8, subnormals included, and F16C widens half to float32 in one instruction; the 2^8 is folded
+ * into the row scale. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -24,13 +32,52 @@
 #define MAX_SPLITS 64
 #define GMAX 8  /* query heads handled together per KV head (larger GQA groups are split into chunks of 8) */
 
-/* VL values of a float32 (KB = 0) or bf16 (KB = 1) row, as float32 */
+/* storage kinds of the pools (the KB argument below) */
+enum { KV_F32 = 0, KV_BF16 = 1, KV_INT8 = 2, KV_E4M3 = 3 };
+#define E4M3_UNIT 256.0f /* kv_e4m3_one / kv_load_e4m3 give the e4m3 value times 2^-8 */
+
+/* one e4m3 byte as float32, times 2^-8: (8 + m) 2^(e - 18) for exponent field e > 0, m 2^-17 for e = 0 */
+static inline float kv_e4m3_one(uint8_t b) {
+    const int e = (b >> 3) & 15, m = b & 7;
+    const float f = e ? ldexpf((float)(8 + m), e - 18) : ldexpf((float)m, -17);
+    return (b & 0x80) ? -f : f;
+}
+
+#if VL == 16
+static inline vec kv_load_e4m3(const uint8_t *p) {
+    const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
+    const __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8),
+                                      _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x7f)), 7));
+    return _mm512_cvtph_ps(h);
+}
+#elif VL == 8
+static inline vec kv_load_e4m3(const uint8_t *p) {
+    const __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)p));
+    const __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x80)), 8),
+                                   _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x7f)), 7));
+    return _mm256_cvtph_ps(h);
+}
+#else
+static inline vec kv_load_e4m3(const uint8_t *p) { return kv_e4m3_one(*p); }
+#endif
+
+/* VL values of a row stored as KB, as float32 (int8: the integers; e4m3: times 2^-8; unscaled) */
 static inline __attribute__((always_inline)) vec load_row(const int KB, const void *p, int64_t i) {
-    return KB ? vload_w((const uint16_t *)p + i) : vload_x((const float *)p + i);
+    switch (KB) {
+    case KV_BF16: return vload_w((const uint16_t *)p + i);
+    case KV_INT8: return vload_q8((const int8_t *)p + i);
+    case KV_E4M3: return kv_load_e4m3((const uint8_t *)p + i);
+    default: return vload_x((const float *)p + i);
+    }
 }
 
 static inline __attribute__((always_inline)) float load_one(const int KB, const void *p, int64_t i) {
-    return KB ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+    switch (KB) {
+    case KV_BF16: return bf16_to_f32(((const uint16_t *)p)[i]);
+    case KV_INT8: return (float)((const int8_t *)p)[i];
+    case KV_E4M3: return kv_e4m3_one(((const uint8_t *)p)[i]);
+    default: return ((const float *)p)[i];
+    }
 }
 
 /* One tile of nt keys for one chunk of GC query heads of a KV head, folded into that chunk's running softmax
@@ -39,9 +86,11 @@ static inline __attribute__((always_inline)) float load_one(const int KB, const 
  *   scores: each key row is widened once per vector and multiplied into GC running dot products;
  *   values: d is walked one vector at a time with GC accumulators held across the tile's keys, each value row
  *           widened once per vector (the tile's rows stay in L1 between the vectors).
- * row[t] is the element offset of key t's row for this KV head; qf [GC, d] is pre-scaled; sc [GC, TILE]. */
+ * row[t] is the element offset of key t's row for this KV head; qf [GC, d] is pre-scaled; sc [GC, TILE].
+ * Quantized pools (KB >= KV_INT8): ksc[t] / vsc[t] are the scales of key t's K and V rows for this KV head. */
 static inline __attribute__((always_inline)) void attend_tile(const int GC, const int KB, const float *qf,
                                                               const void *k, const void *v, const int64_t *row,
+                                                              const float *ksc, const float *vsc,
                                                               int64_t nt, int64_t d, float *mx, float *sum,
                                                               float *acc, float *sc) {
     float corr[GMAX];
@@ -63,10 +112,11 @@ static inline __attribute__((always_inline)) void attend_tile(const int GC, cons
             const vec kv = load_row(KB, k, off + i);
             for (int g = 0; g < GC; g++) a[g] = vfma(vload_x(qf + g * d + i), kv, a[g]);
         }
+        const float kmul = KB >= KV_INT8 ? ksc[t] : 1.0f;
         for (int g = 0; g < GC; g++) {
             float sg = vsum(vadd(a[g], b2[g]));
             for (int64_t r = i; r < d; r++) sg += qf[g * d + r] * load_one(KB, k, off + r);
-            sc[g * TILE + t] = sg;
+            sc[g * TILE + t] = KB >= KV_INT8 ? sg * kmul : sg;
         }
     }
     /* online softmax: new running max, rescale of what was accumulated, exponentials of this tile */
@@ -94,6 +144,8 @@ static inline __attribute__((always_inline)) void attend_tile(const int GC, cons
         mx[g] = m;
         sum[g] = l;
         corr[g] = c;
+        if (KB >= KV_INT8) /* the sum took the weights; the values take weight x row scale */
+            for (t = 0; t < nt; t++) sg[t] *= vsc[t];
     }
     /* values (two vectors of d at a time when the group is small: two accumulator chains per head) */
     int64_t i = 0;
@@ -136,21 +188,25 @@ static inline __attribute__((always_inline)) void attend_tile(const int GC, cons
 
 #define TILE_CASE(gc)                                                                                         \
     case gc:                                                                                                  \
-        if (kv_bf16)                                                                                          \
-            attend_tile(gc, 1, qf, k, v, hrow, nt, d, mx, sum, acc, sc);                                      \
-        else                                                                                                  \
-            attend_tile(gc, 0, qf, k, v, hrow, nt, d, mx, sum, acc, sc);                                      \
+        switch (kind) {                                                                                       \
+        case KV_BF16: attend_tile(gc, KV_BF16, qf, k, v, hrow, hks, hvs, nt, d, mx, sum, acc, sc); break;     \
+        case KV_INT8: attend_tile(gc, KV_INT8, qf, k, v, hrow, hks, hvs, nt, d, mx, sum, acc, sc); break;     \
+        case KV_E4M3: attend_tile(gc, KV_E4M3, qf, k, v, hrow, hks, hvs, nt, d, mx, sum, acc, sc); break;     \
+        default: attend_tile(gc, KV_F32, qf, k, v, hrow, hks, hvs, nt, d, mx, sum, acc, sc);                  \
+        }                                                                                                     \
         break;
 
 /* Work items are (sequence, key range): each walks its keys tile by tile and, per tile, every KV head and chunk
  * of query heads, so the rows it reads (all heads of a token are adjacent in the pool) form one stream.  When
  * there are fewer sequences than threads, a sequence's keys are split between several items (flash-decoding),
  * whose partial softmax states (max, sum, unnormalised output) are merged at the end. */
-int q35_paged_decode_attention(const void *q, int q_bf16, int64_t ldq, const void *k, const void *v, int kv_bf16,
-                               const int64_t *tables, int64_t max_blocks, const int64_t *lengths, int64_t n,
-                               int64_t H, int64_t Hkv, int64_t d, int64_t bs, float scale, void *out,
-                               int threads) {
+static int paged_decode(const void *q, int q_bf16, int64_t ldq, const void *k, const void *v, int kind,
+                        const float *kscale, const float *vscale, const int64_t *tables, int64_t max_blocks,
+                        const int64_t *lengths, int64_t n, int64_t H, int64_t Hkv, int64_t d, int64_t bs,
+                        float scale, void *out, int threads) {
     if (n <= 0 || H <= 0 || Hkv <= 0 || H % Hkv || d <= 0 || bs <= 0 || max_blocks <= 0 || ldq < H * d) return -1;
+    if (kind < KV_F32 || kind > KV_E4M3 || (kind >= KV_INT8 && (!kscale || !vscale))) return -1;
+    const float unit = kind == KV_E4M3 ? E4M3_UNIT : 1.0f;
     int64_t longest = 0;
     for (int64_t s = 0; s < n; s++) {
         if (lengths[s] < 1 || lengths[s] > max_blocks * bs) return -1;
@@ -193,8 +249,9 @@ int q35_paged_decode_attention(const void *q, int q_bf16, int64_t ldq, const voi
                         pacc[hh * d + i] = 0.0f;
                     }
                 }
-                const int64_t esz = kv_bf16 ? 2 : 4;
+                const int64_t esz = kind == KV_F32 ? 4 : kind == KV_BF16 ? 2 : 1;
                 int64_t tok[TILE], hrow[TILE];
+                float hks[TILE], hvs[TILE];
                 for (int64_t p0 = a; p0 < b; p0 += TILE) {
                     const int64_t nt = b - p0 < TILE ? b - p0 : TILE;
                     for (int64_t t = 0; t < nt; t++) tok[t] = table[(p0 + t) / bs] * bs + (p0 + t) % bs;
@@ -209,6 +266,11 @@ int q35_paged_decode_attention(const void *q, int q_bf16, int64_t ldq, const voi
                     }
                     for (int64_t h = 0; h < Hkv; h++) {
                         for (int64_t t = 0; t < nt; t++) hrow[t] = (tok[t] * Hkv + h) * d;
+                        if (kind >= KV_INT8)
+                            for (int64_t t = 0; t < nt; t++) {
+                                hks[t] = kscale[tok[t] * Hkv + h] * unit;
+                                hvs[t] = vscale[tok[t] * Hkv + h] * unit;
+                            }
                         for (int64_t c = 0; c < chunks; c++) {
                             const int64_t g0 = h * G + c * GMAX, gc = G - c * GMAX < GMAX ? G - c * GMAX : GMAX;
                             const float *qf = qf_all + g0 * d;
@@ -253,4 +315,22 @@ int q35_paged_decode_attention(const void *q, int q_bf16, int64_t ldq, const voi
     }
     free(part);
     return rc;
+}
+
+int q35_paged_decode_attention(const void *q, int q_bf16, int64_t ldq, const void *k, const void *v, int kv_bf16,
+                               const int64_t *tables, int64_t max_blocks, const int64_t *lengths, int64_t n,
+                               int64_t H, int64_t Hkv, int64_t d, int64_t bs, float scale, void *out,
+                               int threads) {
+    return paged_decode(q, q_bf16, ldq, k, v, kv_bf16 ? KV_BF16 : KV_F32, NULL, NULL, tables, max_blocks, lengths,
+                        n, H, Hkv, d, bs, scale, out, threads);
+}
+
+/* kv_kind 2: int8 pools, 3: float8_e4m3fn pools; ks / vs [R, Hkv] float32 scales (row value = stored x scale) */
+int q35_paged_decode_attention_quant(const void *q, int q_bf16, int64_t ldq, const void *k, const void *v,
+                                     int kv_kind, const float *ks, const float *vs, const int64_t *tables,
+                                     int64_t max_blocks, const int64_t *lengths, int64_t n, int64_t H, int64_t Hkv,
+                                     int64_t d, int64_t bs, float scale, void *out, int threads) {
+    if (kv_kind != KV_INT8 && kv_kind != KV_E4M3) return -1;
+    return paged_decode(q, q_bf16, ldq, k, v, kv_kind, ks, vs, tables, max_blocks, lengths, n, H, Hkv, d, bs,
+                        scale, out, threads);
 }

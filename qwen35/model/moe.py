@@ -43,10 +43,20 @@ class Router(nn.Module):
         self.top_k = top_k
         self.weight = nn.Parameter(torch.zeros(n_experts, hidden))
 
-    def forward(self, x: torch.Tensor) -> Routing:
+    def forward(self, x: torch.Tensor, experts: torch.Tensor | None = None) -> Routing:
+        """x [N, H] -> the routing of each token.  ``experts`` [N, k] (routing replay, as RL trainers do with
+        the experts an inference engine chose): take these ids instead of the top-k; their weights are this
+        router's own probabilities of them, renormalised, so the router still gets its gradient."""
         logits = F.linear(x, self.weight)
         probs = torch.softmax(logits.float(), dim=-1)
-        top, idx = probs.topk(self.top_k, dim=-1)
+        if experts is None:
+            top, idx = probs.topk(self.top_k, dim=-1)
+        else:
+            if experts.shape != (*probs.shape[:-1], self.top_k):
+                raise ValueError(f"replayed experts have shape {tuple(experts.shape)}, expected "
+                                 f"{(*probs.shape[:-1], self.top_k)} (tokens, top_k)")
+            idx = experts.to(device=probs.device, dtype=torch.long)
+            top = probs.gather(-1, idx)
         top = top / top.sum(-1, keepdim=True)
         return Routing(logits, top.to(logits.dtype), idx)
 

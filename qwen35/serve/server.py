@@ -42,13 +42,14 @@ def serve(model: str | os.PathLike | None = None, *, host: str = "127.0.0.1", po
           speculative_config: str | dict | None = None, enable_prefix_caching: bool = True,
           allowed_local_media_path: str | os.PathLike | None = None, allow_remote_media: bool = False,
           media_fetch_timeout_s: float = 10.0, max_image_pixels: int | None = None,
-          log_level: str = "info") -> None:
+          log_level: str = "info", kv_cache_dtype: str = "auto") -> None:
     """Load ``model`` (default: the embedded model) and serve it until interrupted.
 
     Binds to the loopback interface unless ``host`` says otherwise: exposing a model to the network is a decision
     to make explicitly (with ``api_key`` set).  The model is served as ``served_model_name`` (default: the
     checkpoint folder's name); requests naming another model get 404.  ``enable_prefix_caching=False`` recomputes
-    every prompt from the start (see ``qwen35.LLM``).
+    every prompt from the start; ``kv_cache_dtype`` "int8" / "fp8" stores the KV cache in one byte per value (see
+    ``qwen35.LLM``).
 
     Pictures (a model with a vision tower): ``data:`` URLs are always taken; local files only from inside
     ``allowed_local_media_path`` (a folder), http(s) URLs only with ``allow_remote_media`` (fetched with
@@ -77,6 +78,8 @@ def serve(model: str | os.PathLike | None = None, *, host: str = "127.0.0.1", po
         extra["speculative_config"] = speculative_config
     if not enable_prefix_caching:
         extra["enable_prefix_caching"] = False
+    if kv_cache_dtype != "auto":
+        extra["kv_cache_dtype"] = kv_cache_dtype
     llm = LLM(model, dtype=dtype, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
               cache_memory=cache_memory, max_model_len=max_model_len, threads=threads, media_policy=policy, **extra)
     name = served_model_name or Path(llm.model_path).name

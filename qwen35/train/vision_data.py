@@ -13,21 +13,17 @@ the generator's own record, never guessed from pixels:
 Questions (one task each): how many shapes of a kind, how many shapes in all, the colour of the only shape of a
 kind, the shape in a named place, whether a colour/shape pair is present, what number / word is written.
 Answers use the text tasks' fixed form ("The answer is X.", :func:`qwen35.train.data.extract_answer` reads
-it); with thinking on, the trace first looks at every cell in reading order (:func:`scan`: nine lines, each a
-lookup at a fixed place, so no line needs a search through the picture) and then works the question out from
-those lines in a rigid format, as the text tasks' traces do.  For "How many circles?"::
+it); with thinking on, a short trace in one rigid format per task first states what the picture shows about the
+question, then the conclusion::
 
-    Top left: red circle. Circles: 1.
-    Top: empty. Circles: 1.
-    Top right: blue square. Circles: 1.
-    Left: empty. Circles: 1.
-    Centre: green circle. Circles: 2.
-    ...
-    Bottom right: empty. Circles: 2.
-    So there are 2 circles.
+    How many circles?        I count the circles: 2.  /  So there are 2 circles.
+    What shape is on the left?   I look on the left: a green triangle.  /  So the shape is a triangle.
 
-(A first design listed only the shapes, "Shape 1: red circle, top left." ...: after 400 steps the model had
-learned the format but not to read a single colour, since each line needs a search for the next occupied cell.)
+Why such short traces (measured on this model, see :mod:`qwen35.train.embedded_vision`): traces that list the
+picture cell by cell ("Top left: red circle." ...) make the language model find a given cell among the picture
+tokens, which its single attention layer did not learn in 400 steps even over a perfectly trained tower.  Here
+every fact the trace states is a property of the whole picture, which the tower learns to write into every
+picture token (:func:`picture_labels` are its auxiliary targets), so the language model only has to read it.
 
 **Held-out split, disjoint by construction.**  Every example carries keys (as the text tasks do); an example is
 held out when any key is:
@@ -45,7 +41,7 @@ combination is new.
 
 Conversations use the chat template's image part (``{"type": "image"}``), rendered as
 ``<|vision_start|><|image_pad|><|vision_end|>``; :func:`encode_picture_example` expands the one pad token to
-the picture's 16 and :func:`picture_pixels` gives the matching ``pixel_values`` / ``image_grid_thw``.
+the picture's 9 and :func:`picture_pixels` gives the matching ``pixel_values`` / ``image_grid_thw``.
 """
 
 from __future__ import annotations
@@ -230,20 +226,8 @@ def _answer(value: object) -> str:
     return f"The answer is {value}."
 
 
-def scan(scene: Scene, running: str | None = None, counts=None) -> list[str]:
-    """The trace's look at the picture: every cell in reading order, what is there or "empty".  With
-    ``running`` (a label such as "Circles") each line also carries the running count of the shapes for which
-    ``counts(shape)`` is true, so the final count is a copy of the last line's."""
-    at = {s.cell: s for s in scene.shapes}
-    lines, n = [], 0
-    for cell in CELLS:
-        s = at.get(cell)
-        line = f"{cell.capitalize()}: {f'{s.colour} {s.shape}' if s else 'empty'}."
-        if running is not None:
-            n += bool(s is not None and counts(s))
-            line += f" {running}: {n}."
-        lines.append(line)
-    return lines
+def _a(word: str) -> str:
+    return f"an {word}" if word[0] in "aeiou" else f"a {word}"
 
 
 def _plural(n: int, shape: str) -> str:
@@ -257,16 +241,14 @@ def _count(rng: random.Random, scene: Scene) -> tuple[str, list[str], str, list[
     q = rng.choice(("How many {p}?", "How many {p} are there?", "How many {p} can you see?",
                     "Count the {p}.")).format(p=p)
     n = scene.count(shape)
-    lines = scan(scene, p.capitalize(), lambda s: s.shape == shape) + [f"So there {_plural(n, shape)}."]
-    return q, lines, str(n), []
+    return q, [f"I count the {p}: {n}.", f"So there {_plural(n, shape)}."], str(n), []
 
 
 def _count_all(rng: random.Random, scene: Scene) -> tuple[str, list[str], str, list[str]]:
     q = rng.choice(("How many shapes are there?", "How many shapes can you see?", "Count the shapes.",
                     "How many shapes are in the picture?"))
     n = len(scene.shapes)
-    lines = scan(scene, "Shapes", lambda s: True) + [f"So there {'is 1 shape' if n == 1 else f'are {n} shapes'}."]
-    return q, lines, str(n), []
+    return q, [f"I count the shapes: {n}.", f"So there {'is 1 shape' if n == 1 else f'are {n} shapes'}."], str(n), []
 
 
 def _colour(rng: random.Random, scene: Scene) -> tuple[str, list[str], str, list[str]] | None:
@@ -277,17 +259,14 @@ def _colour(rng: random.Random, scene: Scene) -> tuple[str, list[str], str, list
     s = next(s for s in scene.shapes if s.shape == shape)
     q = rng.choice(("What colour is the {s}?", "What color is the {s}?", "Which colour is the {s}?",
                     "What is the colour of the {s}?")).format(s=shape)
-    lines = scan(scene) + [f"The {shape} is {CELL_PHRASES[s.cell]}: {s.colour} {shape}.",
-                           f"So the {shape} is {s.colour}."]
-    return q, lines, s.colour, []
+    return q, [f"I look at the {shape}: it is {s.colour}.", f"So the {shape} is {s.colour}."], s.colour, []
 
 
 def _shape_at(rng: random.Random, scene: Scene) -> tuple[str, list[str], str, list[str]]:
     s = rng.choice(scene.shapes)
     at = CELL_PHRASES[s.cell]
     q = rng.choice(("What shape is {at}?", "Which shape is {at}?", "What is the shape {at}?")).format(at=at)
-    lines = scan(scene) + [f"{at.capitalize()}: {s.colour} {s.shape}.", f"So the shape is a {s.shape}."]
-    return q, lines, s.shape, []
+    return q, [f"I look {at}: {_a(s.colour)} {s.shape}.", f"So the shape is a {s.shape}."], s.shape, []
 
 
 def _exists(rng: random.Random, scene: Scene) -> tuple[str, list[str], str, list[str]]:
@@ -303,10 +282,9 @@ def _exists(rng: random.Random, scene: Scene) -> tuple[str, list[str], str, list
             colour, shape = base.colour, base.shape  # it is there after all: a "yes"
     q = rng.choice(("Is there a {c} {s}?", "Do you see a {c} {s}?", "Is there a {c} {s} in the picture?")).format(
         c=colour, s=shape)
-    found = [s.cell for s in scene.shapes if s.colour == colour and s.shape == shape]
-    yes = "yes" if found else "no"
-    lines = scan(scene) + [f"{colour.capitalize()} {PLURALS[shape]}: {', '.join(found) or 'none'}.", f"So {yes}."]
-    return q, lines, yes, [f"pair:{colour}:{shape}"]
+    yes = "yes" if scene.count(shape, colour) else "no"
+    found = "there is one" if yes == "yes" else "there is none"
+    return q, [f"I look for {_a(colour)} {shape}: {found}.", f"So {yes}."], yes, [f"pair:{colour}:{shape}"]
 
 
 _SHAPE_QUESTIONS = {"pic_count": _count, "pic_count_all": _count_all, "pic_colour": _colour,
@@ -362,6 +340,47 @@ def make_picture_example(task: str, rng: random.Random, think: bool) -> dict[str
     keys += [k for k in question_keys if k not in keys]
     return {"task": task, "messages": messages, "tools": None, "enable_thinking": think, "answer": answer,
             "keys": keys, "scene": scene}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# what the tower is taught to see
+
+
+# Auxiliary targets of the tower: (name, number of classes, how many) -- "pair" is 32 yes/no targets.
+LABEL_GROUPS: tuple[tuple[str, int, int], ...] = (
+    ("cell_colour", len(COLOURS) + 1, len(CELLS)),  # per cell: a colour or empty
+    ("cell_shape", len(SHAPES) + 1, len(CELLS)),  # per cell: a shape or empty
+    ("shape_count", 7, len(SHAPES)),  # how many of each shape, 0-6
+    ("total", 7, 1),
+    ("pair", 2, len(COLOURS) * len(SHAPES)),  # is a shape of this colour there
+    ("kind", 3, 1),  # shapes, number, word
+    ("tens", 11, 1),  # a number's tens digit (10: none)
+    ("units", 11, 1),  # a number's units digit (10: not a number)
+    ("word", len(PICTURE_WORDS) + 1, 1),
+    ("ink", len(COLOURS) + 1, 1),  # the colour of written text
+)
+
+
+def picture_labels(scene: Scene) -> dict[str, list[int]]:
+    """Everything the questions ask about a picture, as class indices per :data:`LABEL_GROUPS`: what the
+    tower's auxiliary head is trained to read from every picture token (training only; not exported)."""
+    colours, none_c, none_s = list(COLOURS), len(COLOURS), len(SHAPES)
+    at = {s.cell: s for s in scene.shapes}
+    out = {
+        "cell_colour": [colours.index(at[c].colour) if c in at else none_c for c in CELLS],
+        "cell_shape": [SHAPES.index(at[c].shape) if c in at else none_s for c in CELLS],
+        "shape_count": [scene.count(s) for s in SHAPES],
+        "total": [len(scene.shapes)],
+        "pair": [int(scene.count(s, c) > 0) for c in colours for s in SHAPES],
+    }
+    text = scene.text or ""
+    number = text.isdigit()
+    out["kind"] = [0 if not text else 1 if number else 2]
+    out["tens"] = [int(text[-2]) if number and len(text) == 2 else 10]
+    out["units"] = [int(text[-1]) if number else 10]
+    out["word"] = [PICTURE_WORDS.index(text) if text and not number else len(PICTURE_WORDS)]
+    out["ink"] = [colours.index(scene.ink) if scene.ink else none_c]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -476,6 +495,6 @@ def prompt_messages(ex: Mapping[str, Any]) -> list[dict[str, Any]]:
 __all__ = [
     "IMAGE_SIZE", "PROCESSOR", "COLOURS", "SHAPES", "CELLS", "HELD_OUT_PAIRS", "PICTURE_WORDS", "PICTURE_TASKS",
     "DEFAULT_PICTURE_MIX", "Shape", "Scene", "random_shapes_scene", "random_text_scene", "draw", "picture_pixels",
-    "make_picture_example", "scan", "is_held_out_picture_key", "is_held_out_picture", "held_out_reason", "picture_example",
+    "make_picture_example", "picture_labels", "LABEL_GROUPS", "is_held_out_picture_key", "is_held_out_picture", "held_out_reason", "picture_example",
     "held_out_pictures", "encode_picture_example", "question_of", "prompt_messages",
 ]
