@@ -55,6 +55,8 @@ class NativeKernels:
         self._linear_int8 = self._bind(lib.q35_linear_int8, [vp, ci, i64, vp, vp, vp, ci, i64, i64, i64, ci])
         self._linear_fp8 = self._bind(lib.q35_linear_fp8, [vp, ci, i64, vp, vp, i64, i64, vp, ci, i64, i64, i64, ci])
         self._linear_int4 = self._bind(lib.q35_linear_int4, [vp, ci, i64, vp, vp, i64, vp, ci, i64, i64, i64, ci])
+        self._linear_int4_q8 = self._bind(lib.q35_linear_int4_q8,
+                                          [vp, ci, i64, vp, vp, i64, vp, ci, i64, i64, i64, ci])
         self._dequantize_int4 = self._bind(lib.q35_dequantize_int4, [vp, vp, i64, vp, ci, i64, i64, ci])
         self._paged_decode_attention = self._bind(lib.q35_paged_decode_attention,
                                                   [vp, ci, i64, vp, vp, ci, vp, i64, vp] + [i64] * 5 + [cf, vp, ci])
@@ -178,21 +180,34 @@ class NativeKernels:
         """``x @ ŵ.T`` for a packed 4-bit weight (uint8 [N, Kp/2], bf16 ``scales`` [N, Kp/group_size]; ŵ as
         :func:`qwen35.kernels.ops.dequantize_int4_reference` defines it), multiplied in float32; returned as
         ``out_dtype`` (default x's dtype: float32 or bf16)."""
+        return self._int4_product(self._linear_int4, "linear_int4", x, qweight, scales, in_features, group_size,
+                                  out_dtype)
+
+    def linear_int4_q8(self, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, in_features: int,
+                       group_size: int, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """As :meth:`linear_int4`, but each block of 32 activations is first rounded to int8 with a float32
+        scale and the products are summed in integers (int4.c says why: the one-row product is then no longer
+        bound by widening nibbles); :func:`qwen35.kernels.ops.linear_int4_q8_reference` defines the result."""
+        return self._int4_product(self._linear_int4_q8, "linear_int4_q8", x, qweight, scales, in_features,
+                                  group_size, out_dtype)
+
+    def _int4_product(self, fn, name: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                      in_features: int, group_size: int, out_dtype: torch.dtype | None) -> torch.Tensor:
         _check_float(x)
         if x.shape[-1] != in_features:
-            raise ValueError(f"linear_int4: activations have {x.shape[-1]} features, the weight {in_features}")
+            raise ValueError(f"{name}: activations have {x.shape[-1]} features, the weight {in_features}")
         N = self._check_int4(qweight, scales, in_features, group_size)
         out_dtype = out_dtype or x.dtype
         if out_dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"linear_int4 writes float32 or bfloat16, not {out_dtype}")
+            raise ValueError(f"{name} writes float32 or bfloat16, not {out_dtype}")
         x2 = _rows(x)
         y = torch.empty(x2.shape[0], N, dtype=out_dtype)
         if x2.shape[0] and N:
-            rc = self._linear_int4(x2.data_ptr(), _bf(x2), x2.stride(0), qweight.data_ptr(), scales.data_ptr(),
-                                   group_size, y.data_ptr(), int(out_dtype == torch.bfloat16), x2.shape[0], N,
-                                   in_features, torch.get_num_threads())
+            rc = fn(x2.data_ptr(), _bf(x2), x2.stride(0), qweight.data_ptr(), scales.data_ptr(), group_size,
+                    y.data_ptr(), int(out_dtype == torch.bfloat16), x2.shape[0], N, in_features,
+                    torch.get_num_threads())
             if rc != 0:
-                raise RuntimeError(f"q35_linear_int4 failed ({rc}) for M={x2.shape[0]} N={N} K={in_features}")
+                raise RuntimeError(f"q35_{name} failed ({rc}) for M={x2.shape[0]} N={N} K={in_features}")
         return y.reshape(*x.shape[:-1], N)
 
     def dequantize_int4(self, qweight: torch.Tensor, scales: torch.Tensor, in_features: int, group_size: int,

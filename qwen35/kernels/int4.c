@@ -23,7 +23,9 @@
  * unpacking is 256-bit AVX2 code in the avx2 and avx512 builds alike (the layout is made for 8 lanes; the
  * product is bound by the unpacking, not by the vector width), portable C in the scalar build.  More rows: a
  * block of NB4 weight rows is dequantised once into an L1-resident float32 block and every block of MB4
- * activation rows multiplies it from registers (simd.h vectors).  Threads split the weight rows.
+ * activation rows multiplies it from registers (simd.h vectors).  Threads split the weight rows.  A second entry
+ * point, q35_linear_int4_q8 (at the end of the file), rounds the activations to int8 first and sums in integers:
+ * faster for one to a few rows, at the price of that rounding (qwen35/kernels/ops.py chooses).
  *
  * Built at first use per instruction-set variant (simd.h); qwen35/kernels/__init__.py falls back to PyTorch
  * when no compiler is present.  Returns 0, -1 on bad arguments, -2 out of memory. */
@@ -278,4 +280,210 @@ int q35_dequantize_int4(const uint8_t *w, const uint16_t *scales, int64_t G, voi
         free(row);
     }
     return rc;
+}
+
+/* ---- the int8-activation product (q35_linear_int4_q8), for one to a few activation rows ----------------------
+ *
+ * Why: the float32 product above is bound by widening each nibble to a float32 lane (three vector operations per
+ * 8 weights before the FMA).  Rounding the activation row to int8 once per call (cost K, against N·K for the
+ * product) lets the weights stay bytes: per 64-weight block one load, a xor, two masks, a shift, two
+ * _mm256_maddubs_epi16 (unsigned nibble byte × signed activation byte, adjacent pairs summed to int16), an add
+ * and two _mm256_madd_epi16 (to int32 per 32-weight half), then one convert and one FMA per half.  That is the
+ * shape of llama.cpp's Q4_0 × Q8_0 dot product, written here for this file's packed layout.
+ *
+ * Numerics (the price): each block of 32 consecutive activations k0..k0+31 (k0 a multiple of 32; the row is
+ * zero-padded to Kp) is stored as q = round_half_even(x · (127 / amax)) in −127..127 with the float32 scale
+ * d = amax / 127 (both 0 for an all-zero block), as llama.cpp's Q8_0 does.  The product is then
+ *     y[m, n] = Σ_blocks  scales[n, k0 / G] · d[m, k0 / 32] · Σ_{k in block} q_w[n, k] · q_x[m, k]
+ * with the inner sums exact in int32; only the float32 summation order differs from
+ * qwen35.kernels.ops.linear_int4_q8_reference, which defines it.  Against the float32 product the activation
+ * rounding adds a relative error of about 2^-8 per block (see tests/quant/test_int4.py).
+ *
+ * Layout: maddubs pairs byte t of the weight block with byte t of the activations, so the quantised row is
+ * stored in the weight's own order: per 64-block, bytes 0..31 are the activations met by the low nibbles
+ * (position 4j + p holds weight 16p + j), bytes 32..63 those met by the high nibbles (weight 16p + 8 + j).
+ * Within each 32-bit lane the int16 pair sums come out as [first 32 weights, second 32 weights], so madd with
+ * (1, 0) and (0, 1) separates the two 32-weight blocks.  The nibbles are used unsigned (q_w + 8, one xor with
+ * 0x88 per byte), so the AVX2 code subtracts 8 · Σ_{block} d · Σ q_x per group once per weight row (c below,
+ * precomputed per activation row); the scalar build multiplies signed values directly.  Up to Q8_ROWS activation
+ * rows share each unpacked weight block; threads split the weight rows. */
+#define Q8_BLOCK 32
+#define Q8_ROWS 4
+
+/* one activation row x [K] (float32 or bf16) into xq [Kp] (weight order), d [Kp / 32] and, per group of G,
+ * c [Kp / G] = 8 · Σ_{blocks of the group} d · Σ q */
+static void quantize_row_q8(const void *x, int x_bf16, int64_t K, int64_t Kp, int64_t G, int8_t *xq, float *d,
+                            float *c) {
+    const float round_magic = 12582912.0f; /* 1.5 · 2^23: (v + m) − m rounds |v| < 2^22 half to even */
+    for (int64_t g = 0; g < Kp / G; g++) c[g] = 0.0f;
+    for (int64_t k0 = 0; k0 < Kp; k0 += Q8_BLOCK) {
+        float amax = 0.0f;
+        for (int64_t k = k0; k < k0 + Q8_BLOCK && k < K; k++) {
+            const float a = act_ld(x, x_bf16, k);
+            const float m = a < 0 ? -a : a;
+            if (m > amax) amax = m;
+        }
+        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f, scale = amax / 127.0f;
+        int sum = 0;
+        for (int64_t k = k0; k < k0 + Q8_BLOCK; k++) {
+            int q = 0;
+            if (k < K) {
+                /* the product rounded to float32 first, as the reference: no FMA contraction into the add */
+                volatile float v = act_ld(x, x_bf16, k) * inv;
+                q = (int)((v + round_magic) - round_magic);
+                q = q > 127 ? 127 : q < -127 ? -127 : q;
+            }
+            const int64_t r64 = k % QBLOCK, p = r64 / 16, h = (r64 / 8) & 1, j = r64 % 8;
+            xq[k - r64 + 32 * h + 4 * j + p] = (int8_t)q;
+            sum += q;
+        }
+        d[k0 / Q8_BLOCK] = scale;
+        c[k0 / G] += 8.0f * scale * (float)sum;
+    }
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+static inline float hsum8(__m256 t) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+}
+
+/* R (a constant at each call site) activation rows (xq stride Kp, d stride Kp/32, c stride ngroups) times one
+ * packed weight row: out[r] */
+static inline __attribute__((always_inline)) void dot_q8_rows(const int R, const int8_t *xq, const float *d,
+                                                              const float *c, const uint8_t *w,
+                                                              const uint16_t *scales, int64_t G, int64_t Kp,
+                                                              float *out) {
+    const int64_t nblocks = Kp / QBLOCK, ngroups = Kp / G, nd = Kp / Q8_BLOCK;
+    const __m256i low4 = _mm256_set1_epi8(0x0F), flip = _mm256_set1_epi8((char)0x88);
+    const __m256i first = _mm256_set1_epi32(1), second = _mm256_set1_epi32(1 << 16);
+    __m256 t0[Q8_ROWS], t1[Q8_ROWS];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++) t0[r] = t1[r] = _mm256_setzero_ps();
+#define Q8_HALVES(r, b)                                                                                         \
+    const int8_t *q = xq + (r) * Kp + QBLOCK * (b);                                                             \
+    const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)q)),      \
+                                         _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(q + 32)))); \
+    const __m256 fa = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, first));                                        \
+    const __m256 fb = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, second));
+    /* per 32-block the weight scale times the activation scale, 8 64-blocks at a time (vectors at G 32, 64) */
+    float sd[Q8_ROWS][16];
+    const int gshift = __builtin_ctzll((unsigned long long)(G / Q8_BLOCK)); /* 32-blocks per group, log2 */
+    for (int64_t b0 = 0; b0 < nblocks; b0 += 8) {
+        const int64_t bend = b0 + 8 < nblocks ? b0 + 8 : nblocks;
+        if (G <= 64 && bend - b0 == 8) { /* 16 scales at 32, 8 each used twice at 64 */
+            for (int h = 0; h < 2; h++) {
+                __m256 sv = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(
+                    (const __m128i *)(scales + (G == 32 ? 2 * b0 + 8 * h : b0)))), 16));
+                if (G == 64)
+                    sv = _mm256_permutevar8x32_ps(sv, _mm256_add_epi32(_mm256_set_epi32(3, 3, 2, 2, 1, 1, 0, 0),
+                                                                       _mm256_set1_epi32(4 * h)));
+#pragma GCC unroll 4
+                for (int r = 0; r < R; r++)
+                    _mm256_storeu_ps(sd[r] + 8 * h, _mm256_mul_ps(sv, _mm256_loadu_ps(d + r * nd + 2 * b0 + 8 * h)));
+            }
+        } else {
+            for (int64_t t = 0; t < 2 * (bend - b0); t++) {
+                const float st = bf16_to_f32(scales[(2 * b0 + t) >> gshift]);
+                for (int r = 0; r < R; r++) sd[r][t] = st * d[r * nd + 2 * b0 + t];
+            }
+        }
+        for (int64_t b = b0; b < bend; b++) {
+            const __m256i v = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w + 32 * b)), flip);
+            const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+#pragma GCC unroll 4
+            for (int r = 0; r < R; r++) {
+                Q8_HALVES(r, b)
+                t0[r] = _mm256_fmadd_ps(fa, _mm256_broadcast_ss(sd[r] + 2 * (b - b0)), t0[r]);
+                t1[r] = _mm256_fmadd_ps(fb, _mm256_broadcast_ss(sd[r] + 2 * (b - b0) + 1), t1[r]);
+            }
+        }
+    }
+#undef Q8_HALVES
+    /* the unsigned-nibble offset: Σ_g s_g · c_g, eight groups at a time */
+    int64_t g = 0;
+    __m256 cv[Q8_ROWS];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++) cv[r] = _mm256_setzero_ps();
+    for (; g + 8 <= ngroups; g += 8) {
+        const __m256 sv = _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(scales + g))), 16));
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) cv[r] = _mm256_fmadd_ps(sv, _mm256_loadu_ps(c + r * ngroups + g), cv[r]);
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++) {
+        float corr = hsum8(cv[r]);
+        for (int64_t t = g; t < ngroups; t++) corr += bf16_to_f32(scales[t]) * c[r * ngroups + t];
+        out[r] = hsum8(_mm256_add_ps(t0[r], t1[r])) - corr;
+    }
+}
+
+static void dot_q8(int R, const int8_t *xq, const float *d, const float *c, const uint8_t *w, const uint16_t *scales,
+                   int64_t G, int64_t Kp, float *out) {
+    switch (R) {
+    case 1: dot_q8_rows(1, xq, d, c, w, scales, G, Kp, out); return;
+    case 2: dot_q8_rows(2, xq, d, c, w, scales, G, Kp, out); return;
+    case 3: dot_q8_rows(3, xq, d, c, w, scales, G, Kp, out); return;
+    default: dot_q8_rows(4, xq, d, c, w, scales, G, Kp, out); return;
+    }
+}
+#else
+/* portable: signed nibbles times signed activation bytes, exact int per 32-block (c unused) */
+static void dot_q8(int R, const int8_t *xq, const float *d, const float *c, const uint8_t *w, const uint16_t *scales,
+                   int64_t G, int64_t Kp, float *out) {
+    (void)c;
+    const int64_t nblocks = Kp / QBLOCK, nd = Kp / Q8_BLOCK;
+    for (int r = 0; r < R; r++) {
+        const int8_t *q = xq + r * Kp;
+        float tot = 0.0f;
+        for (int64_t b = 0; b < nblocks; b++) {
+            int isum[2] = {0, 0};
+            for (int t = 0; t < 32; t++) {
+                const int byte = w[32 * b + t], lo = ((byte & 15) ^ 8) - 8, hi = ((byte >> 4) ^ 8) - 8;
+                isum[(t & 3) >= 2] += lo * q[QBLOCK * b + t] + hi * q[QBLOCK * b + 32 + t];
+            }
+            for (int h = 0; h < 2; h++) {
+                const int64_t k0 = QBLOCK * b + Q8_BLOCK * h;
+                tot += bf16_to_f32(scales[k0 / G]) * d[r * nd + k0 / Q8_BLOCK] * (float)isum[h];
+            }
+        }
+        out[r] = tot;
+    }
+}
+#endif
+
+int q35_linear_int4_q8(const void *x, int x_bf16, int64_t ldx, const uint8_t *w, const uint16_t *scales,
+                       int64_t G, void *y, int y_bf16, int64_t M, int64_t N, int64_t K, int threads) {
+    if (M <= 0 || N <= 0 || K <= 0 || ldx < K || G < 32 || (G & (G - 1))) return -1;
+    const int64_t span = G > QBLOCK ? G : QBLOCK, row_bytes = (K + span - 1) / span * span / 2,
+                  Kp = row_bytes * 2, ngroups = Kp / G, nd = Kp / Q8_BLOCK;
+    int8_t *xq = (int8_t *)malloc((size_t)(M * Kp));
+    float *d = (float *)malloc((size_t)(M * nd) * sizeof(float)), *c = (float *)malloc((size_t)(M * ngroups) * sizeof(float));
+    if (!xq || !d || !c) {
+        free(xq), free(d), free(c);
+        return -2;
+    }
+    for (int64_t m = 0; m < M; m++)
+        quantize_row_q8(x_bf16 ? (const void *)((const uint16_t *)x + m * ldx) : (const void *)((const float *)x + m * ldx),
+                        x_bf16, K, Kp, G, xq + m * Kp, d + m * nd, c + m * ngroups);
+    const int64_t nwork = (N + GEMV_ROWS - 1) / GEMV_ROWS;
+    if (threads < 1) threads = 1;
+    if (threads > nwork) threads = (int)nwork;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < nwork; b++) {
+        const int64_t nend = (b + 1) * GEMV_ROWS < N ? (b + 1) * GEMV_ROWS : N;
+        for (int64_t n = b * GEMV_ROWS; n < nend; n++)
+            for (int64_t m0 = 0; m0 < M; m0 += Q8_ROWS) {
+                const int R = (int)(M - m0 < Q8_ROWS ? M - m0 : Q8_ROWS);
+                float out[Q8_ROWS];
+                dot_q8(R, xq + m0 * Kp, d + m0 * nd, c + m0 * ngroups, w + n * row_bytes, scales + n * ngroups, G,
+                       Kp, out);
+                for (int r = 0; r < R; r++) act_st(y, y_bf16, (m0 + r) * N + n, out[r]);
+            }
+    }
+    free(xq), free(d), free(c);
+    return 0;
 }

@@ -54,6 +54,9 @@ class Limits:
     # 4-bit products (qwen35/quant/int4.py) with fewer rows run on the native kernel; more dequantize the weight
     # (band by band) for PyTorch's GEMM.  benchmarks/bench_ops.py --only int4 (see the int4 entry of RESULTS.md)
     int4_max_rows: int = 48
+    # of those, products with at most this many rows round the activations to int8 per block of 32 and sum in
+    # integers (NativeKernels.linear_int4_q8; about 2^-8 relative activation error, see int4.c); 0: never
+    int4_q8_max_rows: int = 0
 
 
 # Each number points at what set it (benchmarks/RESULTS.md has the runs).
@@ -66,6 +69,14 @@ LIMITS: dict[str, Limits] = {
         linear_max_rows=48, widen_min_rows=32,
         # bench_ops.py (int8): the native int8 product against dequantise + float32 F.linear
         int8_max_rows=48,
+        # the int8-activation int4 product (q35_linear_int4_q8) against the float32 one, 4096x2048 weight,
+        # 1 thread with a CI job on the other core (2-core AVX2 EPYC, session 7): g32 1.4-2.1x faster at one row,
+        # 1.6-2.8x at 2-8 rows.  Off (0) all the same: end to end it moved batch-1 decode of the 0.8B shape only
+        # from 14.2 to 16.5 tok/s (0.66x -> 0.69x llama.cpp Q4_K_M; the int8 lm_head is half the bytes read), and
+        # with it on, a row's rounding depends on how many rows its call had, so the engine's decode steps no
+        # longer reproduce the full forward exactly.  Turn on (8) once a decode step can be shown equal to a
+        # forward that rounds the same way (benchmarks/RESULTS.md, session 7).
+        int4_q8_max_rows=0,
         # session 3: the grouped experts cut a 16-token decode step of the 35B-A3B shape from 948 to 680 ms
         moe_max_tokens=48,
         # session 3: one token's RMSNorm 16 us native vs 33 PyTorch; the gated norm 74 vs 85 at one token but
@@ -248,10 +259,43 @@ def linear_int4_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.
     return F.linear(x.float(), dequantize_int4_reference(qweight, scales, in_features, group_size)).to(x.dtype)
 
 
+Q8_BLOCK = 32  # activations per int8 block of the int8-activation int4 product (llama.cpp's Q8_0 block)
+
+
+def quantize_activations_q8_reference(x: torch.Tensor, padded: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows x [M, K] zero-padded to ``padded`` features, each block of 32 rounded to int8 as int4.c's
+    q35_linear_int4_q8 does: q = round_half_even(x · (127 / amax)) (float32 arithmetic), d = amax / 127, both 0
+    for an all-zero block.  Returns q [M, padded] (integer-valued float32) and d [M, padded / 32] float32."""
+    xp = F.pad(x.float(), (0, padded - x.shape[-1])).unflatten(-1, (-1, Q8_BLOCK))
+    amax = xp.abs().amax(-1)
+    # a true division (``127.0 / amax`` would be PyTorch's reciprocal times 127, one ulp off a quarter of the time)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+    q = torch.round(xp * inv[..., None]).clamp(-127, 127)
+    return q.flatten(-2), amax / 127.0
+
+
+def linear_int4_q8_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, in_features: int,
+                             group_size: int) -> torch.Tensor:
+    """The int8-activation 4-bit product (int4.c: q35_linear_int4_q8): per block of 32, weight scale times
+    activation scale times the exact integer dot of the 4-bit and 8-bit values, summed in float64; x's dtype out.
+    Not :func:`linear_int4_reference`: the activations are rounded to int8 first (about 2^-8 relative)."""
+    lead, x2 = x.shape[:-1], x.reshape(-1, in_features)
+    padded = qweight.shape[-1] * 2
+    q, d = quantize_activations_q8_reference(x2, padded)
+    wq = dequantize_int4_reference(qweight, torch.ones_like(scales), padded, group_size)  # the 4-bit values
+    isum = torch.einsum("mbk,nbk->mnb", q.double().unflatten(-1, (-1, Q8_BLOCK)),
+                        wq.double().unflatten(-1, (-1, Q8_BLOCK)))
+    ws = scales.double().repeat_interleave(group_size // Q8_BLOCK, dim=-1)  # [N, blocks]
+    y = (isum * d.double()[:, None, :] * ws[None]).sum(-1)
+    return y.to(x.dtype).reshape(*lead, qweight.shape[0])
+
+
 def linear_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, in_features: int,
                 group_size: int) -> torch.Tensor:
     """The product of a 4-bit group-wise weight (:func:`dequantize_int4_reference`), x's dtype out.  Few rows
-    (decode): the native kernel, which streams the packed weight once and widens it in registers; more rows
+    (decode): the native kernel, which streams the packed weight once and widens it in registers — up to
+    ``int4_q8_max_rows`` rows with the activations rounded to int8 first (:func:`linear_int4_q8_reference`,
+    faster where measured: the one-row product is bound by the widening otherwise); more rows
     (prompts): the weight dequantized band by band for PyTorch's GEMM — float32, or bf16 where the CPU
     multiplies bf16 natively and x is bf16 — as fast as the bf16 model's own prompt path."""
     if x.shape[-1] != in_features:
@@ -260,6 +304,8 @@ def linear_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, in
     if rows < limits().int4_max_rows and x.device.type == "cpu":
         kernels = _native_for(x)
         if kernels is not None:
+            if rows <= limits().int4_q8_max_rows:
+                return kernels.linear_int4_q8(x, qweight, scales, in_features, group_size)
             return kernels.linear_int4(x, qweight, scales, in_features, group_size)
     work = torch.bfloat16 if x.dtype == torch.bfloat16 and cpu_kind() == "native" else torch.float32
     xw = x.to(work)
@@ -569,7 +615,8 @@ __all__ = ["CPU_BF16_SWITCH", "CPU_KINDS", "KV_QUANT_MAX", "LIMITS", "Limits", "
            "deltanet_decode_", "deltanet_decode_reference_", "dequantize_fp8_blocks", "dequantize_int4",
            "dequantize_int4_reference", "dequantize_kv", "gated_rms_norm", "gated_rms_norm_reference",
            "grouped_experts", "host_has_native_bf16", "limits", "linear", "linear_fp8", "linear_fp8_reference",
-           "linear_int4", "linear_int4_reference", "linear_int8", "linear_int8_reference", "linear_reference",
-           "linears", "linears_reference", "moe_experts", "moe_experts_reference", "paged_decode_attention",
-           "paged_decode_attention_quant_reference", "paged_decode_attention_reference", "quantize_kv", "rms_norm",
+           "linear_int4", "linear_int4_q8_reference", "linear_int4_reference", "linear_int8",
+           "linear_int8_reference", "linear_reference", "linears", "linears_reference", "moe_experts",
+           "moe_experts_reference", "paged_decode_attention", "paged_decode_attention_quant_reference",
+           "paged_decode_attention_reference", "quantize_activations_q8_reference", "quantize_kv", "rms_norm",
            "rms_norm_reference", "swiglu"]
