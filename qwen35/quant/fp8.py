@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..kernels.ops import dequantize_fp8_blocks, grouped_experts, linear_fp8, swiglu
+from .int8 import replace_modules
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -197,24 +198,14 @@ def quantize_fp8(model: nn.Module, block: tuple[int, int] = BLOCK) -> nn.Module:
     excepted), in place, one module at a time (the peak is one module's float32 copy over the model)."""
     from ..model.moe import Experts
 
-    targets = []
-    for name, module in model.named_modules():
-        for child_name, child in module.named_children():
-            full = f"{name}.{child_name}" if name else child_name
-            if not fp8_converts(full):
-                continue
-            if isinstance(child, nn.Linear):
-                targets.append((module, child_name, lambda m: Fp8Linear.from_linear(m, block)))
-            elif isinstance(child, Experts):
-                targets.append((module, child_name, lambda m: Fp8Experts.from_experts(m, block)))
-    for parent, child_name, make in targets:
-        old = getattr(parent, child_name)
-        setattr(parent, child_name, make(old))
-        del old
-    if getattr(model.config.text, "tie_word_embeddings", False):
-        model.model.embed_tokens.weight.requires_grad_(False)
-    model.quantization = "fp8"
-    return model
+    def convert(full: str, child: nn.Module):
+        if not fp8_converts(full):
+            return None
+        if isinstance(child, nn.Linear):
+            return lambda m: Fp8Linear.from_linear(m, block)
+        return (lambda m: Fp8Experts.from_experts(m, block)) if isinstance(child, Experts) else None
+
+    return replace_modules(model, convert, "fp8")
 
 
 __all__ = ["BLOCK", "EXPERT_PARTS", "FP8_DTYPE", "FP8_MAX", "Fp8Experts", "Fp8Linear", "KEEP", "check_fp8_pair",

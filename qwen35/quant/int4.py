@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from ..kernels.ops import dequantize_int4_reference, grouped_experts, linear_int4
-from .int8 import KEEP, Int8Linear, _swiglu
+from .int8 import KEEP, Int8Linear, _swiglu, replace_modules
 
 BLOCK = 64  # weights per 32-byte block (eight words of eight nibbles)
 DEFAULT_GROUP_SIZE = 32  # see the module docstring: lowest KL, +4% bytes, ~10% slower one-row product than 64
@@ -263,31 +263,19 @@ def quantize_int4(model: nn.Module, group_size: int = DEFAULT_GROUP_SIZE, *, lm_
     check_group_size(group_size)
     if lm_head not in HEAD_FORMATS:
         raise ValueError(f"lm_head must be one of {', '.join(map(repr, HEAD_FORMATS))}, got {lm_head!r}")
-    targets = []
-    for name, module in model.named_modules():
-        for child_name, child in module.named_children():
-            full = f"{name}.{child_name}" if name else child_name
-            if full.startswith("visual"):  # the tower stays in the model's dtype (memory.py counts it so)
-                continue
-            if isinstance(child, nn.Linear) and not full.endswith(KEEP):
-                if full == "lm_head":
-                    if lm_head is None:
-                        continue
-                    targets.append((module, child_name, (lambda lin: Int8Linear(lin)) if lm_head == "int8"
-                                    else (lambda lin: Int4Linear(lin, group_size))))
-                else:
-                    targets.append((module, child_name, lambda lin: Int4Linear(lin, group_size)))
-            elif isinstance(child, Experts):
-                targets.append((module, child_name, lambda ex: Int4Experts(ex, group_size)))
-    tied = getattr(model.config.text, "tie_word_embeddings", False)
-    for parent, child_name, make in targets:
-        old = getattr(parent, child_name)
-        setattr(parent, child_name, make(old))
-        del old
-    if tied and lm_head is not None:  # the embedding keeps its own (unquantized) copy of the shared matrix
-        model.model.embed_tokens.weight.requires_grad_(False)
-    model.quantization = "int4"
-    return model
+    def convert(full: str, child: nn.Module):
+        if full.startswith("visual"):  # the tower stays in the model's dtype (memory.py counts it so)
+            return None
+        if isinstance(child, nn.Linear) and not full.endswith(KEEP):
+            if full != "lm_head":
+                return lambda lin: Int4Linear(lin, group_size)
+            if lm_head is None:
+                return None
+            return Int8Linear if lm_head == "int8" else (lambda lin: Int4Linear(lin, group_size))
+        return (lambda ex: Int4Experts(ex, group_size)) if isinstance(child, Experts) else None
+
+    # a kept (lm_head=None) tied head stays shared with the embedding: nothing to freeze
+    return replace_modules(model, convert, "int4", freeze_tied_embedding=lm_head is not None)
 
 
 __all__ = ["BLOCK", "CLIP_CANDIDATES", "DEFAULT_GROUP_SIZE", "HEAD_FORMATS", "Int4Experts", "Int4Linear",

@@ -10,6 +10,8 @@ Error: |w − ŵ| ≤ scale/2 = max|w_row| / 254 per weight, i.e. ≤ 0.4% of th
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -73,27 +75,37 @@ def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     return swiglu(gate, up)  # the float model's own SwiGLU, so both round alike
 
 
+def replace_modules(model: nn.Module, convert: Callable[[str, nn.Module], Callable[[nn.Module], nn.Module] | None],
+                    quantization: str, freeze_tied_embedding: bool = True) -> nn.Module:
+    """Every quantization recipe's walk, in place: ``convert(full_name, child)`` gives the factory of the child's
+    quantized replacement (None: kept), and the children are replaced one at a time (so the peak is one module's
+    float copy over the model).  On a tied model the embedding keeps its own (unquantized) copy of the shared
+    matrix, frozen.  Sets ``model.quantization``."""
+    targets = []
+    for name, module in model.named_modules():
+        for child_name, child in module.named_children():
+            make = convert(f"{name}.{child_name}" if name else child_name, child)
+            if make is not None:
+                targets.append((module, child_name, make))
+    for parent, child_name, make in targets:
+        old = getattr(parent, child_name)
+        setattr(parent, child_name, make(old))
+        del old
+    if freeze_tied_embedding and getattr(model.config.text, "tie_word_embeddings", False):
+        model.model.embed_tokens.weight.requires_grad_(False)
+    model.quantization = quantization
+    return model
+
+
 def quantize_int8(model: nn.Module) -> nn.Module:
     """Replace the model's large linear layers and expert banks by int8 versions, in place."""
     from ..model.moe import Experts
 
-    targets = []
-    for name, module in model.named_modules():
-        for child_name, child in module.named_children():
-            full = f"{name}.{child_name}" if name else child_name
-            if full.startswith("visual"):  # the tower stays in the model's dtype (memory.py counts it so)
-                continue
-            if isinstance(child, nn.Linear) and not full.endswith(KEEP):
-                targets.append((module, child_name, Int8Linear))
-            elif isinstance(child, Experts):
-                targets.append((module, child_name, Int8Experts))
-    tied = getattr(model.config.text, "tie_word_embeddings", False)
-    for parent, child_name, cls in targets:
-        old = getattr(parent, child_name)
-        new = cls(old)
-        setattr(parent, child_name, new)
-        del old
-    if tied:  # the embedding keeps its own (unquantized) copy of the shared matrix
-        model.model.embed_tokens.weight.requires_grad_(False)
-    model.quantization = "int8"
-    return model
+    def convert(full: str, child: nn.Module):
+        if full.startswith("visual"):  # the tower stays in the model's dtype (memory.py counts it so)
+            return None
+        if isinstance(child, nn.Linear) and not full.endswith(KEEP):
+            return Int8Linear
+        return Int8Experts if isinstance(child, Experts) else None
+
+    return replace_modules(model, convert, "int8")

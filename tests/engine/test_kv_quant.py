@@ -21,22 +21,6 @@ GREEDY = {"temperature": 0.0, "ignore_eos": True}
 STORAGE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 
 
-@pytest.fixture(params=kernels.runnable_isas() or ["none"])
-def native_kernels(request, monkeypatch):
-    """The native library of every instruction-set variant this host runs (as tests/kernels/ does)."""
-    if request.param == "none":
-        pytest.skip("native kernels are written for x86-64")
-    monkeypatch.delenv(kernels.ENV_SWITCH, raising=False)
-    monkeypatch.setenv(kernels.ISA_SWITCH, request.param)
-    kernels.reset()
-    k = kernels.native()
-    assert k is not None, "an x86-64 machine with a C compiler must build the native kernels"
-    if request.param != "native":
-        assert k.isa == request.param
-    yield k
-    kernels.reset()
-
-
 @pytest.fixture(params=["native", "torch"])
 def kernels_switch(request, monkeypatch):
     monkeypatch.setenv(kernels.ENV_SWITCH, "1" if request.param == "native" else "0")

@@ -21,7 +21,6 @@ from qwen35.model.linear import Linear
 from qwen35.quant.fp8 import FP8_DTYPE, Fp8Experts, Fp8Linear, quantize_block_fp8, quantize_fp8
 from tests.engine.conftest import tiny_model
 from tests.engine.test_engine import prompts_of, run_all, solo_greedy
-from tests.kernels.conftest import native_kernels  # noqa: F401  (fixture: once per runnable ISA)
 
 BLOCK = (128, 128)
 

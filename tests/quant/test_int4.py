@@ -20,7 +20,6 @@ from qwen35.quant.int4 import (BLOCK, check_group_size, dequantize_groups, pack_
 from qwen35.quant.int8 import Int8Linear
 from tests.engine.conftest import tiny_model
 from tests.engine.test_engine import prompts_of, run_all, solo_greedy
-from tests.kernels.conftest import native_kernels  # noqa: F401  (the per-ISA fixture)
 from tests.kernels.test_native import needs_native
 
 GROUPS = [32, 64, 128]
@@ -99,7 +98,7 @@ def test_bad_group_sizes_and_shapes_are_refused():
 
 @needs_native
 @pytest.mark.parametrize("group", GROUPS)
-def test_native_kernel_equals_dequantized_product(native_kernels, group):  # noqa: F811
+def test_native_kernel_equals_dequantized_product(native_kernels, group):
     """Every ISA variant: few rows (the streaming one-row path and the blocked path) against F.linear on the
     dequantized weight, for odd N and K (partial groups, a partial 64-block tail), float32 and bf16."""
     g = torch.Generator().manual_seed(group)
@@ -135,7 +134,7 @@ def test_activation_rounding_reference():
 
 @needs_native
 @pytest.mark.parametrize("group", GROUPS)
-def test_native_q8_kernel_equals_its_reference(native_kernels, group):  # noqa: F811
+def test_native_q8_kernel_equals_its_reference(native_kernels, group):
     """Every ISA variant: the int8-activation product against ops.linear_int4_q8_reference (the same activation
     rounding, exact integer block sums, float64 outside) — equal up to float32 summation order — for odd N and K,
     one to nine rows (partial blocks of activation rows), float32 and bf16; and its distance to the float product:
@@ -166,7 +165,7 @@ def test_native_q8_kernel_equals_its_reference(native_kernels, group):  # noqa: 
 
 
 @needs_native
-def test_native_kernel_rejects_bad_layouts(native_kernels):  # noqa: F811
+def test_native_kernel_rejects_bad_layouts(native_kernels):
     qweight, scales = quantize_groups(torch.randn(4, 128), 64)
     x = torch.randn(2, 128)
     with pytest.raises(ValueError, match="power of two"):
