@@ -25,13 +25,15 @@ import torch
 from qwen35.rl.config import RLConfig
 from qwen35.rl.losses import policy_loss, token_logprobs
 from qwen35.rl.rollout import Sample, moe_routers, replay_routing
-from qwen35.train.loop import TrainConfig, lr_factor, make_optimizer
+from qwen35.train.optim import OptimConfig, make_optimizer, optimizer_step
 
 
-def _schedule_config(cfg: RLConfig) -> TrainConfig:
-    """The TrainConfig fields qwen35.train's make_optimizer / lr_factor read, from an RL config."""
-    return TrainConfig(steps=cfg.updates * cfg.ppo_epochs, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
-                       weight_decay=cfg.weight_decay, betas=cfg.betas, grad_clip=cfg.grad_clip)
+def optim_config(cfg: RLConfig) -> OptimConfig:
+    """qwen35.train's optimiser and schedule settings of an RL run: one optimiser step per PPO epoch of each
+    update."""
+    return OptimConfig(steps=cfg.updates * cfg.ppo_epochs, lr=cfg.lr, min_lr=cfg.min_lr,
+                       warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas),
+                       grad_clip=cfg.grad_clip)
 
 
 class RLTrainer:
@@ -44,9 +46,9 @@ class RLTrainer:
         for name, p in self.model.named_parameters():
             p.requires_grad_(not name.startswith("mtp."))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.sched_cfg = _schedule_config(cfg)
-        self.optimizer = make_optimizer(self.params, self.sched_cfg)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, self.sched_cfg))
+        self.optim = optim_config(cfg)
+        self.optimizer = make_optimizer(self.params, self.optim)
+        self.optim_steps = 0  # optimiser steps taken: they fix the learning rate
         self.reference = None
         if cfg.kl_coef > 0:
             self.reference = copy.deepcopy(self.model).eval()
@@ -150,13 +152,9 @@ class RLTrainer:
             for key in list(agg):
                 if not key.endswith("_max"):
                     agg[key] /= total
-            clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
-            lr = self.optimizer.param_groups[0]["lr"]
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
-            stats = {**agg, "loss": loss_total, "grad_norm": float(grad_norm), "lr": lr, "tokens": total}
+            grad_norm, lr = optimizer_step(self.optimizer, self.params, self.optim_steps, self.optim)
+            self.optim_steps += 1
+            stats = {**agg, "loss": loss_total, "grad_norm": grad_norm, "lr": lr, "tokens": total}
         self.version += 1
         stats["version"] = self.version
         self.busy_seconds += time.perf_counter() - t0
@@ -172,14 +170,14 @@ class RLTrainer:
 
     def state(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "version": self.version,
+                "optim_steps": self.optim_steps, "version": self.version,
                 "reference": self.reference.state_dict() if self.reference is not None else None,
                 "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.optim_steps = int(state["optim_steps"])
         if self.reference is not None and state.get("reference") is not None:
             self.reference.load_state_dict(state["reference"])
         self.version = int(state["version"])

@@ -87,7 +87,7 @@ _OVERRIDES = ("steps", "batch_size", "grad_accum", "seq_len", "lr", "min_lr", "w
 
 def config_from_args(args: argparse.Namespace):
     """The TrainConfig an argument set describes: the preset's recipe, then the flags given."""
-    from qwen35.train.loop import TrainConfig
+    from qwen35.train.config import TrainConfig
 
     if args.preset == "embedded":
         from qwen35.train.embedded import DEFAULT_STEPS, recipe_config

@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from qwen35.train.loop import TrainConfig
+from qwen35.train.config import TrainConfig
 
 EMBEDDED_MODEL: dict[str, Any] = {
     "model_type": "qwen3_5_moe_text",
@@ -241,8 +241,8 @@ def evaluate(model_dir: str | Path, per_task: int = 50, tasks: Sequence[str] | N
 
     Returns ``{"exact_match": {task: rate}, "exact_match_mean": ..., "tool_calls": {...}, "mtp": {...},
     "samples": {task: first generated answer}, "seconds": ...}``."""
-    from qwen35.checkpoint import load_model
     from qwen35.chat import Tokenizer, parse_tool_calls, split_reasoning
+    from qwen35.checkpoint import load_model
     from qwen35.train.data import VERIFIABLE_TASKS, check_answer, prompt_for
 
     t0 = time.perf_counter()
@@ -361,10 +361,12 @@ def compare_mtp_hidden_sources(model_dir: str | Path, steps: int = 300, batch_si
     The trunk is shared and frozen, so the only difference is the hidden source.  (A trunk trained jointly
     with one of the two heads may slightly favour that one.)"""
     from qwen35.checkpoint import load_model
+    from qwen35.model import init_weights
     from qwen35.model.mtp import HIDDEN_SOURCES, MTPHead
+    from qwen35.train.batches import BatchStream, encode_examples
     from qwen35.train.data import generate_split
-    from qwen35.train.loop import BatchStream, encode_examples, init_weights, lr_factor, make_optimizer
     from qwen35.train.losses import mtp_inputs
+    from qwen35.train.optim import OptimConfig, make_optimizer, optimizer_step
 
     if threads:
         torch.set_num_threads(threads)
@@ -374,7 +376,7 @@ def compare_mtp_hidden_sources(model_dir: str | Path, steps: int = 300, batch_si
     train_ex, _ = generate_split(steps * batch_size, 0, seed + 1000)
     data = encode_examples(tok, train_ex, 640)
     stream = BatchStream(data, batch_size, seed, tok.token_to_id("<|endoftext|>"))
-    cfg = TrainConfig(steps=steps, lr=lr, min_lr=lr / 10, warmup_steps=max(1, steps // 20), weight_decay=0.1)
+    cfg = OptimConfig(steps=steps, lr=lr, min_lr=lr / 10, warmup_steps=max(1, steps // 20), weight_decay=0.1)
     heads, opts = {}, {}
     for src in HIDDEN_SOURCES:
         heads[src] = MTPHead(model.text_config, src)
@@ -388,14 +390,10 @@ def compare_mtp_hidden_sources(model_dir: str | Path, steps: int = 300, batch_si
         h, nxt = mtp_inputs(hidden, batch.ids)
         keep = batch.loss_mask[:, 2:]
         for src, head in heads.items():
-            for group in opts[src].param_groups:
-                group["lr"] = lr * lr_factor(step, cfg)
             logits, _, _ = head.draft_with_router(model, h, nxt, logits_at=keep)
             loss = torch.nn.functional.cross_entropy(logits, batch.ids[:, 2:][keep])
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
-            opts[src].step()
-            opts[src].zero_grad(set_to_none=True)
+            optimizer_step(opts[src], list(head.parameters()), step, cfg)
             losses[src].append(float(loss.detach()))
     _, held = generate_split(0, n_eval, EVAL_SEED + 1)
     out: dict[str, Any] = {}

@@ -47,7 +47,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import math
 import os
 import random
 import shutil
@@ -64,8 +63,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen35.config import config_from_dict
-from qwen35.model import Qwen35ForCausalLM
-from qwen35.train.loop import Batch, TrainConfig, lr_factor
+from qwen35.model import Qwen35ForCausalLM, init_weights
+from qwen35.train.batches import Batch
+from qwen35.train.losses import StepLosses, forward_losses
+from qwen35.train.optim import OptimConfig, lr_factor, make_optimizer, optimizer_step
 
 # The tower: the official architecture (ViT blocks with 2-D RoPE, learned positions, 2x2 patch merger) at a size
 # that costs little next to the 4-layer LM; 6x6 learned positions = the patch grid of a 96x96 picture.
@@ -167,20 +168,6 @@ def multimodal_body(text_model: Qwen35ForCausalLM, tower: Mapping[str, Any], tok
     }
 
 
-@torch.no_grad()
-def init_tower(tower: nn.Module, std: float = 0.02) -> None:
-    """Training-from-scratch initialisation of the tower: linears, the patch embedding and the position table
-    ~ N(0, std), biases 0, LayerNorms scale 1 and shift 0."""
-    for m in tower.modules():
-        if isinstance(m, (nn.Linear, nn.Conv3d, nn.Embedding)):
-            nn.init.normal_(m.weight, std=std)
-            if getattr(m, "bias", None) is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-
 def to_multimodal(text_model: Qwen35ForCausalLM, token_ids: Mapping[str, int],
                   tower: Mapping[str, Any] | None = None, seed: int = 0) -> Qwen35ForCausalLM:
     """A multimodal copy of a text-only model: the same text (and MTP) weights, a new tower initialised with
@@ -197,7 +184,7 @@ def to_multimodal(text_model: Qwen35ForCausalLM, token_ids: Mapping[str, int],
         raise RuntimeError(f"text weights do not fit the multimodal model: missing "
                            f"{[k for k in missing if not k.startswith('visual.')][:5]}, unexpected {unexpected[:5]}")
     torch.manual_seed(seed)
-    init_tower(model.visual, config.vision.initializer_range)
+    init_weights(model.visual, config.vision.initializer_range)  # linears, patch embedding, positions, LayerNorms
     model.to(text_model.dtype)
     model.source_path = getattr(text_model, "source_path", None)
     return model
@@ -221,7 +208,7 @@ def picture_batch(examples: Sequence[Mapping[str, Any]], tok, image_token_id: in
                   pad_id: int) -> PictureBatch:
     """Right-padded ids, loss masks and pixels of picture examples (one picture each)."""
     from qwen35.chat.media import count_vision_tokens
-    from qwen35.train.loop import TokenizedSet, collate
+    from qwen35.train.batches import TokenizedSet, collate
     from qwen35.train.vision_data import encode_picture_example, picture_pixels
 
     pixels, grid = picture_pixels([ex["scene"] for ex in examples])
@@ -309,48 +296,6 @@ def picture_length(tok, ex: Mapping[str, Any]) -> int:
     return len(tok.encode(render_example(dict(ex))).ids)
 
 
-@dataclass
-class Losses:
-    main_sum: torch.Tensor
-    main_n: int
-    mtp_sum: torch.Tensor | None
-    mtp_n: int
-    balance: torch.Tensor | None
-    mtp_balance: torch.Tensor | None
-    main_correct: int = 0
-
-
-def batch_losses(model: Qwen35ForCausalLM, batch: Batch, pixel_values: torch.Tensor | None = None,
-                 image_grid_thw: torch.Tensor | None = None, train_mtp: bool = True,
-                 count_correct: bool = False) -> Losses:
-    """The text recipe's losses (:func:`qwen35.train.loop.forward_losses`) of one micro-batch that may hold
-    pictures: the main model runs with ``pixel_values`` (M-RoPE positions); the MTP head reads its hidden
-    states at plain positions, as the engine's MTP drafter runs it."""
-    from qwen35.train.losses import load_balancing_loss, mtp_inputs, selected_loss
-
-    cfg = model.text_config
-    T = batch.ids.shape[1]
-    out = model(batch.ids, logits_to_keep=1, pixel_values=pixel_values, image_grid_thw=image_grid_thw)
-    keep = batch.loss_mask[:, 1:]
-    main_sum, main_n, logits = selected_loss(out.hidden_states[:, :-1], keep, batch.ids[:, 1:], model.compute_logits)
-    res = Losses(main_sum, main_n, None, 0, None, None)
-    if count_correct:
-        res.main_correct = int((logits.argmax(-1) == batch.ids[:, 1:][keep]).sum())
-    if cfg.is_moe and out.router_logits:
-        res.balance = load_balancing_loss(out.router_logits, cfg.num_experts, cfg.num_experts_per_tok, batch.valid)
-    if train_mtp and model.mtp is not None and T >= 3:
-        hidden, nxt = mtp_inputs(out.hidden_states, batch.ids)
-        keep2 = batch.loss_mask[:, 2:]
-        logits2, _, router = model.mtp.draft_with_router(model, hidden, nxt, logits_at=keep2)
-        res.mtp_n = int(keep2.sum())
-        res.mtp_sum = F.cross_entropy(logits2.float(), batch.ids[:, 2:][keep2], reduction="sum") if res.mtp_n \
-            else logits2.sum() * 0.0
-        if router is not None:
-            res.mtp_balance = load_balancing_loss([router], cfg.num_experts, cfg.num_experts_per_tok,
-                                                  batch.valid[:, : T - 2])
-    return res
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # the stage
 
@@ -364,9 +309,9 @@ class VisionStage:
         from tokenizers import Tokenizer
 
         from qwen35.checkpoint import load_model
+        from qwen35.train.batches import BatchStream, encode_examples, eval_batches
         from qwen35.train.data import generate_split
         from qwen35.train.embedded import EMBEDDED_MIX
-        from qwen35.train.loop import BatchStream, encode_examples, eval_batches
 
         self.recipe = recipe = copy.deepcopy(recipe)
         self.out = Path(recipe.out_dir)
@@ -418,14 +363,10 @@ class VisionStage:
         tower += list(self.probe.parameters()) if recipe.aux_weight > 0 else []
         rest = [p for n, p in self.model.named_parameters() if not n.startswith("visual.")]
         self.params = tower + rest
-        groups = []
-        for params, lr in ((tower, recipe.tower_lr), (rest, recipe.lr)):
-            groups.append({"params": [p for p in params if p.dim() >= 2], "weight_decay": recipe.weight_decay,
-                           "base_lr": lr})
-            groups.append({"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "base_lr": lr})
-        self.optimizer = torch.optim.AdamW(groups, lr=recipe.lr, betas=recipe.betas, foreach=True)
-        self.schedule = TrainConfig(steps=recipe.steps, lr=1.0, min_lr=recipe.min_lr_ratio,
-                                    warmup_steps=recipe.warmup_steps)
+        self.schedule = OptimConfig(steps=recipe.steps, lr=recipe.lr, min_lr=recipe.lr * recipe.min_lr_ratio,
+                                    warmup_steps=recipe.warmup_steps, weight_decay=recipe.weight_decay,
+                                    betas=recipe.betas, grad_clip=recipe.grad_clip)
+        self.optimizer = make_optimizer([(tower, recipe.tower_lr), (rest, recipe.lr)], self.schedule)
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.evals: list[dict[str, Any]] = []
@@ -464,7 +405,7 @@ class VisionStage:
 
     # ------------------------------------------------------------------------------------------------ steps
 
-    def _combined(self, parts: Sequence[tuple[Losses, float]]) -> tuple[torch.Tensor, dict[str, float]]:
+    def _combined(self, parts: Sequence[tuple[StepLosses, float]]) -> tuple[torch.Tensor, dict[str, float]]:
         r = self.recipe
         coef = self.model.text_config.router_aux_loss_coef
         loss = torch.zeros((), device=self.device)
@@ -486,20 +427,18 @@ class VisionStage:
     def train_step(self) -> dict[str, Any]:
         r = self.recipe
         t0 = time.perf_counter()
-        factor = lr_factor(self.step, self.schedule)
-        for g in self.optimizer.param_groups:
-            g["lr"] = g["base_lr"] * factor
         self._last_examples = self.picture_examples(self.step)
         pics = self._pictures(self._last_examples).to(self.device)
         text = self.text_stream[self.step].to(self.device)
-        mtp = r.mtp_loss_weight > 0
+        head = self.model.mtp if r.mtp_loss_weight > 0 else None
         seen: list[torch.Tensor] = []  # the tower's output inside the forward, for the auxiliary loss
         hook = self.model.visual.register_forward_hook(lambda _m, _i, out: seen.append(out))
         try:
-            pic_losses = batch_losses(self.model, pics.batch, pics.pixel_values, pics.image_grid_thw, mtp)
+            pic_losses = forward_losses(self.model, head, pics.batch, pixel_values=pics.pixel_values,
+                                        image_grid_thw=pics.image_grid_thw)
         finally:
             hook.remove()
-        text_losses = batch_losses(self.model, text, train_mtp=mtp)
+        text_losses = forward_losses(self.model, head, text)
         loss, rec = self._combined([(pic_losses, r.picture_weight), (text_losses, 1 - r.picture_weight)])
         if r.aux_weight > 0:
             scenes = [ex["scene"] for ex in self._last_examples]
@@ -508,11 +447,10 @@ class VisionStage:
             loss = loss + r.picture_weight * r.aux_weight * aux_loss
             rec["aux_loss"] = float(aux_loss.detach())
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, r.grad_clip if r.grad_clip > 0 else math.inf)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        factor = lr_factor(self.step, self.schedule)
+        grad_norm, _ = optimizer_step(self.optimizer, self.params, self.step, self.schedule)
         self.step += 1
-        rec.update(step=self.step, loss=float(loss.detach()), lr_factor=factor, grad_norm=float(grad_norm),
+        rec.update(step=self.step, loss=float(loss.detach()), lr_factor=factor, grad_norm=grad_norm,
                    tokens=pics.batch.tokens + text.tokens, seconds=time.perf_counter() - t0)
         self.history.append(rec)
         return rec
@@ -524,14 +462,13 @@ class VisionStage:
 
         r = self.recipe
         params = list(self.model.visual.parameters()) + list(self.probe.parameters())
-        opt = torch.optim.AdamW(params, lr=r.tower_lr, betas=r.betas, weight_decay=0.0, foreach=True)
-        sched = TrainConfig(steps=r.tower_pretrain_steps, lr=1.0, min_lr=r.min_lr_ratio,
-                            warmup_steps=min(r.warmup_steps, r.tower_pretrain_steps))
+        sched = OptimConfig(steps=r.tower_pretrain_steps, lr=r.tower_lr, min_lr=r.tower_lr * r.min_lr_ratio,
+                            warmup_steps=min(r.warmup_steps, r.tower_pretrain_steps), weight_decay=0.0,
+                            betas=r.betas, grad_clip=r.grad_clip)
+        opt = make_optimizer(params, sched)
         tower = self.model.visual
         for step in range(r.tower_pretrain_steps):
             t0 = time.perf_counter()
-            for g in opt.param_groups:
-                g["lr"] = r.tower_lr * lr_factor(step, sched)
             scenes = [picture_example(step * r.pretrain_batch + j, r.seed + 7919, False, r.picture_mix)["scene"]
                       for j in range(r.pretrain_batch)]
             pixels, grid = picture_pixels(scenes)
@@ -540,9 +477,7 @@ class VisionStage:
             parts = self.probe.losses(tokens, labels)
             loss = sum(parts.values()) / len(parts)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, r.grad_clip if r.grad_clip > 0 else math.inf)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            optimizer_step(opt, params, step, sched)
             if (step + 1) % 100 == 0 or step + 1 == r.tower_pretrain_steps:
                 rec = {"pretrain_step": step + 1, "loss": float(loss.detach()), "seconds": time.perf_counter() - t0,
                        "accuracy": self.probe.accuracy(tokens, labels)}
@@ -560,9 +495,10 @@ class VisionStage:
             total = correct = n = 0
             for b in batches:
                 if isinstance(b, PictureBatch):
-                    res = batch_losses(self.model, b.batch, b.pixel_values, b.image_grid_thw, False, True)
+                    res = forward_losses(self.model, None, b.batch, count_correct=True, pixel_values=b.pixel_values,
+                                         image_grid_thw=b.image_grid_thw)
                 else:
-                    res = batch_losses(self.model, b, train_mtp=False, count_correct=True)
+                    res = forward_losses(self.model, None, b, count_correct=True)
                 total += float(res.main_sum)
                 n += res.main_n
                 correct += res.main_correct
@@ -683,7 +619,12 @@ def evaluate_pictures(model_dir: str | Path, per_task: int = 50, tasks: Sequence
     from qwen35.checkpoint import load_model
     from qwen35.train.data import check_answer
     from qwen35.train.embedded import greedy_generate
-    from qwen35.train.vision_data import PICTURE_TASKS, held_out_pictures, held_out_reason, picture_pixels
+    from qwen35.train.vision_data import (
+        PICTURE_TASKS,
+        held_out_pictures,
+        held_out_reason,
+        picture_pixels,
+    )
 
     t0 = time.perf_counter()
     model_dir = Path(model_dir)
@@ -862,6 +803,6 @@ if __name__ == "__main__":  # pragma: no cover
 
 
 __all__ = ["EMBEDDED_TOWER", "DEFAULT_VISION_STEPS", "VisionRecipe", "VisionStage", "PictureBatch",
-           "vision_token_ids", "multimodal_body", "init_tower", "to_multimodal", "picture_batch", "batch_losses",
+           "vision_token_ids", "multimodal_body", "to_multimodal", "picture_batch",
            "export_model", "picture_prompt", "evaluate_pictures", "transformers_check", "evaluate_all",
            "run_vision_recipe", "main"]

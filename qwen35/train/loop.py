@@ -1,25 +1,24 @@
 """The training loop: synthetic chat data -> a small Qwen3.5 (dense or MoE) with its MTP head.
 
+The package by concept: :mod:`~qwen35.train.config` (what a run depends on), :mod:`~qwen35.train.presets`
+(model shapes), :mod:`~qwen35.train.data` and :mod:`~qwen35.train.bpe` (conversations, tokenizer),
+:mod:`~qwen35.train.batches` (tensors, micro-batches, their order), :mod:`~qwen35.train.losses`,
+:mod:`~qwen35.train.optim` (optimiser, schedule, step: shared with the vision stage and RL), and here the run
+itself; weight initialisation is the model's (:func:`qwen35.model.init_weights`).
+
 What one run does (:func:`train`):
 
 1. **Data.** ``generate_split`` makes train and held-out conversations; a byte-level BPE is trained on the train
    renders (or read back from ``out_dir/tokenizer`` when resuming); each conversation is rendered with the shipped
    chat template and encoded with its loss mask (assistant spans only, see ``render_with_spans``).
-2. **Batches: one example per row, right-padded, length-bucketed.**  Every row starts at position 0 with an empty
-   DeltaNet state, exactly as a prompt does at inference, so nothing learned depends on what happened to precede
-   an example in a packed row (the model cannot reset its recurrent state inside a row).  Right padding needs no
-   attention mask: attention and the delta rule are causal, so padding after a row's last token never reaches
-   it; pads are excluded from every loss (loss mask, balance-loss mask).  To keep padding small, each epoch shuffles
-   the examples, sorts windows of 32 micro-batches by length, cuts them into micro-batches and shuffles those;
-   a micro-batch is padded to its own longest row, not to ``seq_len`` (examples longer than ``seq_len`` are
-   dropped and counted).
+2. **Batches:** one example per row, right-padded, length-bucketed (why: :mod:`qwen35.train.batches`).
 3. **Loss** = next-token CE + ``mtp_loss_weight`` · MTP CE (token t+2) + ``router_aux_loss_coef`` · balance loss
    (main MoE layers, plus the MTP block's scaled by ``mtp_loss_weight``).  CE is averaged over the step's masked
    target tokens across all ``grad_accum`` micro-batches.
 4. **Optimiser:** AdamW (no decay on 1-D parameters: norms, A_log, dt_bias), linear warmup then cosine decay to
    ``min_lr``, global gradient-norm clipping.
 5. **State:** every ``save_every`` steps ``out_dir/checkpoint/state.pt`` holds the model (its MTP head
-   ``model.mtp`` included), optimiser, scheduler, RNG states, the step (which fixes the data position: the batch
+   ``model.mtp`` included), optimiser, RNG states, the step (which fixes the data position: the batch
    order is a pure function of seed, epoch and step) and the loss history; resuming from it continues
    bit-identically.
 6. **Output:** ``out_dir/model`` (official checkpoint layout with ``mtp.*`` tensors, tokenizer, chat template,
@@ -32,458 +31,32 @@ float32 (measured on the project's machine: see the README of :mod:`qwen35.train
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
-import math
 import os
 import random
 import shutil
 import time
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from qwen35.config import config_from_dict
-from qwen35.model import Qwen35ForCausalLM
-from qwen35.model.mtp import DEFAULT_HIDDEN_SOURCE, MTPHead
-from qwen35.model.norm import GatedRMSNorm, RMSNorm
-from qwen35.train.losses import load_balancing_loss, mtp_inputs, selected_loss
-
-# ----------------------------------------------------------------------------------------------------------------
-# model presets for training (vocab_size is replaced by the trained tokenizer's size)
-
-TINY_MODEL: dict[str, Any] = {
-    # the smallest model that still has every mechanism: 3 DeltaNet + 1 attention layer, MoE with shared expert
-    "model_type": "qwen3_5_moe_text",
-    "vocab_size": 512,
-    "hidden_size": 64,
-    "num_hidden_layers": 4,
-    "layer_types": ["linear_attention"] * 3 + ["full_attention"],
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-    "head_dim": 32,
-    "linear_num_key_heads": 2,
-    "linear_num_value_heads": 4,
-    "linear_key_head_dim": 16,
-    "linear_value_head_dim": 16,
-    "linear_conv_kernel_dim": 4,
-    "num_experts": 4,
-    "num_experts_per_tok": 2,
-    "moe_intermediate_size": 64,
-    "shared_expert_intermediate_size": 64,
-    "router_aux_loss_coef": 0.001,
-    "rope_parameters": {"rope_type": "default", "rope_theta": 10_000.0, "partial_rotary_factor": 0.5,
-                        "mrope_section": [3, 3, 2], "mrope_interleaved": True},
-    "max_position_embeddings": 4096,
-    "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": True,
-    "mtp_num_hidden_layers": 1,
-}
-
-
-def model_preset(name: str) -> dict[str, Any]:
-    """A training preset's config.json body: "tiny" (tests, smoke runs) or "embedded" (the shipped model)."""
-    if name == "tiny":
-        return json.loads(json.dumps(TINY_MODEL))
-    if name == "embedded":
-        from qwen35.train.embedded import EMBEDDED_MODEL  # lazy: embedded imports this module
-
-        return json.loads(json.dumps(EMBEDDED_MODEL))
-    raise ValueError(f"unknown training preset {name!r}; known: tiny, embedded")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# configuration
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run depends on. Fields marked (resume-safe) may change between a save and a resume."""
-
-    model: str | dict[str, Any] = "tiny"  # a preset name (tiny, embedded) or a config.json body
-    steps: int = 200  # optimiser steps (resume-safe: the cosine schedule stretches)
-    batch_size: int = 16  # sequences per micro-batch
-    grad_accum: int = 1  # micro-batches per optimiser step
-    seq_len: int = 640  # longest example kept, in tokens; batches are padded to their own longest row
-    lr: float = 3e-3
-    min_lr: float = 3e-4  # end of the cosine decay
-    warmup_steps: int = 50
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0  # max global gradient norm (0 = off)
-    mtp_loss_weight: float = 0.3  # 0 trains no MTP head
-    router_aux_loss_coef: float | None = None  # None = the model config's (0.001 in official configs)
-    hidden_source: str = DEFAULT_HIDDEN_SOURCE  # which main-model hidden state the MTP head reads
-    eval_every: int = 100  # held-out loss every N steps, and at the end (resume-safe)
-    eval_batches: int = 8  # held-out micro-batches per evaluation
-    save_every: int = 200  # resumable state every N steps, and at the end (resume-safe)
-    seed: int = 0
-    bf16_autocast: bool = False
-    out_dir: str = "runs/train"  # (resume-safe)
-    n_train: int | None = None  # train examples; None = steps x batch (no repeats), fixed at the first start
-    n_held_out: int = 256
-    vocab_size: int = 2048  # BPE vocabulary (an upper bound: a small corpus may support fewer merges)
-    tokenizer_examples: int = 4000  # train examples the BPE is learned from
-    data_mix: dict[str, float] | None = None  # task weights (None = qwen35.train.data.DEFAULT_MIX)
-    think_prob: float = 0.5  # share of chat examples with thinking on
-    init_std: float = 0.02
-    threads: int | None = None  # torch.set_num_threads (resume-safe); None = leave as is
-    device: str = "cpu"  # where the model trains: "cpu", "cuda", "cuda:1", ... (resume-safe)
-    save_dtype: str = "float32"  # dtype of the final checkpoint folder: float32 or bfloat16
-    progress: bool = True  # tqdm bar (resume-safe)
-
-    # fields that may differ between the run that saved a state and the one that resumes it
-    RESUME_SAFE = ("steps", "eval_every", "save_every", "out_dir", "threads", "progress", "eval_batches",
-                   "save_dtype", "device")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["betas"] = list(self.betas)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields: {sorted(unknown)}")
-        d = dict(d)
-        if "betas" in d:
-            d["betas"] = tuple(d["betas"])
-        return cls(**d)
-
-    def model_body(self) -> dict[str, Any]:
-        return model_preset(self.model) if isinstance(self.model, str) else json.loads(json.dumps(self.model))
-
-    def validate(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_batches", "n_held_out"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.seq_len < 3:
-            raise ValueError("seq_len must be at least 3 (the MTP loss needs tokens t, t+1, t+2)")
-        if not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"need 0 <= min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
-        if self.save_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"save_dtype must be float32 or bfloat16, got {self.save_dtype!r}")
-        try:
-            dev = torch.device(self.device)
-        except RuntimeError as e:
-            raise ValueError(f"device {self.device!r} is not a torch device ({e})") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device!r}: this PyTorch build sees no CUDA GPU")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# model construction and initialisation
-
-
-def build_model(body: Mapping[str, Any], vocab_size: int, token_ids: Mapping[str, int] | None = None
-                ) -> Qwen35ForCausalLM:
-    """The model of a config body with the tokenizer's vocabulary size and special ids filled in."""
-    d = json.loads(json.dumps(body))
-    text = d["text_config"] if "text_config" in d else d
-    text["vocab_size"] = vocab_size
-    if token_ids is not None:
-        # official convention: bos = eos = pad = <|endoftext|> in config.json; <|im_end|> ends a chat turn and
-        # is listed in generation_config.json
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            text[key] = token_ids["<|endoftext|>"]
-    return Qwen35ForCausalLM(config_from_dict(d, source="training config"))
-
-
-@torch.no_grad()
-def init_weights(module: nn.Module, std: float = 0.02) -> None:
-    """Training-from-scratch initialisation as transformers' Qwen3.5 ``_init_weights``:
-
-    linears, convolutions, embeddings, routers and experts ~ N(0, std); zero-centred RMSNorms 0 (scale 1);
-    the DeltaNet gated norm 1; A_log = log U(0.01, 16); dt_bias = 1.
-
-    ``Qwen35ForCausalLM.__init__`` leaves PyTorch's defaults on linears (Kaiming-uniform), embeddings
-    (N(0, 1): far too large) and the conv, and the router at zero (every token ties across experts), so this
-    is needed before training.
-    """
-    from qwen35.model.deltanet import GatedDeltaNet
-    from qwen35.model.moe import Experts, Router
-
-    for m in module.modules():
-        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Embedding)):
-            nn.init.normal_(m.weight, std=std)
-            if getattr(m, "bias", None) is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, Router):
-            nn.init.normal_(m.weight, std=std)
-        elif isinstance(m, Experts):
-            nn.init.normal_(m.gate_up_proj, std=std)
-            nn.init.normal_(m.down_proj, std=std)
-        elif isinstance(m, RMSNorm):
-            nn.init.zeros_(m.weight)
-        elif isinstance(m, GatedRMSNorm):
-            nn.init.ones_(m.weight)
-        elif isinstance(m, GatedDeltaNet):
-            m.A_log.copy_(torch.empty_like(m.A_log).uniform_(0.01, 16).log())
-            nn.init.ones_(m.dt_bias)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# data
-
-
-@dataclass
-class TokenizedSet:
-    """Encoded examples: ids and per-token loss masks, one 1-D tensor per example."""
-
-    ids: list[torch.Tensor]
-    masks: list[torch.Tensor]
-    tasks: list[str]
-    source: list[int]  # index of each kept example in the list it was encoded from
-    dropped: int = 0  # examples longer than seq_len, left out
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def lengths(self) -> list[int]:
-        return [len(x) for x in self.ids]
-
-
-@dataclass
-class Batch:
-    ids: torch.Tensor  # [B, T] long, right-padded
-    loss_mask: torch.Tensor  # [B, T] bool: target tokens to learn
-    valid: torch.Tensor  # [B, T] bool: real tokens (not padding)
-
-    @property
-    def tokens(self) -> int:
-        return int(self.valid.sum())
-
-    def to(self, device: torch.device | str) -> Batch:
-        return Batch(self.ids.to(device), self.loss_mask.to(device), self.valid.to(device))
-
-
-def encode_examples(tok, examples: Sequence[dict[str, Any]], seq_len: int) -> TokenizedSet:
-    from qwen35.train.bpe import encode_with_mask
-    from qwen35.train.data import render_with_spans
-
-    out = TokenizedSet([], [], [], [])
-    for i, ex in enumerate(examples):
-        text, spans = render_with_spans(ex)
-        ids, mask = encode_with_mask(tok, text, spans)
-        if len(ids) > seq_len:
-            out.dropped += 1
-            continue
-        out.ids.append(torch.tensor(ids, dtype=torch.long))
-        out.masks.append(torch.tensor(mask, dtype=torch.bool))
-        out.tasks.append(ex["task"])
-        out.source.append(i)
-    return out
-
-
-@dataclass
-class Dataset:
-    tokenizer: Any  # tokenizers.Tokenizer
-    train: TokenizedSet
-    held_out: TokenizedSet
-    held_out_examples: list[dict[str, Any]]
-
-    @property
-    def pad_id(self) -> int:
-        return self.tokenizer.token_to_id("<|endoftext|>")
-
-
-def prepare_data(cfg: TrainConfig, tokenizer_dir: str | os.PathLike | None = None) -> Dataset:
-    """Generate, (train or load the tokenizer,) render and encode. A function of cfg alone, so a resumed run
-    rebuilds exactly the data the interrupted one used."""
-    from tokenizers import Tokenizer
-
-    from qwen35.train.bpe import train_tokenizer
-    from qwen35.train.data import generate_split, render_example
-
-    n_train = cfg.n_train if cfg.n_train is not None else cfg.steps * cfg.batch_size * cfg.grad_accum
-    train_ex, held_ex = generate_split(n_train, cfg.n_held_out, cfg.seed, cfg.data_mix, think_prob=cfg.think_prob)
-    tok_file = Path(tokenizer_dir) / "tokenizer.json" if tokenizer_dir is not None else None
-    if tok_file is not None and tok_file.exists():
-        tok = Tokenizer.from_file(str(tok_file))
-    else:
-        corpus = [render_example(ex) for ex in train_ex[: cfg.tokenizer_examples]]
-        tok = train_tokenizer(corpus, cfg.vocab_size, tokenizer_dir, chat_template=_template_source())
-    train = encode_examples(tok, train_ex, cfg.seq_len)
-    held = encode_examples(tok, held_ex, cfg.seq_len)
-    if train.dropped:
-        warnings.warn(f"{train.dropped} of {n_train} train examples are longer than seq_len={cfg.seq_len} "
-                      "tokens and were left out", stacklevel=2)
-    if not len(train):
-        raise ValueError("no train example fits seq_len")
-    return Dataset(tok, train, held, [held_ex[i] for i in held.source])
-
-
-def _template_source() -> str:
-    from qwen35.chat.template import default_template_source
-
-    return default_template_source()
-
-
-BUCKET_WINDOW = 32  # micro-batches whose examples are sorted by length together
-
-
-def epoch_plan(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The micro-batches (lists of example indices) of one epoch; a pure function of its arguments."""
-    rng = random.Random(f"qwen35-train:{seed}:{epoch}")
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    batches: list[list[int]] = []
-    window = batch_size * BUCKET_WINDOW
-    for w in range(0, len(order), window):
-        chunk = sorted(order[w:w + window], key=lambda i: lengths[i])
-        batches.extend(chunk[b:b + batch_size] for b in range(0, len(chunk), batch_size))
-    rng.shuffle(batches)
-    return batches
-
-
-class BatchStream:
-    """Micro-batch k of the run (k = step · grad_accum + j): epochs follow each other, each with its own order."""
-
-    def __init__(self, data: TokenizedSet, batch_size: int, seed: int, pad_id: int) -> None:
-        self.data, self.batch_size, self.seed, self.pad_id = data, batch_size, seed, pad_id
-        self.lengths = data.lengths()
-        self._plans: dict[int, list[list[int]]] = {}
-
-    def _plan(self, epoch: int) -> list[list[int]]:
-        if epoch not in self._plans:
-            self._plans = {epoch: epoch_plan(self.lengths, self.batch_size, self.seed, epoch)}
-        return self._plans[epoch]
-
-    def indices(self, k: int) -> list[int]:
-        per_epoch = len(self._plan(0))
-        return self._plan(k // per_epoch)[k % per_epoch]
-
-    def __getitem__(self, k: int) -> Batch:
-        return collate(self.data, self.indices(k), self.pad_id)
-
-
-def collate(data: TokenizedSet, idx: Sequence[int], pad_id: int) -> Batch:
-    T = max(len(data.ids[i]) for i in idx)
-    ids = torch.full((len(idx), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(idx), T, dtype=torch.bool)
-    valid = torch.zeros(len(idx), T, dtype=torch.bool)
-    for r, i in enumerate(idx):
-        n = len(data.ids[i])
-        ids[r, :n] = data.ids[i]
-        mask[r, :n] = data.masks[i]
-        valid[r, :n] = True
-    return Batch(ids, mask, valid)
-
-
-def eval_batches(data: TokenizedSet, batch_size: int, n_batches: int, pad_id: int) -> list[Batch]:
-    """A fixed held-out sample: every k-th example (so all tasks appear), sorted by length to limit padding."""
-    n = min(len(data), batch_size * n_batches)
-    stride = max(1, len(data) // max(n, 1))
-    idx = sorted(list(range(0, len(data), stride))[:n], key=lambda i: len(data.ids[i]))
-    return [collate(data, idx[b:b + batch_size], pad_id) for b in range(0, len(idx), batch_size)]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# losses of one micro-batch
-
-
-@dataclass
-class StepLosses:
-    main_sum: torch.Tensor
-    main_n: int
-    mtp_sum: torch.Tensor | None
-    mtp_n: int
-    balance: torch.Tensor | None  # main MoE layers (transformers' definition)
-    mtp_balance: torch.Tensor | None
-    mtp_correct: int = 0  # MTP top-1 hits on masked targets (for eval)
-    main_correct: int = 0
-
-
-def forward_losses(model: Qwen35ForCausalLM, head: MTPHead | None, batch: Batch, autocast: bool,
-                   count_correct: bool = False) -> StepLosses:
-    """Losses of one micro-batch.  The vocabulary projection runs only where a target is learned (the model is
-    asked for one position of logits; the rest come from its hidden states), which is the same loss as full
-    logits at a fraction of the cost: chat data has a loss mask on about a third of the tokens.
-
-    ``head`` is the MTP head trained with the model: ``model.mtp`` in a run, or one beside a frozen trunk."""
-    cfg = model.text_config
-    T = batch.ids.shape[1]
-    with torch.autocast(batch.ids.device.type, dtype=torch.bfloat16, enabled=autocast):
-        out = model(batch.ids, logits_to_keep=1)
-        keep = batch.loss_mask[:, 1:]  # position t predicts token t+1
-        main_sum, main_n, logits = selected_loss(out.hidden_states[:, :-1], keep, batch.ids[:, 1:],
-                                                 model.compute_logits)
-        res = StepLosses(main_sum, main_n, None, 0, None, None)
-        if count_correct:
-            res.main_correct = int((logits.argmax(-1) == batch.ids[:, 1:][keep]).sum())
-        if cfg.is_moe and out.router_logits:
-            res.balance = load_balancing_loss(out.router_logits, cfg.num_experts, cfg.num_experts_per_tok,
-                                              batch.valid)
-        if head is not None and T >= 3:
-            hidden, nxt = mtp_inputs(out.hidden_states, batch.ids)
-            keep2 = batch.loss_mask[:, 2:]  # MTP position t predicts token t+2
-            logits2, _, router = head.draft_with_router(model, hidden, nxt, logits_at=keep2)
-            targets2 = batch.ids[:, 2:][keep2]
-            res.mtp_n = int(keep2.sum())
-            res.mtp_sum = F.cross_entropy(logits2.float(), targets2, reduction="sum") if res.mtp_n else \
-                logits2.sum() * 0.0
-            if router is not None:
-                res.mtp_balance = load_balancing_loss([router], cfg.num_experts, cfg.num_experts_per_tok,
-                                                      batch.valid[:, : T - 2])
-            if count_correct:
-                res.mtp_correct = int((logits2.argmax(-1) == targets2).sum())
-    return res
-
-
-@torch.no_grad()
-def evaluate_loss(model: Qwen35ForCausalLM, head: MTPHead | None, batches: Sequence[Batch],
-                  autocast: bool = False) -> dict[str, float]:
-    """Held-out masked CE of both heads (nats per target token) and top-1 accuracies."""
-    was_training = model.training
-    model.eval()
-    main = mtp = 0.0
-    n_main = n_mtp = c_main = c_mtp = 0
-    for b in batches:
-        r = forward_losses(model, head, b, autocast, count_correct=True)
-        main += float(r.main_sum)
-        n_main += r.main_n
-        c_main += r.main_correct
-        if r.mtp_sum is not None:
-            mtp += float(r.mtp_sum)
-            n_mtp += r.mtp_n
-            c_mtp += r.mtp_correct
-    model.train(was_training)
-    out = {"loss": main / max(n_main, 1), "accuracy": c_main / max(n_main, 1)}
-    if n_mtp:
-        out.update(mtp_loss=mtp / n_mtp, mtp_accuracy=c_mtp / n_mtp)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# optimiser and schedule
-
-
-def make_optimizer(params: Sequence[nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
-    # weight decay only on matrices (and the 3-D expert / conv weights): decaying norms, A_log or dt_bias
-    # would pull them towards values that mean something else (zero-centred norms, decay rates)
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, foreach=True)
-
-
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of cfg.lr at optimiser step ``step`` (0-based): linear warmup, then cosine to min_lr."""
-    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    floor = cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
+from qwen35.model import Qwen35ForCausalLM, init_weights
+from qwen35.model.mtp import MTPHead
+from qwen35.train.batches import (
+    BatchStream,
+    Dataset,
+    chat_template_source,
+    eval_batches,
+    prepare_data,
+)
+from qwen35.train.config import TrainConfig
+from qwen35.train.losses import evaluate_loss, forward_losses
+from qwen35.train.optim import make_optimizer, optimizer_step
+from qwen35.train.presets import build_model
 
 # ----------------------------------------------------------------------------------------------------------------
 # the run
@@ -537,7 +110,7 @@ class Trainer:
         self.data = data if data is not None else prepare_data(cfg, self.out / "tokenizer")
         if data is not None:
             from qwen35.train.bpe import save_tokenizer
-            save_tokenizer(self.data.tokenizer, self.out / "tokenizer", chat_template=_template_source())
+            save_tokenizer(self.data.tokenizer, self.out / "tokenizer", chat_template=chat_template_source())
 
         tok = self.data.tokenizer
         ids = {t: tok.token_to_id(t) for t in ("<|endoftext|>", "<|im_end|>")}
@@ -557,7 +130,6 @@ class Trainer:
         self.model.train()
         self.params = [p for p in self.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params, cfg)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, self.cfg))
         self.stream = BatchStream(self.data.train, cfg.batch_size, cfg.seed, self.data.pad_id)
         self.eval_set = [b.to(self.device) for b in
                          eval_batches(self.data.held_out, cfg.batch_size, cfg.eval_batches, self.data.pad_id)]
@@ -601,13 +173,9 @@ class Trainer:
             if r.mtp_balance is not None:
                 loss = loss + coef * cfg.mtp_loss_weight * r.mtp_balance / cfg.grad_accum
             loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        grad_norm, lr = optimizer_step(self.optimizer, self.params, self.step, cfg)
         self.step += 1
-        rec = {"step": self.step, "loss": main, "lr": lr, "grad_norm": float(grad_norm),
+        rec = {"step": self.step, "loss": main, "lr": lr, "grad_norm": grad_norm,
                "tokens": sum(b.tokens for b in batches), "target_tokens": n_main}
         if self.head is not None:
             rec["mtp_loss"] = mtp
@@ -674,8 +242,7 @@ class Trainer:
             "step": self.step,
             "config": self.cfg.to_dict(),
             "model": self.model.state_dict(),  # mtp.* included
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "optimizer": self.optimizer.state_dict(),  # the rate is a function of the step: no scheduler state
             "torch_rng": torch.get_rng_state(),
             "python_rng": random.getstate(),
             "history": self.history,
@@ -705,7 +272,6 @@ class Trainer:
             weights.update({"mtp." + k: v for k, v in state["mtp"].items()})
         self.model.load_state_dict(weights)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(_as_python_rng_state(state["python_rng"]))
         self.step = int(state["step"])
@@ -731,7 +297,7 @@ class Trainer:
                     p.data = p.data.float()
         model.save_pretrained(folder)  # model.mtp goes out as the official mtp.* tensors
         tok = self.data.tokenizer
-        template = _template_source()
+        template = chat_template_source()
         save_tokenizer(tok, folder, chat_template=template)
         (folder / "chat_template.jinja").write_text(template, encoding="utf-8")
         eos = [tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")]
@@ -796,7 +362,4 @@ def train(cfg: TrainConfig, resume: bool = False, data: Dataset | None = None) -
     return Trainer(cfg, resume=resume, data=data).run()
 
 
-__all__ = ["TrainConfig", "TrainResult", "Trainer", "train", "model_preset", "build_model", "init_weights",
-           "prepare_data", "Dataset", "TokenizedSet", "Batch", "BatchStream", "epoch_plan", "collate",
-           "eval_batches", "evaluate_loss", "forward_losses", "lr_factor", "make_optimizer", "plot_losses",
-           "TINY_MODEL"]
+__all__ = ["TrainResult", "Trainer", "train", "plot_losses"]

@@ -1,4 +1,5 @@
-"""Training losses: next-token cross-entropy, the MTP (token after next) loss, the MoE load-balancing loss.
+"""Training losses: next-token cross-entropy, the MTP (token after next) loss, the MoE load-balancing loss, and
+:func:`forward_losses`, all three for one micro-batch (text, or text with pictures).
 
 Loss masks are per *token*: ``mask[b, t]`` says whether token t is one the model should learn to produce (an
 assistant span, see :func:`qwen35.train.bpe.encode_with_mask`); padding is always False.  A prediction is counted
@@ -12,9 +13,16 @@ whatever micro-batch it fell into.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from qwen35.model import Qwen35ForCausalLM
+    from qwen35.model.mtp import MTPHead
+    from qwen35.train.batches import Batch
 
 
 def _masked_ce_sum(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -99,4 +107,86 @@ def load_balancing_loss(router_logits: Sequence[torch.Tensor], num_experts: int,
     return num_experts * ((counts / rows) * (prob_sum / rows)).sum()
 
 
-__all__ = ["next_token_loss", "selected_loss", "mtp_inputs", "mtp_loss", "load_balancing_loss"]
+# ----------------------------------------------------------------------------------------------------------------
+# the losses of a micro-batch, as every trainer in qwen35.train takes them
+
+
+@dataclass
+class StepLosses:
+    main_sum: torch.Tensor
+    main_n: int
+    mtp_sum: torch.Tensor | None
+    mtp_n: int
+    balance: torch.Tensor | None  # main MoE layers (transformers' definition)
+    mtp_balance: torch.Tensor | None
+    mtp_correct: int = 0  # MTP top-1 hits on masked targets (for eval)
+    main_correct: int = 0
+
+
+def forward_losses(model: Qwen35ForCausalLM, head: MTPHead | None, batch: Batch, autocast: bool = False,
+                   count_correct: bool = False, pixel_values: torch.Tensor | None = None,
+                   image_grid_thw: torch.Tensor | None = None) -> StepLosses:
+    """Losses of one micro-batch.  The vocabulary projection runs only where a target is learned (the model is
+    asked for one position of logits; the rest come from its hidden states), which is the same loss as full
+    logits at a fraction of the cost: chat data has a loss mask on about a third of the tokens.
+
+    ``head`` is the MTP head trained with the model: ``model.mtp`` in a run, one beside a frozen trunk, or None
+    (no MTP loss).  Rows with pictures pass their ``pixel_values`` / ``image_grid_thw`` (transformers' names):
+    the main model then runs at M-RoPE positions, while the MTP head reads its hidden states at plain positions,
+    as the engine's MTP drafter runs it."""
+    cfg = model.text_config
+    T = batch.ids.shape[1]
+    pictures = {} if pixel_values is None else {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
+    with torch.autocast(batch.ids.device.type, dtype=torch.bfloat16, enabled=autocast):
+        out = model(batch.ids, logits_to_keep=1, **pictures)
+        keep = batch.loss_mask[:, 1:]  # position t predicts token t+1
+        main_sum, main_n, logits = selected_loss(out.hidden_states[:, :-1], keep, batch.ids[:, 1:],
+                                                 model.compute_logits)
+        res = StepLosses(main_sum, main_n, None, 0, None, None)
+        if count_correct:
+            res.main_correct = int((logits.argmax(-1) == batch.ids[:, 1:][keep]).sum())
+        if cfg.is_moe and out.router_logits:
+            res.balance = load_balancing_loss(out.router_logits, cfg.num_experts, cfg.num_experts_per_tok,
+                                              batch.valid)
+        if head is not None and T >= 3:
+            hidden, nxt = mtp_inputs(out.hidden_states, batch.ids)
+            keep2 = batch.loss_mask[:, 2:]  # MTP position t predicts token t+2
+            logits2, _, router = head.draft_with_router(model, hidden, nxt, logits_at=keep2)
+            targets2 = batch.ids[:, 2:][keep2]
+            res.mtp_n = int(keep2.sum())
+            res.mtp_sum = F.cross_entropy(logits2.float(), targets2, reduction="sum") if res.mtp_n else \
+                logits2.sum() * 0.0
+            if router is not None:
+                res.mtp_balance = load_balancing_loss([router], cfg.num_experts, cfg.num_experts_per_tok,
+                                                      batch.valid[:, : T - 2])
+            if count_correct:
+                res.mtp_correct = int((logits2.argmax(-1) == targets2).sum())
+    return res
+
+
+@torch.no_grad()
+def evaluate_loss(model: Qwen35ForCausalLM, head: MTPHead | None, batches: Sequence[Batch],
+                  autocast: bool = False) -> dict[str, float]:
+    """Held-out masked CE of both heads (nats per target token) and top-1 accuracies."""
+    was_training = model.training
+    model.eval()
+    main = mtp = 0.0
+    n_main = n_mtp = c_main = c_mtp = 0
+    for b in batches:
+        r = forward_losses(model, head, b, autocast, count_correct=True)
+        main += float(r.main_sum)
+        n_main += r.main_n
+        c_main += r.main_correct
+        if r.mtp_sum is not None:
+            mtp += float(r.mtp_sum)
+            n_mtp += r.mtp_n
+            c_mtp += r.mtp_correct
+    model.train(was_training)
+    out = {"loss": main / max(n_main, 1), "accuracy": c_main / max(n_main, 1)}
+    if n_mtp:
+        out.update(mtp_loss=mtp / n_mtp, mtp_accuracy=c_mtp / n_mtp)
+    return out
+
+
+__all__ = ["next_token_loss", "selected_loss", "mtp_inputs", "mtp_loss", "load_balancing_loss", "StepLosses",
+           "forward_losses", "evaluate_loss"]

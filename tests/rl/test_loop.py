@@ -33,7 +33,8 @@ def ray_session():
 def tiny_dir(tmp_path_factory) -> Path:
     """A tiny random MoE checkpoint (TINY_MODEL) with the embedded model's tokenizer."""
     from qwen35.llm import embedded_model_path
-    from qwen35.train.loop import TINY_MODEL, build_model, init_weights
+    from qwen35.model import init_weights
+    from qwen35.train.presets import TINY_MODEL, build_model
 
     src = embedded_model_path()
     assert src is not None

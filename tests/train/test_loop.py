@@ -1,5 +1,5 @@
-"""The training loop: a tiny MoE model learns (held-out loss falls), resuming is bit-identical, the schedule,
-the batching, the initialisation, the exported checkpoint folder and the command line."""
+"""The training loop: a tiny MoE model learns (held-out loss falls), resuming is bit-identical, the exported
+checkpoint folder and the command line (the batching, schedule and initialisation have their own files)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ import random
 import pytest
 import torch
 
-from qwen35.train import loop as L
+from qwen35.train.loop import Trainer
+from qwen35.train.batches import Dataset, prepare_data
+from qwen35.train.config import TrainConfig
+from qwen35.train.presets import build_model
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore:.*longer than seq_len")
@@ -20,17 +23,17 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*longer than seq_len")
 MIX = {"add2": 1.0, "count": 1.0, "reverse": 0.5, "text": 0.5}
 
 
-def _cfg(tmp_path, name: str, **kw) -> L.TrainConfig:
+def _cfg(tmp_path, name: str, **kw) -> TrainConfig:
     base = dict(model="tiny", steps=8, batch_size=8, seq_len=192, lr=3e-3, min_lr=3e-4, warmup_steps=10,
                 eval_every=50, eval_batches=2, save_every=0, out_dir=str(tmp_path / name), n_train=1200,
                 n_held_out=24, vocab_size=384, tokenizer_examples=400, data_mix=MIX, progress=False, seed=3)
     base.update(kw)
-    return L.TrainConfig(**base)
+    return TrainConfig(**base)
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> L.Dataset:
-    return L.prepare_data(_cfg(tmp_path_factory.mktemp("d"), "data"))
+def data(tmp_path_factory) -> Dataset:
+    return prepare_data(_cfg(tmp_path_factory.mktemp("d"), "data"))
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +41,7 @@ def trained(tmp_path_factory, data):
     """~100 steps of the tiny model; shared by the tests that look at a finished run."""
     tmp = tmp_path_factory.mktemp("run")
     cfg = _cfg(tmp, "run", steps=100, eval_every=50, eval_batches=3)
-    trainer = L.Trainer(cfg, data=data)
+    trainer = Trainer(cfg, data=data)
     before = trainer.evaluate()
     result = trainer.run()
     return cfg, before, result
@@ -86,15 +89,15 @@ def test_exported_folder(trained) -> None:
 
 def test_resume_is_bit_identical(tmp_path, data) -> None:
     kw = dict(steps=6, grad_accum=2, warmup_steps=2, eval_every=3, save_every=0)
-    straight = L.Trainer(_cfg(tmp_path, "straight", **kw), data=data).run()
+    straight = Trainer(_cfg(tmp_path, "straight", **kw), data=data).run()
 
-    first = L.Trainer(_cfg(tmp_path, "halves", **kw), data=data)
+    first = Trainer(_cfg(tmp_path, "halves", **kw), data=data)
     first.run(stop_at=3, final=False)
     # anything the process does in between must not matter: the state carries the RNGs
     torch.manual_seed(12345)
     random.seed(12345)
     torch.randn(100)
-    second = L.Trainer(_cfg(tmp_path, "halves", **kw), resume=True, data=data)
+    second = Trainer(_cfg(tmp_path, "halves", **kw), resume=True, data=data)
     assert second.step == 3
     resumed = second.run()
 
@@ -109,76 +112,18 @@ def test_resume_is_bit_identical(tmp_path, data) -> None:
 
 def test_resume_refuses_changed_or_missing_state(tmp_path, data) -> None:
     cfg = _cfg(tmp_path, "r", steps=2, warmup_steps=1)
-    L.Trainer(cfg, data=data).run(final=False)
+    Trainer(cfg, data=data).run(final=False)
     with pytest.raises(FileExistsError):
-        L.Trainer(cfg, data=data)  # a fresh run would overwrite the saved one
+        Trainer(cfg, data=data)  # a fresh run would overwrite the saved one
     changed = copy.deepcopy(cfg)
     changed.lr = 1e-3
     with pytest.raises(ValueError, match="lr"):
-        L.Trainer(changed, resume=True, data=data)
+        Trainer(changed, resume=True, data=data)
     longer = copy.deepcopy(cfg)
     longer.steps = 3  # resume-safe: continue with a longer schedule
-    assert L.Trainer(longer, resume=True, data=data).step == 2
+    assert Trainer(longer, resume=True, data=data).step == 2
     with pytest.raises(FileNotFoundError):
-        L.Trainer(_cfg(tmp_path, "nothing"), resume=True, data=data)
-
-
-def test_learning_rate_schedule() -> None:
-    cfg = L.TrainConfig(steps=100, lr=1e-3, min_lr=1e-4, warmup_steps=10)
-    f = [L.lr_factor(s, cfg) for s in range(100)]
-    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
-    assert f[10] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(f[10:], f[11:]))  # cosine decays monotonically
-    assert L.lr_factor(100, cfg) == pytest.approx(0.1)  # ends at min_lr
-    assert f[55] == pytest.approx(0.1 + 0.9 * 0.5, rel=1e-6)  # half way down at the middle of the decay
-
-
-def test_epoch_plan_covers_every_example_once_and_buckets() -> None:
-    rng = random.Random(0)
-    lengths = [rng.randint(5, 500) for _ in range(1000)]
-    plan = L.epoch_plan(lengths, 8, seed=1, epoch=0)
-    flat = [i for b in plan for i in b]
-    assert sorted(flat) == list(range(1000))
-    assert plan == L.epoch_plan(lengths, 8, seed=1, epoch=0)
-    assert plan != L.epoch_plan(lengths, 8, seed=1, epoch=1)
-    # length bucketing: padding is a small share of a padded batch's tokens
-    padded = sum(len(b) * max(lengths[i] for i in b) for b in plan)
-    assert sum(lengths) / padded > 0.9
-
-
-def test_collate_right_pads() -> None:
-    ts = L.TokenizedSet([torch.tensor([5, 6, 7]), torch.tensor([8])],
-                        [torch.tensor([False, True, True]), torch.tensor([True])], ["a", "b"], [0, 1])
-    b = L.collate(ts, [0, 1], pad_id=0)
-    assert b.ids.tolist() == [[5, 6, 7], [8, 0, 0]]
-    assert b.loss_mask.tolist() == [[False, True, True], [True, False, False]]
-    assert b.valid.tolist() == [[True, True, True], [True, False, False]]
-    assert b.tokens == 4
-
-
-def test_init_weights() -> None:
-    from qwen35.model.deltanet import GatedDeltaNet
-    from qwen35.model.mtp import MTPHead
-    from qwen35.model.norm import GatedRMSNorm, RMSNorm
-
-    torch.manual_seed(0)
-    model = L.build_model(L.model_preset("tiny"), 512)
-    head = MTPHead(model.text_config)
-    L.init_weights(model)
-    L.init_weights(head)
-    for m in list(model.modules()) + list(head.modules()):
-        if isinstance(m, RMSNorm):
-            assert not m.weight.any()
-        elif isinstance(m, GatedRMSNorm):
-            assert (m.weight == 1).all()
-        elif isinstance(m, GatedDeltaNet):
-            assert (m.dt_bias == 1).all()
-            a = m.A_log.exp()
-            assert (a >= 0.01).all() and (a <= 16).all()
-    emb = model.model.embed_tokens.weight
-    assert abs(emb.std().item() - 0.02) < 0.002
-    assert abs(model.model.layers[0].mlp.gate.weight.std().item() - 0.02) < 0.005  # router no longer zero
-    assert abs(head.fc.weight.std().item() - 0.02) < 0.003
+        Trainer(_cfg(tmp_path, "nothing"), resume=True, data=data)
 
 
 def test_cli_help_and_config(tmp_path, capsys) -> None:
@@ -219,7 +164,7 @@ def test_embedded_config_fits_the_budget() -> None:
     from qwen35.model.mtp import MTPHead
     from qwen35.train.embedded import EMBEDDED_MODEL
 
-    model = L.build_model(EMBEDDED_MODEL, 2048)
+    model = build_model(EMBEDDED_MODEL, 2048)
     cfg = model.text_config
     assert cfg.layer_types == ("linear_attention",) * 3 + ("full_attention",)
     assert cfg.is_moe and cfg.num_experts_per_tok < cfg.num_experts and cfg.shared_expert_intermediate_size > 0
@@ -283,9 +228,9 @@ def test_evaluate_report(trained) -> None:
 
 def test_device_is_validated_with_a_clear_error() -> None:
     with pytest.raises(ValueError, match="not a torch device"):
-        L.TrainConfig(device="gpu0").validate()
+        TrainConfig(device="gpu0").validate()
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA GPU"):
-            L.TrainConfig(device="cuda").validate()
-    L.TrainConfig(device="cpu").validate()
+            TrainConfig(device="cuda").validate()
+    TrainConfig(device="cpu").validate()
 

@@ -106,3 +106,61 @@ def test_selected_loss_equals_full_logits_loss() -> None:
     part, n_part, logits = selected_loss(hidden[:, :-1], mask[:, 1:], ids[:, 1:], lambda h: head(norm(h)))
     assert n_full == n_part == logits.shape[0]
     torch.testing.assert_close(part, full, rtol=1e-6, atol=1e-5)
+
+
+def _tiny_vision_model():
+    from qwen35.config import config_from_dict
+    from qwen35.model import Qwen35ForCausalLM, init_weights
+    from qwen35.train.presets import model_preset
+
+    text = {**model_preset("tiny"), "vocab_size": 64}
+    body = {"model_type": "qwen3_5_moe", "text_config": text,
+            "vision_config": {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+                              "in_channels": 3, "patch_size": 16, "temporal_patch_size": 2,
+                              "spatial_merge_size": 2, "num_position_embeddings": 16, "out_hidden_size": 64},
+            "image_token_id": 60, "video_token_id": 61, "vision_start_token_id": 62, "vision_end_token_id": 63}
+    torch.manual_seed(0)
+    model = Qwen35ForCausalLM(config_from_dict(body, source="test"), vision=True, mtp=True)
+    init_weights(model)
+    return model.eval()
+
+
+@pytest.mark.parametrize("pictures", [False, True])
+def test_forward_losses_equal_full_logit_losses(pictures: bool) -> None:
+    """The trainers' one loss path (forward_losses: vocabulary projection at learned positions only) equals the
+    losses of full logits, for text rows and for rows with a picture (M-RoPE positions in the main model)."""
+    from qwen35.train.batches import Batch
+    from qwen35.train.losses import forward_losses
+
+    model = _tiny_vision_model()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 56, (2, 14), generator=g)
+    kw = {}
+    if pictures:  # one 32x32 picture per row: 2x2 patches merge into one token
+        ids[:, 3], ids[:, 4], ids[:, 5] = 62, 60, 63
+        kw = {"pixel_values": torch.randn(8, 3 * 2 * 16 * 16, generator=g),
+              "image_grid_thw": torch.tensor([[1, 2, 2], [1, 2, 2]])}
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    mask[:, 7:] = True
+    mask[1, 12:] = False  # a shorter row: its last tokens are padding
+    valid = torch.ones_like(mask)
+    valid[1, 12:] = False
+    batch = Batch(ids, mask, valid)
+    with torch.no_grad():
+        got = forward_losses(model, model.mtp, batch, count_correct=True, **kw)
+        out = model(ids, **kw)
+        want_main, n_main = next_token_loss(out.logits, ids, mask)
+        hidden, nxt = mtp_inputs(out.hidden_states, ids)
+        mtp_logits, _ = model.mtp.draft(model, hidden, nxt)
+        want_mtp, n_mtp = mtp_loss(mtp_logits, ids, mask)
+    assert got.main_n == n_main and got.mtp_n == n_mtp
+    torch.testing.assert_close(got.main_sum, want_main, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.mtp_sum, want_mtp, rtol=1e-5, atol=1e-5)
+    keep = mask[:, 1:]
+    assert got.main_correct == int((out.logits[:, :-1].argmax(-1) == ids[:, 1:])[keep].sum())
+    assert got.balance is not None and got.mtp_balance is not None
+    if pictures:  # the picture reaches the loss
+        with torch.no_grad():
+            other = forward_losses(model, None, batch, pixel_values=kw["pixel_values"] * -1.0,
+                                   image_grid_thw=kw["image_grid_thw"])
+        assert other.mtp_sum is None and abs(float(other.main_sum - got.main_sum)) > 1e-4

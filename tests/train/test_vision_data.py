@@ -230,7 +230,8 @@ def test_conversion_keeps_the_text_logits(tok):
 
 def _tiny_text_model(folder: Path) -> Path:
     from qwen35.model.mtp import MTPHead
-    from qwen35.train.loop import TINY_MODEL, build_model, init_weights
+    from qwen35.model import init_weights
+    from qwen35.train.presets import TINY_MODEL, build_model
 
     torch.manual_seed(0)
     model = build_model(TINY_MODEL, 2048, {"<|endoftext|>": 2011, "<|im_end|>": 2013})
