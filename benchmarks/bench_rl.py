@@ -11,7 +11,11 @@ changed: ``sync`` generates a batch, trains on it and pushes the weights before 
   (qwen35.rl.rewards.evaluate_tasks: greedy, problems held out from RL training by the data generator's split).
 
   python benchmarks/bench_rl.py --out runs/bench_rl [--model DIR] [--updates 20] [--groups 8] [--group-size 4]
-                                [--max-new-tokens 256] [--per-task 50] [--modes sync,async]
+                                [--max-new-tokens 256] [--per-task 50] [--modes sync:2,sync,async]
+
+A mode is ``sync`` or ``async``, optionally with the torch threads of each of its actors after a colon
+(default ``--threads``): ``sync:2`` is the harder baseline on 2 cores, where the phase that runs has both cores
+(sync's phases never overlap, so its actors never compete), while ``async`` at 1 thread per actor splits them.
 
 A tiny setting to check the script (minutes, not a measurement):
   python benchmarks/bench_rl.py --out /tmp/bench_rl --updates 2 --groups 2 --group-size 2 --max-new-tokens 16 \\
@@ -48,7 +52,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps-per-call", type=int, default=8)
     p.add_argument("--tasks", type=_tasks, default=None, help="task weights, e.g. add2=1,sort=1 (default: all)")
     p.add_argument("--per-task", type=int, default=50, help="held-out problems per task and mode (0: no eval)")
-    p.add_argument("--modes", default="sync,async")
+    p.add_argument("--modes", default="sync,async", help="runs in order, e.g. sync:2,sync,async (mode[:threads])")
     p.add_argument("--threads", type=int, default=1, help="torch threads per actor")
     args = p.parse_args(argv)
 
@@ -77,18 +81,23 @@ def main(argv=None) -> int:
                 for mode in ("on", "off")}
 
     report["before"] = evaluate(start_model)
-    for mode in args.modes.split(","):
-        cfg = RLConfig.from_dict({**base.to_dict(), "mode": mode, "out_dir": str(out / mode)})
+    for spec in args.modes.split(","):
+        mode, _, threads = spec.strip().partition(":")
+        threads = int(threads) if threads else args.threads
+        cfg = RLConfig.from_dict({**base.to_dict(), "mode": mode, "threads": threads,
+                                  "out_dir": str(out / spec.replace(":", "-t"))})
         t0 = time.perf_counter()
         res = run_rl(cfg)
-        report["modes"][mode] = {"wall_seconds": res.wall_seconds, "driver_seconds": time.perf_counter() - t0,
+        report["modes"][spec] = {"mode": mode, "threads": threads, "wall_seconds": res.wall_seconds,
+                                 "driver_seconds": time.perf_counter() - t0,
                                  "busy_fraction": res.busy_fraction(), "restarts": res.restarts,
                                  "rewards": [h["reward"] for h in res.history],
                                  "staleness_max": max((h["staleness_max"] for h in res.history), default=0),
                                  "after": evaluate(res.model_dir)}
-    if "sync" in report["modes"] and "async" in report["modes"]:
-        report["sync_over_async_wall"] = (report["modes"]["sync"]["wall_seconds"]
-                                          / report["modes"]["async"]["wall_seconds"])
+    runs = report["modes"]
+    report["sync_over_async_wall"] = {f"{s} / {a}": runs[s]["wall_seconds"] / runs[a]["wall_seconds"]
+                                      for s in runs if runs[s]["mode"] == "sync"
+                                      for a in runs if runs[a]["mode"] == "async"}
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 5))
     for mode, r in report["modes"].items():

@@ -5,7 +5,8 @@
 
 Modules: ``losses`` (GRPO advantages, clipped IS-corrected policy gradient), ``rollout`` (engine rollouts with
 logprobs, versions, routing record/replay), ``trainer`` (the policy update), ``rewards`` (tasks and reward
-functions), ``loop`` (the Ray driver and actors), ``plots``.  Ray is needed only by ``loop``
+functions), ``tools`` (the tool environment of multi-turn tool tasks: calculator, lookup), ``loop`` (the Ray
+driver and actors), ``plots``.  Ray is needed only by ``loop``
 (``pip install 'qwen35[rl]'``).
 """
 

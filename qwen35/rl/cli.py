@@ -12,8 +12,8 @@ import sys
 
 DESCRIPTION = """\
 Improve a model with reinforcement learning on verifiable tasks (arithmetic with and without thinking, counting,
-sorting, word edits) from qwen35's own data generator: rollout actors sample groups of answers with qwen35's
-engine, a trainer actor takes GRPO-style clipped policy-gradient steps with truncated importance sampling
+sorting, word edits, and tool use: calculator / lookup episodes where the tool results come back into the
+conversation) from qwen35's own data generator: rollout actors sample groups of answers with qwen35's engine, a trainer actor takes GRPO-style clipped policy-gradient steps with truncated importance sampling
 against the engine's logprobs (and, for MoE models, the rollout's routed experts replayed), and new weights are
 pushed to the rollout actors in place. Runs on Ray (pip install 'qwen35[rl]'), on this machine by default.
 """
@@ -27,6 +27,13 @@ what a run writes into DIR:
   checkpoint/state.pt    trainer state + prompt-stream position: --resume continues from it
   model/                 the trained checkpoint folder (tokenizer files of the starting model)
 
+tasks (--tasks NAME=WEIGHT,...; NAME:WEIGHT works too):
+  default                add2 add3 sub2 sub3 count sort reverse upper remove multi_turn
+  tool tasks             calculator lookup multi_tool: the model calls the data generator's tools (a safe
+                         calculator, the lookup tables) in the Qwen3.5 XML format; each call runs in the rollout
+                         actor, its result is appended as a tool message (not trained on) and generation goes on,
+                         up to --max-tool-rounds rounds; the reward reads the final answer
+
 modes:
   async   rollouts and training overlap; samples at most --staleness versions old are trained (default)
   sync    generate a batch, train on it, push the weights, repeat (the baseline)
@@ -35,13 +42,14 @@ examples:
   qwen35 rl --preset embedded --updates 20 --out runs/rl
   qwen35 rl --model runs/embedded/model --updates 50 --tasks add2=1,sort=1 --out runs/rl2 --mode sync
   qwen35 rl --preset embedded --updates 40 --out runs/rl --resume
+  qwen35 rl --preset embedded --updates 20 --tasks calculator=1,lookup=1,add3=1 --out runs/rl-tools
 """
 
 
 def _tasks(text: str) -> dict[str, float]:
     out = {}
     for part in text.split(","):
-        name, _, weight = part.partition("=")
+        name, _, weight = part.partition("=") if "=" in part else part.partition(":")
         try:
             out[name.strip()] = float(weight) if weight else 1.0
         except ValueError:
@@ -69,7 +77,11 @@ def add_rl_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kl-coef", type=float, default=0.0, help="KL to the starting model (default 0: none)")
     p.add_argument("--tis-clip", type=float, default=2.0, help="truncated IS cap (default 2)")
     p.add_argument("--clip-eps", type=float, default=0.2, help="PPO clip (default 0.2)")
-    p.add_argument("--tasks", type=_tasks, help="task weights, e.g. add2=1,sort=2 (default: every single-answer task)")
+    p.add_argument("--tasks", type=_tasks,
+                   help="task weights, e.g. add2=1,sort=2 or calculator=1 (default: every single-answer task; "
+                        "see below)")
+    p.add_argument("--max-tool-rounds", type=int, default=4,
+                   help="tool tasks: tool rounds per episode before it is stopped (default 4)")
     p.add_argument("--think-prob", type=float, default=0.5, help="share of prompts with thinking on (default 0.5)")
     p.add_argument("--speculative", metavar="JSON",
                    help='rollout speculative decoding, e.g. \'{"method": "mtp", "num_speculative_tokens": 2}\'')
@@ -97,6 +109,7 @@ def config_from_args(args: argparse.Namespace):
                    max_new_tokens=args.max_new_tokens, rollout_actors=args.rollout_actors, staleness=args.staleness,
                    stale_policy=args.stale_policy, lr=args.lr, min_lr=args.lr, kl_coef=args.kl_coef,
                    tis_clip=args.tis_clip, clip_eps=args.clip_eps, tasks=args.tasks, think_prob=args.think_prob,
+                   max_tool_rounds=args.max_tool_rounds,
                    speculative=spec, routing_replay=not args.no_routing_replay, threads=args.threads,
                    save_every=args.save_every, save_dtype=args.save_dtype, seed=args.seed,
                    ray_address=args.ray_address, out_dir=args.out, progress=not args.no_progress)

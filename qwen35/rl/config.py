@@ -12,6 +12,10 @@ RL_TASKS: dict[str, float] = {
     "add2": 1.0, "add3": 1.0, "sub2": 1.0, "sub3": 1.0, "count": 1.0, "sort": 1.0, "reverse": 1.0, "upper": 1.0,
     "remove": 1.0, "multi_turn": 0.5,
 }
+# Tool tasks (multi-turn episodes, qwen35.rl.tools) and the tools each one calls; asked for by name (--tasks).
+TOOL_TASKS: dict[str, tuple[str, ...]] = {
+    "calculator": ("calculator",), "lookup": ("lookup",), "multi_tool": ("lookup", "calculator"),
+}
 
 
 @dataclass
@@ -41,6 +45,7 @@ class RLConfig:
     ppo_epochs: int = 1  # optimiser steps per batch (each one update and one version)
     micro_batch: int = 8  # samples per forward in the trainer
     routing_replay: bool = True  # R3 for MoE models: the trainer's routers take the rollout's experts
+    max_tool_rounds: int = 4  # tool tasks: tool rounds per episode before it is stopped (resume-safe)
     tasks: dict[str, float] | None = None  # task weights (None: RL_TASKS)
     think_prob: float = 0.5  # share of prompts with thinking on
     seed: int = 0
@@ -54,7 +59,7 @@ class RLConfig:
     progress: bool = True  # tqdm bar (resume-safe)
 
     RESUME_SAFE = ("updates", "threads", "out_dir", "save_every", "save_dtype", "ray_address", "progress",
-                   "rollout_actors", "steps_per_call")
+                   "rollout_actors", "steps_per_call", "max_tool_rounds")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -77,7 +82,8 @@ class RLConfig:
 
     def validate(self) -> None:
         for name in ("updates", "groups_per_update", "group_size", "max_new_tokens", "rollout_actors",
-                     "steps_per_call", "ppo_epochs", "micro_batch", "max_num_seqs", "threads", "save_every"):
+                     "steps_per_call", "ppo_epochs", "micro_batch", "max_num_seqs", "threads", "save_every",
+                     "max_tool_rounds"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -105,10 +111,6 @@ class RLConfig:
         unknown = sorted(set(weights) - set(TASKS))
         if unknown:
             raise ValueError(f"unknown tasks {unknown}; known: {', '.join(TASKS)}")
-        tool = sorted(t for t, w in weights.items() if w > 0 and t in ("calculator", "lookup", "multi_tool"))
-        if tool:
-            raise ValueError(f"tasks {tool} need a tool environment, which this RL loop does not have yet; use "
-                             f"the single-answer tasks ({', '.join(RL_TASKS)})")
         from qwen35.train.data import VERIFIABLE_TASKS
 
         unverifiable = sorted(t for t, w in weights.items() if w > 0 and t not in VERIFIABLE_TASKS)
@@ -118,4 +120,4 @@ class RLConfig:
             raise ValueError("tasks has no task with a positive weight")
 
 
-__all__ = ["RLConfig", "RL_TASKS"]
+__all__ = ["RLConfig", "RL_TASKS", "TOOL_TASKS"]

@@ -23,6 +23,10 @@ position and the groups in flight, the log) and :func:`run_rl` with ``resume=Tru
 synchronous mode bit-identically (sampling is seeded per group); asynchronously with the same state, though which
 groups land in which update then depends on timing, as in any asynchronous run.
 
+**Tool tasks** (calculator, lookup, multi_tool) are multi-turn episodes run inside the rollout actors
+(qwen35.rl.tools, :class:`qwen35.rl.rollout.RolloutWorker`): tool calls run in the actor's :class:`ToolEnv`, their
+results are inserted into the sample with loss mask False, and the reward reads the answer after the last round.
+
 Output in ``out_dir``: ``log.jsonl`` (one record per update: reward, per-task reward, loss, KL, staleness, IS
 weights, trainer/rollout mismatch, busy time per actor, restarts), ``reward_curve.png``, ``actor_time.png``,
 ``checkpoint/state.pt``, and ``model/`` (the trained weights with the tokenizer files of the starting model).
@@ -39,8 +43,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qwen35.rl.config import RLConfig
+from qwen35.rl.config import TOOL_TASKS, RLConfig
 from qwen35.rl.rewards import RewardFn, TaskPrompts, exact_match_reward
+from qwen35.rl.tools import ToolEnv, default_tool_env
 
 STATE_FILE = "state.pt"
 
@@ -77,7 +82,7 @@ def group_seed(seed: int, group: int) -> int:
 
 
 class RolloutActor:
-    def __init__(self, model_dir: str, cfg: dict[str, Any]) -> None:
+    def __init__(self, model_dir: str, cfg: dict[str, Any], tool_env=None) -> None:
         import torch
 
         from qwen35.chat import Tokenizer
@@ -90,7 +95,8 @@ class RolloutActor:
         model = load_model(model_dir, dtype="float32")
         engine = EngineConfig(max_num_seqs=cfg["max_num_seqs"],
                               speculative_config=SpeculativeConfig.parse(cfg["speculative"]))
-        self.worker = RolloutWorker(model, Tokenizer(model_dir), engine, record_routing=cfg["routing_replay"])
+        self.worker = RolloutWorker(model, Tokenizer(model_dir), engine, record_routing=cfg["routing_replay"],
+                                    tool_env=tool_env, max_tool_rounds=cfg["max_tool_rounds"])
         self.n, self.max_tokens = cfg["group_size"], cfg["max_new_tokens"]
 
     def pid(self) -> int:
@@ -101,11 +107,11 @@ class RolloutActor:
         self.worker.set_weights(state, version)
         return t0, time.time()
 
-    def submit(self, groups: list[tuple[int, list[int], int]]) -> None:
+    def submit(self, groups: list[tuple[int, list[int], int, Any]]) -> None:
         from qwen35.rl.rollout import rollout_params
 
-        for g, ids, seed in groups:
-            self.worker.submit(g, ids, rollout_params(self.n, self.max_tokens, seed))
+        for g, ids, seed, chat in groups:  # chat: a tool task's ChatContext, else None
+            self.worker.submit(g, ids, rollout_params(self.n, self.max_tokens, seed), chat)
 
     def run(self, max_steps: int | None):
         t0 = time.time()
@@ -236,10 +242,16 @@ class RLRun:
     rollout call ("rollout") and every update ("update"): tools and tests can inspect the run (or kill an actor)."""
 
     def __init__(self, cfg: RLConfig, reward_fn: RewardFn | None = None, resume: bool = False,
-                 callback: Callable[[RLRun, str], None] | None = None) -> None:
+                 callback: Callable[[RLRun, str], None] | None = None, tool_env: ToolEnv | None = None) -> None:
         cfg.validate()
         self.cfg = cfg
         self.reward_fn = reward_fn or exact_match_reward
+        self.tool_env = tool_env if tool_env is not None else default_tool_env()
+        for task, w in cfg.task_weights().items():
+            missing = [t for t in TOOL_TASKS.get(task, ()) if w > 0 and t not in self.tool_env]
+            if missing:
+                raise ValueError(f"task {task} calls the tools {', '.join(missing)}, which the tool environment "
+                                 f"does not have (it has {', '.join(self.tool_env.names)})")
         self.callback = callback
         self.resume = resume
         self.model_dir = resolve_model(cfg.model)
@@ -266,7 +278,8 @@ class RLRun:
     def _actor_cfg(self) -> dict[str, Any]:
         c = self.cfg
         return {"threads": c.threads, "max_num_seqs": c.max_num_seqs, "speculative": c.speculative,
-                "routing_replay": c.routing_replay, "group_size": c.group_size, "max_new_tokens": c.max_new_tokens}
+                "routing_replay": c.routing_replay, "group_size": c.group_size, "max_new_tokens": c.max_new_tokens,
+                "max_tool_rounds": c.max_tool_rounds}
 
     def _env(self) -> dict[str, Any]:
         t = str(self.cfg.threads)
@@ -275,7 +288,7 @@ class RLRun:
     def _new_rollout_actor(self, i: int):
         ray = self.ray
         cls = ray.remote(num_cpus=1, max_restarts=0, runtime_env=self._env())(RolloutActor)
-        actor = cls.options(name=None).remote(str(self.model_dir), self._actor_cfg())
+        actor = cls.options(name=None).remote(str(self.model_dir), self._actor_cfg(), self.tool_env)
         self.rollouts[i] = actor
         self.assigned[i] = set()
         self.actor_version[i] = 0
@@ -430,17 +443,17 @@ class RLRun:
         # sync: the caller dispatches only while no update runs, so this is the next batch (or, after an actor
         # died, the groups it lost)
         cap = G if cfg.mode == "sync" else (cfg.staleness + 1) * G
-        todo: dict[int, list[tuple[int, list[int], int]]] = {}
+        todo: dict[int, list[tuple[int, list[int], int, Any]]] = {}
         while self._in_flight() + sum(len(v) for v in todo.values()) < cap:
             gid = self.requeue.popleft() if self.requeue else self._next()
             p = self.prompts[gid]
             self.examples[gid] = p.example
             # the actor with the least work, counting what this call hands out
             i = min(self.rollouts, key=lambda a: len(self.assigned[a]) + len(todo.get(a, [])))
-            todo.setdefault(i, []).append((gid, p.ids, group_seed(cfg.seed, gid)))
+            todo.setdefault(i, []).append((gid, p.ids, group_seed(cfg.seed, gid), p.chat))
         for i, groups in todo.items():
             self.rollouts[i].submit.remote(groups)
-            self.assigned[i].update(g for g, _, _ in groups)
+            self.assigned[i].update(g for g, *_ in groups)
 
     def _next(self) -> int:
         g = self.next_group
@@ -481,6 +494,7 @@ class RLRun:
                 "dropped_groups": dropped, "partial_samples": sum(s.oldest_version != s.newest_version
                                                                   for s in samples),
                 "completion_tokens": sum(len(s.completion_ids) for s in samples),
+                "inserted_tokens": sum(len(s.loss_mask) - sum(s.loss_mask) for s in samples),
                 "groups": [g[0].group for g in groups]}
         for g in groups:
             self.examples.pop(g[0].group, None)
@@ -531,9 +545,11 @@ class RLRun:
 
 
 def run_rl(cfg: RLConfig, reward_fn: RewardFn | None = None, resume: bool = False,
-           callback: Callable[[RLRun, str], None] | None = None) -> RLResult:
-    """Run (or, with ``resume``, continue) an RL run; see the module docstring for what it does and writes."""
-    return RLRun(cfg, reward_fn, resume, callback).run()
+           callback: Callable[[RLRun, str], None] | None = None, tool_env: ToolEnv | None = None) -> RLResult:
+    """Run (or, with ``resume``, continue) an RL run; see the module docstring for what it does and writes.
+    ``tool_env``: the tools tool tasks call (default :func:`qwen35.rl.tools.default_tool_env`: the data
+    generator's calculator and lookup); it travels to each rollout actor, so its callables must pickle."""
+    return RLRun(cfg, reward_fn, resume, callback, tool_env).run()
 
 
 __all__ = ["RLRun", "RLResult", "run_rl", "stale_masks", "group_seed", "resolve_model", "RolloutActor",

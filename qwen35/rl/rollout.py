@@ -23,6 +23,11 @@ Routing is recorded with forward hooks on the main layers' routers (the model co
 live here): one engine step is one forward over a packed row, and ``runner.last_segments`` says which rows
 belong to which sequence and position.  A position computed twice (speculative drafts rejected, preemption)
 keeps its last record, which is the one its accepted token followed.
+
+Tool tasks are multi-turn episodes (qwen35.rl.tools): a turn that ends with tool calls gets the tool results
+appended as inserted tokens (loss mask False) and the next turn is a follow-up request over prompt + completion
+so far, its re-prefill forced onto the routing already recorded (:class:`RoutingForcer`); see
+:class:`RolloutWorker`.
 """
 
 from __future__ import annotations
@@ -35,9 +40,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from qwen35.engine import EngineConfig, LLMEngine, SamplingParams
 from qwen35.model.moe import SparseMoE
+from qwen35.rl.tools import ChatContext, ToolEnv, ToolEpisode
 
 
 def moe_routers(model) -> list[torch.nn.Module]:
@@ -98,6 +105,64 @@ def replay_routing(model, experts: torch.Tensor | None) -> Iterator[None]:
             h.remove()
 
 
+class RoutingForcer:
+    """Inside the engine's forwards, the main layers' routers take given experts at the first positions of given
+    sequences (``forced[seq_id]``: [layers, n, k] for positions 0..n-1) and route every other token as usual.
+
+    Why: a tool episode's next turn is a new engine request that prefills prompt + completion so far again.  Its
+    routers would route those positions anew: after a weight update between the turns with the new weights, and
+    even under the same weights a near-tie may flip under the different program (a prefill chunk instead of the
+    decode steps that produced them).  The trainer replays one routing per position, so it could not match both
+    turns' logprobs.  Forcing the re-prefill onto the routing already recorded keeps one routing per position,
+    the one every token of the sample was computed with (tests/rl/test_tools.py: without it the partial-episode
+    test fails).
+
+    Unforced rows take exactly the router's own top-k (the same arithmetic as ``Router.forward``)."""
+
+    def __init__(self, model) -> None:
+        self.routers = moe_routers(model)
+        self.forced: dict[int, torch.Tensor] = {}
+        self._rows: tuple[torch.Tensor, torch.Tensor] | None = None  # this forward: (packed rows, experts)
+        self._handles = [model.model.layers[0].register_forward_pre_hook(self._plan)]
+        for i, router in enumerate(self.routers):
+            self._handles.append(router.register_forward_pre_hook(self._route(i), with_kwargs=True))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _plan(self, module, args) -> None:
+        """Before the first layer: which rows of the packed step row are forced (from the engine's segments)."""
+        self._rows = None
+        segments = getattr(args[1], "segments", None) if len(args) > 1 else None
+        if not self.forced or not segments:
+            return
+        rows: list[int] = []
+        parts: list[torch.Tensor] = []
+        for seg in segments:
+            f = self.forced.get(seg.seq.seq_id)
+            if f is None or seg.past >= f.shape[1]:
+                continue
+            m = min(seg.length, f.shape[1] - seg.past)
+            rows.extend(range(seg.start, seg.start + m))
+            parts.append(f[:, seg.past:seg.past + m])
+        if rows:
+            self._rows = (torch.tensor(rows, dtype=torch.long), torch.cat(parts, dim=1).long())
+
+    def _route(self, i: int):
+        def pre(module, args, kwargs):
+            if self._rows is None or kwargs.get("experts") is not None:
+                return None
+            x = args[0]
+            probs = torch.softmax(F.linear(x, module.weight).float(), dim=-1)
+            experts = probs.topk(module.top_k, dim=-1).indices
+            rows, forced = self._rows
+            experts[rows.to(experts.device)] = forced[i].to(experts.device)
+            return args, {**kwargs, "experts": experts}
+        return pre
+
+
 @dataclass
 class Sample:
     """One completion of one prompt, as the trainer takes it."""
@@ -143,10 +208,22 @@ class RolloutWorker:
     """An engine over a model whose weights can be replaced between steps, tagging tokens with versions.
 
     Work is submitted as groups (one prompt, n samples) and advanced with :meth:`run`, which returns the groups
-    that finished.  Plain Python: the Ray loop wraps it in an actor; tests drive it directly."""
+    that finished.  Plain Python: the Ray loop wraps it in an actor; tests drive it directly.
+
+    **Tool episodes.**  A group submitted with a ``chat`` (:class:`ChatContext`: the conversation its prompt was
+    rendered from) is a tool task: each sample is a :class:`ToolEpisode`.  When a sample's turn ends at
+    ``<|im_end|>`` with tool calls, ``tool_env`` runs them, the template's tool-result text is appended (loss
+    mask False, logprob 0.0, tagged with the version of the turn that made the calls) and the next turn is a
+    follow-up request of that one sample whose prompt is prompt + completion so far (prefix caching is off, so it
+    is prefilled again, under the weights current then).  With MoE routing recorded, that prefill is forced
+    onto the routing already recorded for those positions (:class:`RoutingForcer`), so the sample has one
+    routing per position, the one each of its tokens was computed with.  At most ``max_tool_rounds`` rounds;
+    ``max_tokens`` bounds the whole completion, model and inserted tokens together.  The group is returned when
+    every episode has ended; ``Sample.text`` is then the last turn's text (the answer the reward reads) and
+    ``Sample.info`` holds the turns and the calls."""
 
     def __init__(self, model, tokenizer, engine_config: EngineConfig | None = None, *, version: int = 0,
-                 record_routing: bool = True) -> None:
+                 record_routing: bool = True, tool_env: ToolEnv | None = None, max_tool_rounds: int = 4) -> None:
         cfg = engine_config or EngineConfig()
         if cfg.enable_prefix_caching:
             cfg = dataclasses.replace(cfg, enable_prefix_caching=False)
@@ -155,6 +232,13 @@ class RolloutWorker:
         self.engine = LLMEngine(model, tokenizer, cfg)
         self.version = version
         self.recorder = RoutingRecorder(model).attach() if record_routing and moe_routers(model) else None
+        self.forcer = RoutingForcer(model) if self.recorder is not None else None
+        if not isinstance(max_tool_rounds, int) or max_tool_rounds < 1:
+            raise ValueError(f"max_tool_rounds must be a positive integer, got {max_tool_rounds!r}")
+        self.tool_env, self.max_tool_rounds = tool_env, max_tool_rounds
+        self._episodes: dict[int, list[ToolEpisode]] = {}  # tool group -> its samples' episodes
+        self._params: dict[int, SamplingParams] = {}  # tool group -> its sampling parameters
+        self._sample_of: dict[str, int] = {}  # follow-up request id -> the sample it continues
         self._groups: dict[str, tuple[int, list[int]]] = {}  # request id -> (group, prompt ids)
         self._versions: dict[tuple[str, int], list[int]] = {}
         self._routing: dict[int, torch.Tensor] = {}  # seq id -> [layers, capacity, k]
@@ -180,11 +264,27 @@ class RolloutWorker:
         return self.version
 
     # -- work -----------------------------------------------------------------------------------------------
-    def submit(self, group: int, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+    def submit(self, group: int, prompt_ids: Sequence[int], params: SamplingParams,
+               chat: ChatContext | None = None) -> None:
+        """Start a group of ``params.n`` samples of one prompt; ``chat`` makes it a tool task (see the class)."""
         rid = f"group-{group}"
-        if rid in self._groups:
+        if rid in self._groups or group in self._episodes:
             raise ValueError(f"group {group} is already being generated")
+        if chat is not None:
+            if self.tool_env is None:
+                raise ValueError(f"group {group} is a tool task, but this rollout worker has no tool environment "
+                                 "(RolloutWorker(..., tool_env=ToolEnv(...)))")
+            if self.tokenizer is None:
+                raise ValueError(f"group {group} is a tool task: its turns are parsed and its tool results rendered "
+                                 "with the tokenizer, and this rollout worker has none")
         self.engine.add_request(list(prompt_ids), params, request_id=rid)
+        if chat is not None:
+            budget = params.max_tokens if params.max_tokens is not None else \
+                self.engine.max_model_len - len(prompt_ids)
+            self._episodes[group] = [ToolEpisode(self.tool_env, self.tokenizer, chat, list(prompt_ids), budget,
+                                                 self.max_tool_rounds, self.engine.max_model_len)
+                                     for _ in range(params.n)]
+            self._params[group] = params
         self._groups[rid] = (group, list(prompt_ids))
         for seq in self.engine.requests[rid].seqs:
             self._seq_of[(rid, seq.index)] = seq.seq_id
@@ -192,7 +292,7 @@ class RolloutWorker:
 
     @property
     def pending_groups(self) -> list[int]:
-        return sorted(g for g, _ in self._groups.values())
+        return sorted({g for g, _ in self._groups.values()})
 
     def abort_all(self) -> list[int]:
         """Drop every group in flight (their ids are returned), e.g. before a restart from a checkpoint."""
@@ -200,6 +300,8 @@ class RolloutWorker:
         for rid in list(self._groups):
             self.engine.abort(rid)
             self._forget(rid)
+        self._episodes.clear()
+        self._params.clear()
         return groups
 
     def run(self, max_steps: int | None = None) -> list[list[Sample]]:
@@ -219,7 +321,9 @@ class RolloutWorker:
                     tags.extend([self.version] * new)
                     self.tokens += new
                 if out.finished:
-                    done.append(self._finish(out))
+                    finished = self._finish(out)
+                    if finished is not None:
+                        done.append(finished)
         self.steps += steps
         self.busy_seconds += time.perf_counter() - t0
         return done
@@ -252,20 +356,26 @@ class RolloutWorker:
             if seg.past <= self._filled.get(sid, 0):
                 self._filled[sid] = max(self._filled.get(sid, 0), end)
 
-    def _finish(self, out) -> list[Sample]:
+    def _taken_routing(self, rid: str, index: int, n_in: int, group: int) -> torch.Tensor | None:
+        """The recorded experts of input positions 0..n_in-1 of a finished sequence (None: not recording)."""
+        if self.recorder is None:
+            return None
+        sid = self._seq_of[(rid, index)]
+        if self._filled.get(sid, 0) < n_in:
+            raise RuntimeError(f"group {group}: routing recorded for {self._filled.get(sid, 0)} of {n_in} positions")
+        return self._routing[sid][:, :n_in].clone()
+
+    def _finish(self, out) -> list[Sample] | None:
+        """A request finished: its group's samples, or None while tool episodes of the group go on."""
         rid = out.request_id
         group, prompt = self._groups[rid]
+        if group in self._episodes:
+            return self._finish_turn(out, group, prompt)
         samples = []
         for o in out.outputs:
             ids = list(o.token_ids)
-            routing = None
-            if self.recorder is not None:
-                sid = self._seq_of[(rid, o.index)]
-                n_in = len(prompt) + len(ids) - 1  # every input position of the trainer's forward
-                if self._filled.get(sid, 0) < n_in:
-                    raise RuntimeError(f"group {group}: routing recorded for {self._filled.get(sid, 0)} of "
-                                       f"{n_in} positions")
-                routing = self._routing[sid][:, :n_in].clone()
+            # every input position of the trainer's forward
+            routing = self._taken_routing(rid, o.index, len(prompt) + len(ids) - 1, group)
             lps = [float(x) for x in (o.logprobs or [])]
             if len(lps) != len(ids):
                 raise RuntimeError(f"group {group}: {len(lps)} logprobs for {len(ids)} tokens")
@@ -274,18 +384,63 @@ class RolloutWorker:
         self._forget(rid)
         return samples
 
+    def _finish_turn(self, out, group: int, prompt: list[int]) -> list[Sample] | None:
+        """A turn of tool episodes finished: run their tool calls and start their next turns, or end them."""
+        rid = out.request_id
+        episodes = self._episodes[group]
+        for o in out.outputs:
+            i = self._sample_of.get(rid, o.index)
+            ep = episodes[i]
+            ids = list(o.token_ids)
+            lps = [float(x) for x in (o.logprobs or [])]
+            if len(lps) != len(ids):
+                raise RuntimeError(f"group {group}: {len(lps)} logprobs for {len(ids)} tokens")
+            ep.add_turn(ids, lps, self._versions[(rid, o.index)], o.text, o.finish_reason)
+            if self.recorder is not None:  # covers every earlier turn too: this request's prefill was forced
+                ep.routing = self._taken_routing(rid, o.index, len(prompt) + len(ids) - 1, group)
+            nxt = ep.next_prompt()
+            if nxt is not None:
+                self._follow_up(group, i, ep, nxt)
+        self._forget(rid)
+        if not all(ep.done for ep in episodes):
+            return None
+        del self._episodes[group]
+        self._params.pop(group, None)
+        return [Sample(group, i, list(ep.prompt_ids), list(ep.ids), list(ep.logprobs), list(ep.versions),
+                       list(ep.loss_mask), ep.text, ep.finish_reason, ep.routing, info=ep.info())
+                for i, ep in enumerate(episodes)]
+
+    def _follow_up(self, group: int, index: int, ep: ToolEpisode, prompt_ids: list[int]) -> None:
+        """The next turn of one episode: a request of one sample, seeded apart from every other turn."""
+        base = self._params[group]
+        seed = None if base.seed is None else base.seed + index + 1_000_003 * ep.rounds
+        params = dataclasses.replace(base, n=1, seed=seed, max_tokens=ep.remaining_tokens)
+        rid = f"group-{group}/sample-{index}/turn-{ep.rounds}"
+        self.engine.add_request(prompt_ids, params, request_id=rid)
+        self._groups[rid] = (group, prompt_ids)
+        self._sample_of[rid] = index
+        sid = self.engine.requests[rid].seqs[0].seq_id
+        self._seq_of[(rid, 0)] = sid
+        self._versions[(rid, 0)] = []
+        if self.forcer is not None and ep.routing is not None:
+            self.forcer.forced[sid] = ep.routing
+
     def _forget(self, rid: str) -> None:
         self._groups.pop(rid, None)
+        self._sample_of.pop(rid, None)
         for key in [k for k in self._versions if k[0] == rid]:
             self._versions.pop(key, None)
             sid = self._seq_of.pop(key, None)
             if sid is not None:
                 self._routing.pop(sid, None)
                 self._filled.pop(sid, None)
+                if self.forcer is not None:
+                    self.forcer.forced.pop(sid, None)
 
     def stats(self) -> dict[str, float]:
         return {"busy_seconds": self.busy_seconds, "steps": self.steps, "tokens": self.tokens,
                 "version": self.version}
 
 
-__all__ = ["RolloutWorker", "Sample", "RoutingRecorder", "replay_routing", "moe_routers", "rollout_params"]
+__all__ = ["RolloutWorker", "Sample", "RoutingRecorder", "RoutingForcer", "replay_routing", "moe_routers",
+           "rollout_params"]

@@ -88,14 +88,14 @@ def test_weight_push_reaches_the_actor_and_changes_outputs(ray_session, tiny_dir
 
     actor = ray.remote(num_cpus=1)(RolloutActor).remote(
         str(tiny_dir), {"threads": 1, "max_num_seqs": 4, "speculative": None, "routing_replay": True,
-                        "group_size": 2, "max_new_tokens": 8})
+                        "group_size": 2, "max_new_tokens": 8, "max_tool_rounds": 4})
     ids = Tokenizer(tiny_dir).encode("<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n")
-    ray.get(actor.submit.remote([(0, ids, 5)]))
+    ray.get(actor.submit.remote([(0, ids, 5, None)]))  # (group, prompt ids, seed, tool-task chat or None)
     before, _ = ray.get(actor.run.remote(None))
     state = load_model(tiny_dir, dtype="float32").state_dict()
     state = {k: v * 1.5 if v.is_floating_point() and v.dim() >= 2 else v for k, v in state.items()}
     ray.get(actor.set_weights.remote(ray.put(state), 7))
-    ray.get(actor.submit.remote([(0, ids, 5)]))  # the same group, the same seed
+    ray.get(actor.submit.remote([(0, ids, 5, None)]))  # the same group, the same seed
     after, _ = ray.get(actor.run.remote(None))
     ray.kill(actor)
     assert [s.versions[0] for s in before[0]] == [0, 0] and [s.versions[0] for s in after[0]] == [7, 7]
