@@ -14,8 +14,9 @@ changed: ``sync`` generates a batch, trains on it and pushes the weights before 
                                 [--max-new-tokens 256] [--per-task 50] [--modes sync:2,sync,async]
 
 A mode is ``sync`` or ``async``, optionally with the torch threads of each of its actors after a colon
-(default ``--threads``): ``sync:2`` is the harder baseline on 2 cores, where the phase that runs has both cores
-(sync's phases never overlap, so its actors never compete), while ``async`` at 1 thread per actor splits them.
+(default ``--threads``) and the trainer's after a second one: ``sync:2`` is the harder baseline on 2 cores, where
+the phase that runs has both cores (sync's phases never overlap, so its actors never compete), while ``async:1``
+splits them and ``async:1:2`` gives the trainer two threads beside the rollout's one.
 
 A tiny setting to check the script (minutes, not a measurement):
   python benchmarks/bench_rl.py --out /tmp/bench_rl --updates 2 --groups 2 --group-size 2 --max-new-tokens 16 \\
@@ -82,13 +83,16 @@ def main(argv=None) -> int:
 
     report["before"] = evaluate(start_model)
     for spec in args.modes.split(","):
-        mode, _, threads = spec.strip().partition(":")
+        mode, _, rest = spec.strip().partition(":")
+        threads, _, trainer_threads = rest.partition(":")
         threads = int(threads) if threads else args.threads
+        trainer_threads = int(trainer_threads) if trainer_threads else None
         cfg = RLConfig.from_dict({**base.to_dict(), "mode": mode, "threads": threads,
-                                  "out_dir": str(out / spec.replace(":", "-t"))})
+                                  "trainer_threads": trainer_threads, "out_dir": str(out / spec.replace(":", "-t"))})
         t0 = time.perf_counter()
         res = run_rl(cfg)
-        report["modes"][spec] = {"mode": mode, "threads": threads, "wall_seconds": res.wall_seconds,
+        report["modes"][spec] = {"mode": mode, "threads": threads, "trainer_threads": trainer_threads or threads,
+                                 "wall_seconds": res.wall_seconds,
                                  "driver_seconds": time.perf_counter() - t0,
                                  "busy_fraction": res.busy_fraction(), "restarts": res.restarts,
                                  "rewards": [h["reward"] for h in res.history],

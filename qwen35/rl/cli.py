@@ -88,6 +88,9 @@ def add_rl_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-routing-replay", action="store_true",
                    help="MoE: let the trainer's routers choose instead of replaying the rollout's experts")
     p.add_argument("--threads", type=int, default=1, help="torch threads per actor (default 1)")
+    p.add_argument("--trainer-threads", type=int, default=None,
+                   help="torch threads of the trainer actor (default: --threads); on 2 cores the trainer is the "
+                        "slower side and the rollout engine's small decode batches gain little from a second thread")
     p.add_argument("--save-every", type=int, default=10, help="checkpoint every N updates (default 10)")
     p.add_argument("--save-dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--seed", type=int, default=0)
@@ -109,8 +112,8 @@ def config_from_args(args: argparse.Namespace):
                    max_new_tokens=args.max_new_tokens, rollout_actors=args.rollout_actors, staleness=args.staleness,
                    stale_policy=args.stale_policy, lr=args.lr, min_lr=args.lr, kl_coef=args.kl_coef,
                    tis_clip=args.tis_clip, clip_eps=args.clip_eps, tasks=args.tasks, think_prob=args.think_prob,
-                   max_tool_rounds=args.max_tool_rounds,
-                   speculative=spec, routing_replay=not args.no_routing_replay, threads=args.threads,
+                   max_tool_rounds=args.max_tool_rounds, speculative=spec, routing_replay=not args.no_routing_replay,
+                   threads=args.threads, trainer_threads=args.trainer_threads,
                    save_every=args.save_every, save_dtype=args.save_dtype, seed=args.seed,
                    ray_address=args.ray_address, out_dir=args.out, progress=not args.no_progress)
     cfg.validate()

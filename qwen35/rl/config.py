@@ -52,13 +52,15 @@ class RLConfig:
     speculative: dict[str, Any] | None = None  # rollout engine speculative_config, e.g. {"method": "mtp", ...}
     max_num_seqs: int = 16  # rollout engine batch
     threads: int = 1  # torch threads per actor (resume-safe)
+    trainer_threads: int | None = None  # the trainer actor's, when not ``threads`` (resume-safe)
     out_dir: str = "runs/rl"  # (resume-safe)
     save_every: int = 10  # checkpoint every N updates and at the end (resume-safe)
     save_dtype: str = "float32"  # dtype of the final model folder: float32 or bfloat16 (resume-safe)
     ray_address: str | None = None  # None: a local Ray; else a cluster address (resume-safe)
     progress: bool = True  # tqdm bar (resume-safe)
 
-    RESUME_SAFE = ("updates", "threads", "out_dir", "save_every", "save_dtype", "ray_address", "progress",
+    RESUME_SAFE = ("updates", "threads", "trainer_threads", "out_dir", "save_every", "save_dtype", "ray_address",
+                   "progress",
                    "rollout_actors", "steps_per_call", "max_tool_rounds")
 
     def to_dict(self) -> dict[str, Any]:
@@ -87,6 +89,8 @@ class RLConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.trainer_threads is not None and (not isinstance(self.trainer_threads, int) or self.trainer_threads < 1):
+            raise ValueError(f"trainer_threads must be a positive integer or None, got {self.trainer_threads!r}")
         if self.mode not in ("async", "sync"):
             raise ValueError(f"mode must be 'async' or 'sync', got {self.mode!r}")
         if self.stale_policy not in ("drop", "mask"):

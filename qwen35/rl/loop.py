@@ -127,7 +127,7 @@ class TrainerActor:
         from qwen35.rl.trainer import RLTrainer
 
         self.cfg = RLConfig.from_dict(cfg)
-        torch.set_num_threads(self.cfg.threads)
+        torch.set_num_threads(self.cfg.trainer_threads or self.cfg.threads)
         self.model_dir = model_dir
         self.trainer = RLTrainer(load_model(model_dir, dtype="float32"), self.cfg, vocab_limit)
 
@@ -281,8 +281,8 @@ class RLRun:
                 "routing_replay": c.routing_replay, "group_size": c.group_size, "max_new_tokens": c.max_new_tokens,
                 "max_tool_rounds": c.max_tool_rounds}
 
-    def _env(self) -> dict[str, Any]:
-        t = str(self.cfg.threads)
+    def _env(self, threads: int | None = None) -> dict[str, Any]:
+        t = str(threads or self.cfg.threads)
         return {"env_vars": {"OMP_NUM_THREADS": t, "MKL_NUM_THREADS": t}}
 
     def _new_rollout_actor(self, i: int):
@@ -323,7 +323,7 @@ class RLRun:
     def _run(self) -> RLResult:
         ray, cfg = self.ray, self.cfg
         vocab = len(self.tokenizer)
-        tcls = ray.remote(num_cpus=1, max_restarts=0, runtime_env=self._env())(TrainerActor)
+        tcls = ray.remote(num_cpus=1, max_restarts=0, runtime_env=self._env(cfg.trainer_threads))(TrainerActor)
         self.trainer = tcls.remote(str(self.model_dir), cfg.to_dict(), vocab)
         self.rollouts: dict[int, Any] = {}
         self.assigned: dict[int, set[int]] = {}

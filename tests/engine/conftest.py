@@ -12,9 +12,10 @@ BASE = dict(vocab_size=96, hidden_size=64, num_hidden_layers=4, num_attention_he
             rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.25))
 
 
-def tiny_model(moe: bool = False, seed: int = 0) -> Qwen35ForCausalLM:
-    """A random float32 model whose logits have clear gaps, so greedy choices are stable under rounding."""
-    d = dict(BASE, model_type="qwen3_5_moe_text" if moe else "qwen3_5_text")
+def tiny_model(moe: bool = False, seed: int = 0, **overrides) -> Qwen35ForCausalLM:
+    """A random float32 model whose logits have clear gaps, so greedy choices are stable under rounding;
+    ``overrides`` change config fields (e.g. a real tokenizer's vocab_size and eos_token_id)."""
+    d = dict(BASE, model_type="qwen3_5_moe_text" if moe else "qwen3_5_text", **overrides)
     if moe:
         d.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
     else:

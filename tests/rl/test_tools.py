@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from qwen35.chat import Tokenizer
-from qwen35.config import config_from_dict
 from qwen35.engine import EngineConfig, SamplingParams
 from qwen35.engine.sampler import SampleOutput
 from qwen35.engine.sampler import _logprobs as raw_logprobs
@@ -48,7 +47,7 @@ from qwen35.train.data import (
     render_example,
     render_with_spans,
 )
-from tests.engine.conftest import BASE
+from tests.engine.conftest import tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -282,21 +281,7 @@ def test_episode_ends_on_answers_limits_and_cut_turns(tok):
 
 def _tiny(moe: bool, seed: int = 0) -> Qwen35ForCausalLM:
     """tests/engine's tiny random model with the embedded tokenizer's vocabulary (2048 ids, eos 2011)."""
-    d = dict(BASE, vocab_size=2048, eos_token_id=2011, model_type="qwen3_5_moe_text" if moe else "qwen3_5_text")
-    if moe:
-        d.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
-    else:
-        d.update(intermediate_size=96)
-    torch.manual_seed(seed)
-    m = Qwen35ForCausalLM(config_from_dict(d))
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if p.dim() == 1 and "norm" in name:
-                p.add_(torch.randn_like(p) * 0.2)
-            elif p.dim() >= 2:
-                p.normal_(0, 0.08)
-        m.lm_head.weight.mul_(6)
-    return m.eval()
+    return tiny_model(moe, seed, vocab_size=2048, eos_token_id=2011)
 
 
 class ScriptedSampler:
