@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from qwen35.train.config import RunConfig
 
 # Tasks with a verifiable single answer and no tool (see qwen35.train.data): the default RL mix.
 RL_TASKS: dict[str, float] = {
@@ -19,7 +19,7 @@ TOOL_TASKS: dict[str, tuple[str, ...]] = {
 
 
 @dataclass
-class RLConfig:
+class RLConfig(RunConfig):
     """One RL run.  Fields marked (resume-safe) may change between a checkpoint and its resume."""
 
     model: str = "embedded"  # a checkpoint folder, or "embedded" (the model shipped in the package)
@@ -60,24 +60,7 @@ class RLConfig:
     progress: bool = True  # tqdm bar (resume-safe)
 
     RESUME_SAFE = ("updates", "threads", "trainer_threads", "out_dir", "save_every", "save_dtype", "ray_address",
-                   "progress",
-                   "rollout_actors", "steps_per_call", "max_tool_rounds")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["betas"] = list(self.betas)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> RLConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown RLConfig fields: {sorted(unknown)}")
-        d = dict(d)
-        if "betas" in d:
-            d["betas"] = tuple(d["betas"])
-        return cls(**d)
+                   "progress", "rollout_actors", "steps_per_call", "max_tool_rounds")
 
     def task_weights(self) -> dict[str, float]:
         return dict(RL_TASKS if self.tasks is None else self.tasks)

@@ -334,7 +334,7 @@ class RLRun:
         self.weights_ref = None
         if self.resume:
             driver = ray.get(self.trainer.load.remote(str(self.state_path)))
-            self._check_resume(driver["config"])
+            self.cfg.check_resume(driver["config"])
             self.version = driver["version"]
             self.next_group = driver["next_group"]
             self.requeue = deque(driver["pending"])
@@ -535,13 +535,6 @@ class RLRun:
         return {"version": self.version, "next_group": self.next_group, "pending": pending,
                 "history": self.history, "restarts": self.restarts, "dropped_groups": self.dropped_groups,
                 "config": self.cfg.to_dict()}
-
-    def _check_resume(self, saved: dict[str, Any]) -> None:
-        now = self.cfg.to_dict()
-        changed = [k for k in now if k not in RLConfig.RESUME_SAFE and saved.get(k) != now[k]]
-        if changed:
-            raise ValueError(f"cannot resume: the saved run used different {', '.join(sorted(changed))} "
-                             f"(saved {', '.join(f'{k}={saved.get(k)!r}' for k in sorted(changed))})")
 
 
 def run_rl(cfg: RLConfig, reward_fn: RewardFn | None = None, resume: bool = False,

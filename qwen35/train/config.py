@@ -1,5 +1,6 @@
 """What a training run depends on: :class:`TrainConfig` (one dataclass, saved with every training state, so a
-resume can check that nothing that shapes the run has changed)."""
+resume can check that nothing that shapes the run has changed), and :class:`RunConfig`, what every resumable
+run's config shares (this one, the vision recipe's, RL's)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import torch
 
@@ -15,8 +16,40 @@ from qwen35.model.mtp import DEFAULT_HIDDEN_SOURCE
 from qwen35.train.presets import model_preset
 
 
+class RunConfig:
+    """The shared part of a resumable run's config dataclass: it is saved with the run's state as a plain dict,
+    read back with unknown fields refused, and a resume may change only the fields named in ``RESUME_SAFE``."""
+
+    RESUME_SAFE: ClassVar[tuple[str, ...]] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if "betas" in d:
+            d["betas"] = list(d["betas"])  # JSON has no tuples
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Self:
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+        d = dict(d)
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        return cls(**d)
+
+    def check_resume(self, saved: Mapping[str, Any]) -> None:
+        """Refuse (ValueError naming them) to resume a run saved with ``saved`` (its :meth:`to_dict`) when a field
+        outside ``RESUME_SAFE`` differs."""
+        now = self.to_dict()
+        changed = sorted(k for k in now if k not in self.RESUME_SAFE and saved.get(k) != now[k])
+        if changed:
+            raise ValueError(f"cannot resume: the saved run used different {', '.join(changed)} "
+                             f"(saved {', '.join(f'{k}={saved.get(k)!r}' for k in changed)})")
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(RunConfig):
     """Everything a run depends on. Fields marked (resume-safe) may change between a save and a resume."""
 
     model: str | dict[str, Any] = "tiny"  # a preset name (tiny, embedded) or a config.json body
@@ -55,22 +88,6 @@ class TrainConfig:
     RESUME_SAFE = ("steps", "eval_every", "save_every", "out_dir", "threads", "progress", "eval_batches",
                    "save_dtype", "device")
 
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["betas"] = list(self.betas)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields: {sorted(unknown)}")
-        d = dict(d)
-        if "betas" in d:
-            d["betas"] = tuple(d["betas"])
-        return cls(**d)
-
     def model_body(self) -> dict[str, Any]:
         return model_preset(self.model) if isinstance(self.model, str) else json.loads(json.dumps(self.model))
 
@@ -92,4 +109,4 @@ class TrainConfig:
             raise ValueError(f"device {self.device!r}: this PyTorch build sees no CUDA GPU")
 
 
-__all__ = ["TrainConfig"]
+__all__ = ["RunConfig", "TrainConfig"]

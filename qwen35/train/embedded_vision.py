@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import os
 import random
@@ -65,6 +64,7 @@ from torch import nn
 from qwen35.config import config_from_dict
 from qwen35.model import Qwen35ForCausalLM, init_weights
 from qwen35.train.batches import Batch
+from qwen35.train.config import RunConfig
 from qwen35.train.losses import StepLosses, forward_losses
 from qwen35.train.optim import OptimConfig, lr_factor, make_optimizer, optimizer_step
 
@@ -89,7 +89,7 @@ DEFAULT_VISION_STEPS = 1300
 
 
 @dataclass
-class VisionRecipe:
+class VisionRecipe(RunConfig):
     """Everything the vision stage depends on."""
 
     base: str = "qwen35/assets/default"  # the trained text model folder
@@ -125,11 +125,6 @@ class VisionRecipe:
     progress: bool = True
 
     RESUME_SAFE = ("steps", "eval_every", "save_every", "out_dir", "threads", "progress", "device", "save_dtype")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["betas"] = list(self.betas)
-        return d
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -322,10 +317,7 @@ class VisionStage:
         if state is None and (self.out / "checkpoint" / STATE_FILE).exists():
             raise FileExistsError(f"{self.out} holds a training state; resume it (--resume) or choose another out")
         if state is not None:
-            changed = [k for k, v in recipe.to_dict().items()
-                       if k not in VisionRecipe.RESUME_SAFE and state["recipe"].get(k) != v]
-            if changed:
-                raise ValueError(f"cannot resume: the saved run used different {', '.join(sorted(changed))}")
+            recipe.check_resume(state["recipe"])
 
         self.base = Path(recipe.base)
         self.tok = Tokenizer.from_file(str(self.base / "tokenizer.json"))

@@ -103,7 +103,7 @@ class Trainer:
                 cfg.steps * cfg.batch_size * cfg.grad_accum
         self.cfg = cfg
         if state is not None:
-            self._check_resume_config(state["config"])
+            self.cfg.check_resume(state["config"])
         elif not resume and (self.out / "checkpoint" / STATE_FILE).exists():
             raise FileExistsError(f"{self.out} holds a training state; resume it (--resume) or choose another "
                                   "out_dir")
@@ -258,13 +258,6 @@ class Trainer:
         if not path.exists():
             raise FileNotFoundError(f"{path}: no training state to resume from")
         return torch.load(path, map_location="cpu", weights_only=True)
-
-    def _check_resume_config(self, saved: Mapping[str, Any]) -> None:
-        now = self.cfg.to_dict()
-        changed = [k for k in now if k not in TrainConfig.RESUME_SAFE and saved.get(k) != now[k]]
-        if changed:
-            raise ValueError(f"cannot resume: the saved run used different {', '.join(sorted(changed))} "
-                             f"(saved {', '.join(f'{k}={saved.get(k)!r}' for k in sorted(changed))})")
 
     def _load_state(self, state: Mapping[str, Any]) -> None:
         weights = dict(state["model"])

@@ -35,3 +35,14 @@ def tiny_model(moe: bool = False, seed: int = 0, **overrides) -> Qwen35ForCausal
 @pytest.fixture(scope="session", params=[False, True], ids=["dense", "moe"])
 def model(request):
     return tiny_model(request.param)
+
+
+@pytest.fixture(params=["native", "torch"])
+def kernels_switch(request, monkeypatch):
+    """Run a test with the native kernels (the default where they build) and with PyTorch alone."""
+    import qwen35.kernels as kernels
+
+    monkeypatch.setenv(kernels.ENV_SWITCH, "1" if request.param == "native" else "0")
+    kernels.reset()
+    yield request.param
+    kernels.reset()

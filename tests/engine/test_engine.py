@@ -14,16 +14,6 @@ from qwen35.memory import kv_bytes_per_token, state_bytes_per_sequence
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
-@pytest.fixture(params=["native", "torch"])
-def kernels_switch(request, monkeypatch):
-    """Run a test with the native kernels (the default where they build) and with PyTorch alone."""
-    import qwen35.kernels as kernels
-    monkeypatch.setenv(kernels.ENV_SWITCH, "1" if request.param == "native" else "0")
-    kernels.reset()
-    yield request.param
-    kernels.reset()
-
-
 def solo_greedy(model, prompt: list[int], n: int) -> list[int]:
     """Reference: the full forward over the whole sequence at every step (no cache at all)."""
     ids, out = list(prompt), []

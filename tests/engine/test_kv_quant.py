@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qwen35 import kernels
 from qwen35.engine.kv_quant import KV_CACHE_DTYPES, LayerKV, check_kv_cache_dtype
 from qwen35.engine.llm_engine import EngineConfig, LLMEngine
 from qwen35.engine.params import SamplingParams
@@ -19,14 +18,6 @@ from .test_engine import prompts_of, run_all
 
 GREEDY = {"temperature": 0.0, "ignore_eos": True}
 STORAGE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
-
-
-@pytest.fixture(params=["native", "torch"])
-def kernels_switch(request, monkeypatch):
-    monkeypatch.setenv(kernels.ENV_SWITCH, "1" if request.param == "native" else "0")
-    kernels.reset()
-    yield request.param
-    kernels.reset()
 
 
 # ---- quantize / dequantize ------------------------------------------------------------------------------------
