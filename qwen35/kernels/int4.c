@@ -25,7 +25,8 @@
  * block of NB4 weight rows is dequantised once into an L1-resident float32 block and every block of MB4
  * activation rows multiplies it from registers (simd.h vectors).  Threads split the weight rows.  A second entry
  * point, q35_linear_int4_q8 (at the end of the file), rounds the activations to int8 first and sums in integers:
- * faster for one to a few rows, at the price of that rounding (qwen35/kernels/ops.py chooses).
+ * faster, at the price of that rounding; qwen35/kernels/ops.py sends every row count to it by default
+ * (Limits.q8_activations), since each row is rounded and summed alone and so gets the same bits in any batch.
  *
  * Built at first use per instruction-set variant (simd.h); qwen35/kernels/__init__.py falls back to PyTorch
  * when no compiler is present.  Returns 0, -1 on bad arguments, -2 out of memory. */
@@ -282,7 +283,7 @@ int q35_dequantize_int4(const uint8_t *w, const uint16_t *scales, int64_t G, voi
     return rc;
 }
 
-/* ---- the int8-activation product (q35_linear_int4_q8), for one to a few activation rows ----------------------
+/* ---- the int8-activation product (q35_linear_int4_q8), for every row count ------------------------------------
  *
  * Why: the float32 product above is bound by widening each nibble to a float32 lane (three vector operations per
  * 8 weights before the FMA).  Rounding the activation row to int8 once per call (cost K, against N·K for the
@@ -306,7 +307,9 @@ int q35_dequantize_int4(const uint8_t *w, const uint16_t *scales, int64_t G, voi
  * (1, 0) and (0, 1) separates the two 32-weight blocks.  The nibbles are used unsigned (q_w + 8, one xor with
  * 0x88 per byte), so the AVX2 code subtracts 8 · Σ_{block} d · Σ q_x per group once per weight row (c below,
  * precomputed per activation row); the scalar build multiplies signed values directly.  Up to Q8_ROWS activation
- * rows share each unpacked weight block; threads split the weight rows. */
+ * rows share each unpacked weight block; threads split the weight rows.  Every row goes through the same
+ * operations in the same order whatever R is, so a row's result does not depend on the rows beside it (a
+ * decode step reproduces the bits of the full forward; tests/quant/test_int4.py checks it per ISA variant). */
 #define Q8_BLOCK 32
 #define Q8_ROWS 4
 
@@ -455,35 +458,70 @@ static void dot_q8(int R, const int8_t *xq, const float *d, const float *c, cons
 }
 #endif
 
-int q35_linear_int4_q8(const void *x, int x_bf16, int64_t ldx, const uint8_t *w, const uint16_t *scales,
-                       int64_t G, void *y, int y_bf16, int64_t M, int64_t N, int64_t K, int threads) {
-    if (M <= 0 || N <= 0 || K <= 0 || ldx < K || G < 32 || (G & (G - 1))) return -1;
+/* Several packed weights [N_i, K] (one group size) that read the same activations: their outputs side by side in
+ * the rows of y (row stride ldy >= ΣN_i; weight i's columns start where weight i−1's end).  The activations are
+ * rounded once and one parallel region serves every weight — the q/k/v or gate/up projections of a layer in one
+ * call.  Each output value is computed exactly as the one-weight call computes it. */
+#define Q8_MAX_WEIGHTS 8
+int q35_linear_int4_q8_multi(const void *x, int x_bf16, int64_t ldx, int nw, const uint8_t *const *ws,
+                             const uint16_t *const *ss, const int64_t *Ns, int64_t G, void *y, int y_bf16,
+                             int64_t ldy, int64_t M, int64_t K, int threads) {
+    if (M <= 0 || K <= 0 || ldx < K || G < 32 || (G & (G - 1)) || nw < 1 || nw > Q8_MAX_WEIGHTS) return -1;
     const int64_t span = G > QBLOCK ? G : QBLOCK, row_bytes = (K + span - 1) / span * span / 2,
                   Kp = row_bytes * 2, ngroups = Kp / G, nd = Kp / Q8_BLOCK;
+    int64_t col0[Q8_MAX_WEIGHTS], first_item[Q8_MAX_WEIGHTS + 1], cols = 0;
+    first_item[0] = 0;
+    for (int i = 0; i < nw; i++) {
+        if (Ns[i] <= 0) return -1;
+        col0[i] = cols;
+        cols += Ns[i];
+        first_item[i + 1] = first_item[i] + (Ns[i] + GEMV_ROWS - 1) / GEMV_ROWS;
+    }
+    if (ldy < cols) return -1;
     int8_t *xq = (int8_t *)malloc((size_t)(M * Kp));
     float *d = (float *)malloc((size_t)(M * nd) * sizeof(float)), *c = (float *)malloc((size_t)(M * ngroups) * sizeof(float));
     if (!xq || !d || !c) {
         free(xq), free(d), free(c);
         return -2;
     }
-    for (int64_t m = 0; m < M; m++)
-        quantize_row_q8(x_bf16 ? (const void *)((const uint16_t *)x + m * ldx) : (const void *)((const float *)x + m * ldx),
-                        x_bf16, K, Kp, G, xq + m * Kp, d + m * nd, c + m * ngroups);
-    const int64_t nwork = (N + GEMV_ROWS - 1) / GEMV_ROWS;
+    const int64_t nwork = first_item[nw];
     if (threads < 1) threads = 1;
     if (threads > nwork) threads = (int)nwork;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t b = 0; b < nwork; b++) {
-        const int64_t nend = (b + 1) * GEMV_ROWS < N ? (b + 1) * GEMV_ROWS : N;
-        for (int64_t n = b * GEMV_ROWS; n < nend; n++)
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++)
+            quantize_row_q8(x_bf16 ? (const void *)((const uint16_t *)x + m * ldx)
+                                   : (const void *)((const float *)x + m * ldx),
+                            x_bf16, K, Kp, G, xq + m * Kp, d + m * nd, c + m * ngroups);
+        /* (the implicit barrier: every row is rounded before any product reads it) */
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < nwork; b++) {
+            int wi = 0;
+            while (b >= first_item[wi + 1]) wi++;
+            const int64_t N = Ns[wi], n0 = (b - first_item[wi]) * GEMV_ROWS,
+                          nend = n0 + GEMV_ROWS < N ? n0 + GEMV_ROWS : N;
+            const uint8_t *w = ws[wi];
+            const uint16_t *scales = ss[wi];
+            /* activation blocks outermost: a block of Q8_ROWS rounded rows (Q8_ROWS x Kp bytes) stays in L1 while
+             * the work item's GEMV_ROWS weight rows pass it, so a prompt streams the rounded activations once per
+             * work item, not once per weight row */
             for (int64_t m0 = 0; m0 < M; m0 += Q8_ROWS) {
                 const int R = (int)(M - m0 < Q8_ROWS ? M - m0 : Q8_ROWS);
-                float out[Q8_ROWS];
-                dot_q8(R, xq + m0 * Kp, d + m0 * nd, c + m0 * ngroups, w + n * row_bytes, scales + n * ngroups, G,
-                       Kp, out);
-                for (int r = 0; r < R; r++) act_st(y, y_bf16, (m0 + r) * N + n, out[r]);
+                for (int64_t n = n0; n < nend; n++) {
+                    float out[Q8_ROWS];
+                    dot_q8(R, xq + m0 * Kp, d + m0 * nd, c + m0 * ngroups, w + n * row_bytes,
+                           scales + n * ngroups, G, Kp, out);
+                    for (int r = 0; r < R; r++) act_st(y, y_bf16, (m0 + r) * ldy + col0[wi] + n, out[r]);
+                }
             }
+        }
     }
     free(xq), free(d), free(c);
     return 0;
+}
+
+int q35_linear_int4_q8(const void *x, int x_bf16, int64_t ldx, const uint8_t *w, const uint16_t *scales,
+                       int64_t G, void *y, int y_bf16, int64_t M, int64_t N, int64_t K, int threads) {
+    return q35_linear_int4_q8_multi(x, x_bf16, ldx, 1, &w, &scales, &N, G, y, y_bf16, N, M, K, threads);
 }

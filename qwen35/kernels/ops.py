@@ -54,9 +54,12 @@ class Limits:
     # 4-bit products (qwen35/quant/int4.py) with fewer rows run on the native kernel; more dequantize the weight
     # (band by band) for PyTorch's GEMM.  benchmarks/bench_ops.py --only int4 (see the int4 entry of RESULTS.md)
     int4_max_rows: int = 48
-    # of those, products with at most this many rows round the activations to int8 per block of 32 and sum in
-    # integers (NativeKernels.linear_int4_q8; about 2^-8 relative activation error, see int4.c); 0: never
-    int4_q8_max_rows: int = 0
+    # int8 activations: every int4 / int8 weight product, whatever its number of rows, rounds the activations
+    # to int8 per block of 32 and sums in integers (NativeKernels.linear_int4_q8 / linear_int8_q8; about 2^-8
+    # relative activation error, int4.c and gemm_bf16.c say why).  One rounding for every row count keeps a
+    # row's result independent of its batch: a decode step gives the bits of the full forward.  False: the
+    # float32 products (few rows native, more dequantize for PyTorch's GEMM), exact to the dequantized weight.
+    q8_activations: bool = True
 
 
 # Each number points at what set it (benchmarks/RESULTS.md has the runs).
@@ -69,14 +72,7 @@ LIMITS: dict[str, Limits] = {
         linear_max_rows=48, widen_min_rows=32,
         # bench_ops.py (int8): the native int8 product against dequantise + float32 F.linear
         int8_max_rows=48,
-        # the int8-activation int4 product (q35_linear_int4_q8) against the float32 one, 4096x2048 weight,
-        # 1 thread with a CI job on the other core (2-core AVX2 EPYC, session 7): g32 1.4-2.1x faster at one row,
-        # 1.6-2.8x at 2-8 rows.  Off (0) all the same: end to end it moved batch-1 decode of the 0.8B shape only
-        # from 14.2 to 16.5 tok/s (0.66x -> 0.69x llama.cpp Q4_K_M; the int8 lm_head is half the bytes read), and
-        # with it on, a row's rounding depends on how many rows its call had, so the engine's decode steps no
-        # longer reproduce the full forward exactly.  Turn on (8) once a decode step can be shown equal to a
-        # forward that rounds the same way (benchmarks/RESULTS.md, session 7).
-        int4_q8_max_rows=0,
+        # int8 activations (q8_activations, default on): see the int4 / int8 entries of RESULTS.md, session 9
         # session 3: the grouped experts cut a 16-token decode step of the 35B-A3B shape from 948 to 680 ms
         moe_max_tokens=48,
         # session 3: one token's RMSNorm 16 us native vs 33 PyTorch; the gated norm 74 vs 85 at one token but
@@ -201,22 +197,56 @@ def linears(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> list[torch.Tens
     return [linear(x, w) for w in weights]
 
 
+# ---- int8 activations (the q8_activations products of int4 and int8 weights) ---------------------------------
+
+Q8_BLOCK = 32  # activations per int8 block of the int8-activation int4 product (llama.cpp's Q8_0 block)
+
+
+def quantize_activations_q8_reference(x: torch.Tensor, padded: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows x [M, K] zero-padded to ``padded`` features, each block of 32 rounded to int8 as int4.c's
+    q35_linear_int4_q8 does: q = round_half_even(x · (127 / amax)) (float32 arithmetic), d = amax / 127, both 0
+    for an all-zero block.  Returns q [M, padded] (integer-valued float32) and d [M, padded / 32] float32."""
+    xp = F.pad(x.float(), (0, padded - x.shape[-1])).unflatten(-1, (-1, Q8_BLOCK))
+    amax = xp.abs().amax(-1)
+    # a true division (``127.0 / amax`` would be PyTorch's reciprocal times 127, one ulp off a quarter of the time)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+    q = torch.round(xp * inv[..., None]).clamp(-127, 127)
+    return q.flatten(-2), amax / 127.0
+
+
 def linear_int8_reference(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``x @ (qweight · scale).T`` on the dequantised weight, float32 inside, x's dtype out."""
     return F.linear(x.float(), qweight.float() * scale[:, None]).to(x.dtype)
 
 
+def linear_int8_q8_reference(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The int8-activation int8 product (gemm_bf16.c: q35_linear_int8_q8): per block of 32, the activation scale
+    times the exact integer dot of the weight and activation bytes, summed in float64, times the row scale; x's
+    dtype out.  Not :func:`linear_int8_reference`: the activations are rounded to int8 first (about 2^-8)."""
+    lead, K = x.shape[:-1], qweight.shape[-1]
+    padded = -(-K // Q8_BLOCK) * Q8_BLOCK
+    q, d = quantize_activations_q8_reference(x.reshape(-1, K), padded)
+    wq = F.pad(qweight.double(), (0, padded - K))
+    isum = torch.einsum("mbk,nbk->mnb", q.double().unflatten(-1, (-1, Q8_BLOCK)), wq.unflatten(-1, (-1, Q8_BLOCK)))
+    y = (isum * d.double()[:, None, :]).sum(-1) * scale.double()[None]
+    return y.to(x.dtype).reshape(*lead, qweight.shape[0])
+
+
 def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                 scale_bf16: torch.Tensor | None = None) -> torch.Tensor:
-    """The product of int8 weight-only quantization (one float32 scale per output row).  Few rows: the native
-    kernel (dequantises in registers, streams the half-size weight once); without it, PyTorch's int8 kernel for
-    bf16 activations (``scale_bf16`` given); otherwise the float32 reference."""
+    """The product of int8 weight-only quantization (one float32 scale per output row).  With the native
+    kernels: every row count through the int8-activation kernel (``q8_activations``), or else few rows through
+    the float32 kernel (dequantises in registers, streams the half-size weight once); without them, PyTorch's
+    int8 kernel for bf16 activations (``scale_bf16`` given); otherwise the float32 reference."""
     rows = _rows(x)
-    if rows < limits().int8_max_rows and x.device.type == "cpu":
+    scale32 = scale if scale.dtype == torch.float32 else scale.float()  # (a model cast with .to(bf16))
+    if x.device.type == "cpu" and (limits().q8_activations or rows < limits().int8_max_rows):
         kernels = _native_for(x)
-        if kernels is not None:  # (a model cast with .to(bf16) carries bf16 scales: the kernel reads float32)
-            return kernels.linear_int8(x, qweight, scale if scale.dtype == torch.float32 else scale.float())
-        if x.dtype == torch.bfloat16 and scale_bf16 is not None:
+        if kernels is not None:
+            if limits().q8_activations:
+                return kernels.linear_int8_q8(x, qweight, scale32)
+            return kernels.linear_int8(x, qweight, scale32)
+        if rows < limits().int8_max_rows and x.dtype == torch.bfloat16 and scale_bf16 is not None:
             y = torch._weight_int8pack_mm(x.reshape(rows, x.shape[-1]).contiguous(), qweight, scale_bf16)
             return y.reshape(*x.shape[:-1], qweight.shape[0])
     return linear_int8_reference(x, qweight, scale)
@@ -259,21 +289,6 @@ def linear_int4_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.
     return F.linear(x.float(), dequantize_int4_reference(qweight, scales, in_features, group_size)).to(x.dtype)
 
 
-Q8_BLOCK = 32  # activations per int8 block of the int8-activation int4 product (llama.cpp's Q8_0 block)
-
-
-def quantize_activations_q8_reference(x: torch.Tensor, padded: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows x [M, K] zero-padded to ``padded`` features, each block of 32 rounded to int8 as int4.c's
-    q35_linear_int4_q8 does: q = round_half_even(x · (127 / amax)) (float32 arithmetic), d = amax / 127, both 0
-    for an all-zero block.  Returns q [M, padded] (integer-valued float32) and d [M, padded / 32] float32."""
-    xp = F.pad(x.float(), (0, padded - x.shape[-1])).unflatten(-1, (-1, Q8_BLOCK))
-    amax = xp.abs().amax(-1)
-    # a true division (``127.0 / amax`` would be PyTorch's reciprocal times 127, one ulp off a quarter of the time)
-    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
-    q = torch.round(xp * inv[..., None]).clamp(-127, 127)
-    return q.flatten(-2), amax / 127.0
-
-
 def linear_int4_q8_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, in_features: int,
                              group_size: int) -> torch.Tensor:
     """The int8-activation 4-bit product (int4.c: q35_linear_int4_q8): per block of 32, weight scale times
@@ -292,19 +307,19 @@ def linear_int4_q8_reference(x: torch.Tensor, qweight: torch.Tensor, scales: tor
 
 def linear_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, in_features: int,
                 group_size: int) -> torch.Tensor:
-    """The product of a 4-bit group-wise weight (:func:`dequantize_int4_reference`), x's dtype out.  Few rows
-    (decode): the native kernel, which streams the packed weight once and widens it in registers — up to
-    ``int4_q8_max_rows`` rows with the activations rounded to int8 first (:func:`linear_int4_q8_reference`,
-    faster where measured: the one-row product is bound by the widening otherwise); more rows
-    (prompts): the weight dequantized band by band for PyTorch's GEMM — float32, or bf16 where the CPU
-    multiplies bf16 natively and x is bf16 — as fast as the bf16 model's own prompt path."""
+    """The product of a 4-bit group-wise weight (:func:`dequantize_int4_reference`), x's dtype out.  With the
+    native kernels and ``q8_activations`` (the default): every row count with the activations rounded to int8
+    first (:func:`linear_int4_q8_reference`; the same bits for a row whatever its batch).  Otherwise few rows
+    (decode) through the float32 kernel, which streams the packed weight once and widens it in registers, and
+    more rows (prompts) with the weight dequantized band by band for PyTorch's GEMM — float32, or bf16 where the
+    CPU multiplies bf16 natively and x is bf16."""
     if x.shape[-1] != in_features:
         raise ValueError(f"linear_int4: activations have {x.shape[-1]} features, the weight takes {in_features}")
     rows = _rows(x)
-    if rows < limits().int4_max_rows and x.device.type == "cpu":
+    if x.device.type == "cpu" and (limits().q8_activations or rows < limits().int4_max_rows):
         kernels = _native_for(x)
         if kernels is not None:
-            if rows <= limits().int4_q8_max_rows:
+            if limits().q8_activations:
                 return kernels.linear_int4_q8(x, qweight, scales, in_features, group_size)
             return kernels.linear_int4(x, qweight, scales, in_features, group_size)
     work = torch.bfloat16 if x.dtype == torch.bfloat16 and cpu_kind() == "native" else torch.float32
@@ -318,6 +333,19 @@ def linear_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, in
         r1 = min(N, r0 + band)
         y[..., r0:r1] = F.linear(xw, dequantize_int4(qweight[r0:r1], scales[r0:r1], in_features, group_size, work))
     return y.to(x.dtype)
+
+
+def linear_int4_many(x: torch.Tensor, weights: Sequence[tuple[torch.Tensor, torch.Tensor]], in_features: int,
+                     group_size: int) -> list[torch.Tensor]:
+    """``[linear_int4(x, q, s, in_features, group_size) for q, s in weights]`` for 4-bit weights that read the same
+    x: with int8 activations on the native kernel, one call that rounds x once (each output value as the
+    one-weight product gives it; the outputs are column slices of one tensor); otherwise one product each."""
+    if 1 < len(weights) <= MAX_FUSED_WEIGHTS and limits().q8_activations and x.device.type == "cpu":
+        kernels = _native_for(x)
+        if kernels is not None:
+            y = kernels.linear_int4_q8_many(x, list(weights), in_features, group_size)
+            return list(y.split([q.shape[0] for q, _ in weights], dim=-1))
+    return [linear_int4(x, q, s, in_features, group_size) for q, s in weights]
 
 
 # ---- block-FP8 weights ----------------------------------------------------------------------------------------
@@ -615,7 +643,7 @@ __all__ = ["CPU_BF16_SWITCH", "CPU_KINDS", "KV_QUANT_MAX", "LIMITS", "Limits", "
            "deltanet_decode_", "deltanet_decode_reference_", "dequantize_fp8_blocks", "dequantize_int4",
            "dequantize_int4_reference", "dequantize_kv", "gated_rms_norm", "gated_rms_norm_reference",
            "grouped_experts", "host_has_native_bf16", "limits", "linear", "linear_fp8", "linear_fp8_reference",
-           "linear_int4", "linear_int4_q8_reference", "linear_int4_reference", "linear_int8",
+           "linear_int4", "linear_int4_many", "linear_int4_q8_reference", "linear_int4_reference", "linear_int8", "linear_int8_q8_reference",
            "linear_int8_reference", "linear_reference", "linears", "linears_reference", "moe_experts",
            "moe_experts_reference", "paged_decode_attention", "paged_decode_attention_quant_reference",
            "paged_decode_attention_reference", "quantize_activations_q8_reference", "quantize_kv", "rms_norm",

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..config import TextConfig
 from .context import ForwardContext
-from .linear import Linear
+from .linear import Linear, project
 from .norm import RMSNorm
 from .rope import apply_rotary
 
@@ -31,10 +31,11 @@ class GatedAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         B, T, _ = x.shape
-        q, gate = self.q_proj(x).view(B, T, self.n_heads, 2 * self.head_dim).chunk(2, dim=-1)
+        qg, k, v = project(x, [self.q_proj, self.k_proj, self.v_proj])
+        q, gate = qg.view(B, T, self.n_heads, 2 * self.head_dim).chunk(2, dim=-1)
         q = self.q_norm(q)
-        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.head_dim))
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+        k = self.k_norm(k.view(B, T, self.n_kv, self.head_dim))
+        v = v.view(B, T, self.n_kv, self.head_dim)
         cos, sin = ctx.rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         o = ctx.attend(self.layer_idx, q, k, v).reshape(B, T, -1)

@@ -2,8 +2,10 @@
 
 Why: decoding reads every weight once per token, so its speed is the speed at which the weights stream; 4-bit
 weights are a quarter of bf16's bytes (half of int8's).  The products go through
-``qwen35.kernels.ops.linear_int4``: few rows on the native kernel (qwen35/kernels/int4.c: the packed weight
-streamed once, widened in registers, float32 FMAs), prompt chunks as GEMMs on the weight dequantized on the fly.
+``qwen35.kernels.ops.linear_int4``: with the native kernels, every row count with the activations rounded to
+int8 per block of 32 and integer dot products on the packed weight (qwen35/kernels/int4.c; each row rounded
+alone, so decode steps and prompts give a row the same bits); without them, or with ``q8_activations`` off, few
+rows on a float32 kernel and prompt chunks as GEMMs on the weight dequantized on the fly.
 
 Format (the definition is ``qwen35.kernels.ops.dequantize_int4_reference``): a weight [N, K] becomes
 ``qweight`` uint8 [N, Kp/2] and ``scales`` bf16 [N, Kp/G], Kp = K rounded up to a multiple of max(G, 64)
@@ -50,7 +52,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels.ops import dequantize_int4_reference, grouped_experts, linear_int4
+from ..kernels.ops import dequantize_int4_reference, grouped_experts, linear_int4, linear_int4_many
 from .int8 import KEEP, Int8Linear, _swiglu, replace_modules
 
 BLOCK = 64  # weights per 32-byte block (eight words of eight nibbles)
@@ -194,11 +196,23 @@ class Int4Linear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         return dequantize_groups(self.qweight, self.scales, self.in_features, self.group_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _scales(self) -> torch.Tensor:
         # a model cast with .float() carries float32 copies of the bf16 scales: the same values
-        scales = self.scales if self.scales.dtype == torch.bfloat16 else self.scales.to(torch.bfloat16)
-        y = linear_int4(x, self.qweight, scales, self.in_features, self.group_size)
+        return self.scales if self.scales.dtype == torch.bfloat16 else self.scales.to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = linear_int4(x, self.qweight, self._scales(), self.in_features, self.group_size)
         return y if self.bias is None else y + self.bias
+
+    @staticmethod
+    def project_many(x: torch.Tensor, layers: list[Int4Linear]) -> list[torch.Tensor]:
+        """``[layer(x) for layer in layers]`` (qwen35.model.linear.project): layers of one input size and group
+        size without biases share one native call; others are called one by one."""
+        first = layers[0]
+        if any(m.bias is not None or m.in_features != first.in_features or m.group_size != first.group_size
+               for m in layers):
+            return [m(x) for m in layers]
+        return linear_int4_many(x, [(m.qweight, m._scales()) for m in layers], first.in_features, first.group_size)
 
 
 class Int4Experts(nn.Module):

@@ -75,6 +75,10 @@ def add_rl_arguments(p: argparse.ArgumentParser) -> None:
                    help="too-old samples: drop the group, or mask the old tokens (default drop)")
     p.add_argument("--lr", type=float, default=1e-5, help="learning rate (default 1e-5)")
     p.add_argument("--kl-coef", type=float, default=0.0, help="KL to the starting model (default 0: none)")
+    p.add_argument("--sft-coef", type=float, default=0.0,
+                   help="weight of a supervised loss on replayed examples of qwen35's training mix, so that tasks "
+                        "already solved do not drift (default 0: none)")
+    p.add_argument("--sft-batch", type=int, default=8, help="replayed examples per update (default 8)")
     p.add_argument("--tis-clip", type=float, default=2.0, help="truncated IS cap (default 2)")
     p.add_argument("--clip-eps", type=float, default=0.2, help="PPO clip (default 0.2)")
     p.add_argument("--tasks", type=_tasks,
@@ -111,6 +115,7 @@ def config_from_args(args: argparse.Namespace):
                    groups_per_update=args.groups_per_update, group_size=args.group_size,
                    max_new_tokens=args.max_new_tokens, rollout_actors=args.rollout_actors, staleness=args.staleness,
                    stale_policy=args.stale_policy, lr=args.lr, min_lr=args.lr, kl_coef=args.kl_coef,
+                   sft_coef=args.sft_coef, sft_batch=args.sft_batch,
                    tis_clip=args.tis_clip, clip_eps=args.clip_eps, tasks=args.tasks, think_prob=args.think_prob,
                    max_tool_rounds=args.max_tool_rounds, speculative=spec, routing_replay=not args.no_routing_replay,
                    threads=args.threads, trainer_threads=args.trainer_threads,

@@ -41,6 +41,11 @@ class RLConfig(RunConfig):
     clip_eps: float = 0.2  # PPO clip
     tis_clip: float = 2.0  # truncated importance sampling cap (rollout vs trainer)
     kl_coef: float = 0.0  # KL to the starting weights (0: no reference model)
+    # a supervised LM loss on replayed examples of qwen35's own training mix (the embedded recipe's data
+    # generator, the model folder's tokenizer), weight sft_coef, sft_batch examples per optimiser step: keeps
+    # tasks the policy already solves (zero advantage, so no policy gradient) from drifting (0: none)
+    sft_coef: float = 0.0
+    sft_batch: int = 8
     normalize_std: bool = True  # GRPO advantage / group std
     ppo_epochs: int = 1  # optimiser steps per batch (each one update and one version)
     micro_batch: int = 8  # samples per forward in the trainer
@@ -68,7 +73,7 @@ class RLConfig(RunConfig):
     def validate(self) -> None:
         for name in ("updates", "groups_per_update", "group_size", "max_new_tokens", "rollout_actors",
                      "steps_per_call", "ppo_epochs", "micro_batch", "max_num_seqs", "threads", "save_every",
-                     "max_tool_rounds"):
+                     "max_tool_rounds", "sft_batch"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -88,6 +93,8 @@ class RLConfig(RunConfig):
             raise ValueError(f"clip_eps and tis_clip must be positive, got {self.clip_eps}, {self.tis_clip}")
         if self.kl_coef < 0:
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
+        if self.sft_coef < 0:
+            raise ValueError(f"sft_coef must be >= 0, got {self.sft_coef}")
         if not 0.0 <= self.think_prob <= 1.0:
             raise ValueError(f"think_prob must be in [0, 1], got {self.think_prob}")
         if self.save_dtype not in ("float32", "bfloat16"):

@@ -129,7 +129,7 @@ class TrainerActor:
         self.cfg = RLConfig.from_dict(cfg)
         torch.set_num_threads(self.cfg.trainer_threads or self.cfg.threads)
         self.model_dir = model_dir
-        self.trainer = RLTrainer(load_model(model_dir, dtype="float32"), self.cfg, vocab_limit)
+        self.trainer = RLTrainer(load_model(model_dir, dtype="float32"), self.cfg, vocab_limit, model_dir)
 
     def pid(self) -> int:
         return os.getpid()

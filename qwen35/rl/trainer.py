@@ -7,6 +7,10 @@ keeps.  Right padding needs no attention mask (attention and the delta rule are 
 qwen35.train.  With routing replay (MoE, R3) every input position's routers take the experts the rollout engine
 chose there (``Sample.routing``); padding positions take experts 0..k-1 (they reach no real token).
 
+With ``sft_coef`` > 0 each optimiser step also takes a supervised LM loss on a batch of replayed examples of
+the model's training mix (PPO-ptx in InstructGPT's terms): problems the policy already solves give groups of
+equal rewards, hence zero advantage and no gradient, and without an anchor they drift as other tasks train.
+
 The MTP block (``model.mtp``) is frozen: RL trains the main model only.  Its drafts then drift from the main
 model's choices, which lowers speculative acceptance but never changes what is sampled.
 """
@@ -25,6 +29,8 @@ import torch
 from qwen35.rl.config import RLConfig
 from qwen35.rl.losses import policy_loss, token_logprobs
 from qwen35.rl.rollout import Sample, moe_routers, replay_routing
+from qwen35.train.batches import BatchStream, prepare_data
+from qwen35.train.losses import forward_losses
 from qwen35.train.optim import OptimConfig, make_optimizer, optimizer_step
 
 
@@ -36,10 +42,29 @@ def optim_config(cfg: RLConfig) -> OptimConfig:
                        grad_clip=cfg.grad_clip)
 
 
+SFT_POOL = 4096  # replayed examples generated per run (batches cycle through them, reshuffled each pass)
+
+
+def sft_stream(cfg: RLConfig, tokenizer_dir: str | None) -> BatchStream:
+    """The supervised replay batches of a run: examples of the embedded recipe's training mix (with thinking as
+    often as the recipe), encoded with the model folder's tokenizer, ``sft_batch`` per optimiser step; batch k
+    is a function of (seed, k), so a resumed run replays what the interrupted one would have."""
+    if tokenizer_dir is None:
+        raise ValueError("sft_coef > 0 needs the model folder (its tokenizer encodes the replayed examples)")
+    from qwen35.train.embedded import recipe_config
+
+    # a fixed pool, not one sized by ``updates`` (which a resume may raise): the same examples either way
+    tcfg = recipe_config(".", steps=1, threads=None, batch_size=cfg.sft_batch, n_train=SFT_POOL, n_held_out=1,
+                         seed=cfg.seed + 7919)
+    data = prepare_data(tcfg, tokenizer_dir)
+    return BatchStream(data.train, cfg.sft_batch, tcfg.seed, data.pad_id)
+
+
 class RLTrainer:
     """Owns the policy being trained, its optimiser and its version (the number of updates done)."""
 
-    def __init__(self, model, cfg: RLConfig, vocab_limit: int | None = None) -> None:
+    def __init__(self, model, cfg: RLConfig, vocab_limit: int | None = None,
+                 tokenizer_dir: str | None = None) -> None:
         self.cfg = cfg
         self.model = model.float().train()
         self.vocab_limit = vocab_limit
@@ -54,6 +79,7 @@ class RLTrainer:
             self.reference = copy.deepcopy(self.model).eval()
             for p in self.reference.parameters():
                 p.requires_grad_(False)
+        self.sft = sft_stream(cfg, tokenizer_dir) if cfg.sft_coef > 0 else None
         self.replay = cfg.routing_replay and bool(moe_routers(self.model))
         self.version = 0
         self.busy_seconds = 0.0
@@ -152,6 +178,10 @@ class RLTrainer:
             for key in list(agg):
                 if not key.endswith("_max"):
                     agg[key] /= total
+            if self.sft is not None:  # the replayed supervised batch of this optimiser step
+                sft = forward_losses(self.model, None, self.sft[self.optim_steps])
+                (cfg.sft_coef * sft.main_sum / max(sft.main_n, 1)).backward()
+                agg["sft_loss"] = float(sft.main_sum.detach()) / max(sft.main_n, 1)
             grad_norm, lr = optimizer_step(self.optimizer, self.params, self.optim_steps, self.optim)
             self.optim_steps += 1
             stats = {**agg, "loss": loss_total, "grad_norm": grad_norm, "lr": lr, "tokens": total}

@@ -4,6 +4,8 @@ themselves."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -249,15 +251,21 @@ def test_cli_and_llm_name_a_bad_switch_before_loading(monkeypatch, capsys):
 @needs_native
 @pytest.mark.parametrize("x_dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 3, 9, 47, 60])
-def test_linear_int8_equals_the_dequantized_product(native_kernels, cpu_kind, x_dtype, rows):
+@pytest.mark.parametrize("q8", [True, False])
+def test_linear_int8_equals_the_dequantized_product(native_kernels, cpu_kind, x_dtype, rows, q8, monkeypatch):
+    """ops.linear_int8 on every ISA variant and CPU kind: with int8 activations (the default) against
+    linear_int8_q8_reference at every row count, without against the dequantized float product; K = 200 leaves
+    a partial 32-block."""
     from qwen35.quant.int8 import quantize_rows
 
+    monkeypatch.setitem(ops.LIMITS, cpu_kind, dataclasses.replace(ops.LIMITS[cpu_kind], q8_activations=q8))
     g = torch.Generator().manual_seed(rows)
     q, scale = quantize_rows(torch.randn(37, 200, generator=g) * 0.05)
     x = torch.randn(rows, 200, generator=g).to(x_dtype)
+    x[0, :32] = 0  # an all-zero activation block
     with torch.inference_mode():
         got = ops.linear_int8(x, q, scale, scale.bfloat16())
-    want = ops.linear_int8_reference(x, q, scale)
+    want = (ops.linear_int8_q8_reference if q8 else ops.linear_int8_reference)(x, q, scale)
     assert_close_for(x_dtype, got, want, f32=(1e-5, 1e-5), bf16=(1e-2, 1e-2))
     # one row alone (the streaming path) and inside a batch (the blocked path) agree to float32 rounding
     with torch.inference_mode():
@@ -269,12 +277,13 @@ def test_linear_int8_equals_the_dequantized_product(native_kernels, cpu_kind, x_
 @needs_native
 def test_linear_int8_rejects_bad_weights(native_kernels):
     x = torch.randn(2, 16)
-    with pytest.raises(ValueError, match="int8 weights"):
-        native_kernels.linear_int8(x, torch.zeros(4, 16, dtype=torch.int16), torch.ones(4))
-    with pytest.raises(ValueError, match="float32 scales"):
-        native_kernels.linear_int8(x, torch.zeros(4, 16, dtype=torch.int8), torch.ones(3))
-    with pytest.raises(ValueError, match=r"\[N, 16\]"):
-        native_kernels.linear_int8(x, torch.zeros(4, 8, dtype=torch.int8), torch.ones(4))
+    for product in (native_kernels.linear_int8, native_kernels.linear_int8_q8):
+        with pytest.raises(ValueError, match="int8 weights"):
+            product(x, torch.zeros(4, 16, dtype=torch.int16), torch.ones(4))
+        with pytest.raises(ValueError, match="float32 scales"):
+            product(x, torch.zeros(4, 16, dtype=torch.int8), torch.ones(3))
+        with pytest.raises(ValueError, match=r"\[N, 16\]"):
+            product(x, torch.zeros(4, 8, dtype=torch.int8), torch.ones(4))
 
 
 @needs_native

@@ -191,18 +191,17 @@ def test_native_kernel_rejects_bad_layouts(native_kernels):
 
 @pytest.mark.parametrize("rows", [1, 3, 47, 48, 80])
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("q8_rows", [None, 8])
-def test_dispatch_equals_reference(cpu_kind, rows, x_dtype, q8_rows, monkeypatch):
-    """ops.linear_int4 on either CPU kind, few rows (native) and prompt-sized (dequantize + GEMM, banded); the
-    rows the kind sends to the int8-activation product (int4_q8_max_rows: as shipped, and switched on at 8)
-    against that product's reference."""
-    if q8_rows is not None:
-        monkeypatch.setitem(ops.LIMITS, cpu_kind, dataclasses.replace(ops.LIMITS[cpu_kind], int4_q8_max_rows=q8_rows))
+@pytest.mark.parametrize("q8", [True, False])
+def test_dispatch_equals_reference(cpu_kind, rows, x_dtype, q8, monkeypatch):
+    """ops.linear_int4 on either CPU kind: with int8 activations (the default) every row count goes to the
+    int8-activation product; without, few rows to the float32 kernel and prompt-sized ones to dequantize + GEMM
+    (banded) — each against its reference."""
+    monkeypatch.setitem(ops.LIMITS, cpu_kind, dataclasses.replace(ops.LIMITS[cpu_kind], q8_activations=q8))
     g = torch.Generator().manual_seed(rows)
     qweight, scales = quantize_groups(torch.randn(70, 192, generator=g) * 0.05, 64)
     x = torch.randn(rows, 192, generator=g).to(x_dtype)
-    q8 = rows <= ops.limits().int4_q8_max_rows and native() is not None
-    want = (ops.linear_int4_q8_reference if q8 else ops.linear_int4_reference)(x, qweight, scales, 192, 64)
+    rounded = q8 and native() is not None
+    want = (ops.linear_int4_q8_reference if rounded else ops.linear_int4_reference)(x, qweight, scales, 192, 64)
     with torch.inference_mode():
         got = ops.linear_int4(x, qweight, scales, 192, 64)
     assert got.dtype == x_dtype
@@ -210,7 +209,65 @@ def test_dispatch_equals_reference(cpu_kind, rows, x_dtype, q8_rows, monkeypatch
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
 
 
-def test_prompt_path_in_bands_equals_one_product(monkeypatch):
+@needs_native
+def test_q8_products_are_batch_invariant(native_kernels):
+    """Every ISA variant: a row's int8-activation product (int4 and int8 weights) has the same bits alone, in a
+    batch of any size and at any place in it — what lets a decode step reproduce the full forward exactly."""
+    from qwen35.quant.int8 import quantize_rows
+
+    g = torch.Generator().manual_seed(9)
+    for K in (200, 1024):
+        qweight, scales = quantize_groups(torch.randn(45, K, generator=g) * 0.05, 32)
+        q8w, s8 = quantize_rows(torch.randn(45, K, generator=g) * 0.05)
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(67, K, generator=g).to(dtype)
+            for product in (lambda a: native_kernels.linear_int4_q8(a, qweight, scales, K, 32),
+                            lambda a: native_kernels.linear_int8_q8(a, q8w, s8)):
+                whole = product(x)
+                solo = torch.cat([product(x[i:i + 1]) for i in range(x.shape[0])])
+                assert torch.equal(whole, solo)
+                assert torch.equal(product(x[5:12]), whole[5:12]) and torch.equal(product(x[1:3]), whole[1:3])
+
+
+@needs_native
+def test_several_weights_in_one_call_equal_one_call_each(native_kernels):
+    """Every ISA variant: linear_int4_q8_many (the q/k/v or gate/up projections of a layer in one call, the
+    activations rounded once) gives each output the bits of its own one-weight call."""
+    g = torch.Generator().manual_seed(4)
+    weights = [quantize_groups(torch.randn(n, 200, generator=g) * 0.05, 32) for n in (37, 8, 64)]
+    for M in (1, 5, 50):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(M, 200, generator=g).to(dtype)
+            y = native_kernels.linear_int4_q8_many(x, weights, 200, 32)
+            assert y.shape == (M, 37 + 8 + 64) and y.dtype == dtype
+            want = torch.cat([native_kernels.linear_int4_q8(x, q, s, 200, 32) for q, s in weights], dim=-1)
+            assert torch.equal(y, want)
+    with pytest.raises(ValueError, match="1..8 weights"):
+        native_kernels.linear_int4_q8_many(x, weights * 3, 200, 32)
+    with pytest.raises(ValueError, match="features"):
+        native_kernels.linear_int4_q8_many(x, weights, 192, 32)
+
+
+@pytest.mark.parametrize("q8", [True, False])
+def test_project_groups_quantized_layers_and_keeps_the_order(q8, monkeypatch):
+    """qwen35.model.linear.project on a mix of Int4Linear and bf16 Linear layers (a DeltaNet layer's inputs
+    once quantized): the outputs are each layer's own, in the order given, whether the int4 ones share a call
+    (int8 activations) or not."""
+    from qwen35.model.linear import project
+
+    for kind, lim in list(ops.LIMITS.items()):
+        monkeypatch.setitem(ops.LIMITS, kind, dataclasses.replace(lim, q8_activations=q8))
+    torch.manual_seed(5)
+    layers = [Int4Linear(Linear(64, 96, bias=False)), Linear(64, 4, bias=False), Int4Linear(Linear(64, 32, bias=False)),
+              Linear(64, 4, bias=False)]
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        got = project(x, layers)
+        want = [m(x) for m in layers]
+    assert len(got) == 4 and all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_prompt_path_in_bands_equals_one_product(monkeypatch, float_products):
     g = torch.Generator().manual_seed(3)
     qweight, scales = quantize_groups(torch.randn(50, 128, generator=g), 32)
     x = torch.randn(60, 128, generator=g)
@@ -219,16 +276,7 @@ def test_prompt_path_in_bands_equals_one_product(monkeypatch):
     torch.testing.assert_close(ops.linear_int4(x, qweight, scales, 128, 32), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.fixture
-def float_int4_products(monkeypatch):
-    """The float32 int4 products at every row count (int4_q8_max_rows 0 on both kinds): the int8-activation path
-    rounds activations only in calls of at most int4_q8_max_rows rows, so a row's product depends on how many rows
-    shared its call (~0.5% relative); the exactness checks that take this fixture are about the weight format and the engine."""
-    for kind, lim in list(ops.LIMITS.items()):
-        monkeypatch.setitem(ops.LIMITS, kind, dataclasses.replace(lim, int4_q8_max_rows=0))
-
-
-def test_experts_equal_loop_over_dequantized_experts(float_int4_products):
+def test_experts_equal_loop_over_dequantized_experts(float_products):
     from qwen35.model.moe import Experts, Routing
 
     torch.manual_seed(0)
@@ -270,7 +318,7 @@ def dequantized_twin(model, **kw):
 
 
 @pytest.mark.parametrize("lm_head", ["int8", "int4", None])
-def test_quantized_model_equals_its_dequantized_twin(lm_head, float_int4_products):
+def test_quantized_model_equals_its_dequantized_twin(lm_head, float_products):
     for moe in (False, True):
         q, twin = dequantized_twin(tiny_model(moe), group_size=32, lm_head=lm_head)
         ids = torch.tensor([prompts_of([40], seed=1)[0]])
@@ -285,7 +333,12 @@ def test_quantized_model_equals_its_dequantized_twin(lm_head, float_int4_product
         assert type(q.lm_head) is head
 
 
-def test_engine_on_int4_model_equals_full_forward(float_int4_products):
+@pytest.mark.parametrize("q8", [True, False])
+def test_engine_on_int4_model_equals_full_forward(q8, monkeypatch):
+    """Batched, chunked decoding of an int4 MoE model gives the greedy tokens of its own full forward, with int8
+    activations (the default: every row rounded alone, so the same bits either way) and with float32 products."""
+    for kind, lim in list(ops.LIMITS.items()):
+        monkeypatch.setitem(ops.LIMITS, kind, dataclasses.replace(lim, q8_activations=q8))
     q = quantize_int4(tiny_model(True), group_size=32)
     eng = LLMEngine(q, None, EngineConfig(max_num_seqs=3, max_num_batched_tokens=16, block_size=4))
     prompts = prompts_of([3, 21, 9], seed=2)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
+import pytest
 import torch
 
 from qwen35.engine.llm_engine import EngineConfig, LLMEngine
 from qwen35.engine.params import SamplingParams
+from qwen35.kernels import ops
 from qwen35.model.linear import Linear
 from qwen35.quant import Int8Experts, Int8Linear, quantize_int8
 from qwen35.quant.int8 import quantize_rows
@@ -22,7 +25,7 @@ def test_rounding_error_bound():
     assert (err <= s[:, None] / 2 + 1e-7).all()
 
 
-def test_int8_kernel_matches_dequantized_math():
+def test_int8_kernel_matches_dequantized_math(float_products):
     torch.manual_seed(0)
     lin = Linear(96, 80, bias=False)
     qlin = Int8Linear(lin)
@@ -33,6 +36,24 @@ def test_int8_kernel_matches_dequantized_math():
         torch.testing.assert_close(qlin(x), exact, rtol=1e-5, atol=1e-5)  # float32: widened path
         got = qlin(x.bfloat16()).float()  # bf16: int8 kernel (<= 32 rows) or widened path
         assert ((got - exact).abs() <= 0.02 * exact.abs().max()).all(), rows
+
+
+def test_int8_q8_products_follow_their_reference():
+    """The default int8-activation product through Int8Linear (every row count, float32 and bf16) against
+    ops.linear_int8_q8_reference, and within the activation rounding (~0.5% relative) of the exact product."""
+    torch.manual_seed(1)
+    lin = Linear(96, 80, bias=False)
+    qlin = Int8Linear(lin)
+    w = qlin.dequantized()
+    for rows in (1, 3, 32, 33, 100):
+        x = torch.randn(rows, 96)
+        with torch.inference_mode():
+            got = qlin(x)
+        if ops.native() is not None:
+            torch.testing.assert_close(got, ops.linear_int8_q8_reference(x, qlin.qweight, qlin.scale),
+                                       rtol=1e-5, atol=1e-5)
+        exact = x @ w.T
+        assert ((got - exact).norm() / exact.norm()) < 1e-2
 
 
 def dequantized_twin(model):
@@ -50,7 +71,7 @@ def dequantized_twin(model):
     return q, twin
 
 
-def test_quantized_model_equals_its_dequantized_twin():
+def test_quantized_model_equals_its_dequantized_twin(float_products):
     for moe in (False, True):
         q, twin = dequantized_twin(tiny_model(moe))
         ids = torch.tensor([prompts_of([40], seed=1)[0]])
@@ -61,7 +82,12 @@ def test_quantized_model_equals_its_dequantized_twin():
         assert not any(isinstance(m, Int8Linear) for n, m in q.named_modules() if n.endswith("in_proj_a"))
 
 
-def test_engine_on_quantized_model_equals_full_forward():
+@pytest.mark.parametrize("q8", [True, False])
+def test_engine_on_quantized_model_equals_full_forward(q8, monkeypatch):
+    """Batched, chunked decoding of an int8 MoE model gives its own full forward's greedy tokens, with int8
+    activations (the default) and with float32 products."""
+    for kind, lim in list(ops.LIMITS.items()):
+        monkeypatch.setitem(ops.LIMITS, kind, dataclasses.replace(lim, q8_activations=q8))
     q = quantize_int8(tiny_model(True))
     eng = LLMEngine(q, None, EngineConfig(max_num_seqs=3, max_num_batched_tokens=16, block_size=4))
     prompts = prompts_of([3, 21, 9], seed=2)
@@ -71,10 +97,14 @@ def test_engine_on_quantized_model_equals_full_forward():
         assert got[rid] == solo_greedy(q, p, 8)
 
 
-def test_bf16_quantized_decode_tracks_float_model(cpu_kind):
-    """A bf16 decode step through the int8 kernel is as close to the float32 truth (the dequantized twin) as
-    the same model run in plain bf16 is: the kernel adds no error beyond bf16 rounding."""
+@pytest.mark.parametrize("q8", [False, True])
+def test_bf16_quantized_decode_tracks_float_model(cpu_kind, q8, monkeypatch):
+    """A bf16 decode step through the int8 kernel is about as close to the float32 truth (the dequantized twin)
+    as the same model run in plain bf16 is: the float32 kernel adds no error beyond bf16 rounding; rounding the
+    activations to int8 as well (the default) adds its own, about as much again (measured 1.9x the bf16 error)."""
     from qwen35.model import SequenceCache
+
+    monkeypatch.setitem(ops.LIMITS, cpu_kind, dataclasses.replace(ops.LIMITS[cpu_kind], q8_activations=q8))
 
     q, twin = dequantized_twin(tiny_model(False))
     ids = torch.tensor([prompts_of([12], seed=3)[0]])
@@ -88,4 +118,4 @@ def test_bf16_quantized_decode_tracks_float_model(cpu_kind):
     want = twin(ids).logits[:, -1:].detach()
     err_int8 = (last_step(q.to(torch.bfloat16)) - want).abs().max()
     err_bf16 = (last_step(copy.deepcopy(twin).to(torch.bfloat16)) - want).abs().max()
-    assert err_int8 <= 1.5 * err_bf16 + 0.01 * want.abs().max(), (err_int8, err_bf16)
+    assert err_int8 <= (3.0 if q8 else 1.5) * err_bf16 + 0.01 * want.abs().max(), (err_int8, err_bf16)
