@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels.ops import dequantize_kv, paged_decode_attention, quantize_kv
+from ..kernels.ops import dequantize_kv, kv_write_quant, paged_decode_attention
 
 # the choices, and the storage dtype each one gives (None: the model dtype)
 KV_CACHE_DTYPES: dict[str, torch.dtype | None] = {"auto": None, "int8": torch.int8, "fp8": torch.float8_e4m3fn}
@@ -96,10 +96,8 @@ class LayerKV:
             self.keys.index_copy_(0, rows, k)
             self.values.index_copy_(0, rows, v)
             return
-        for pool, scales, x in ((self.keys, self.key_scales, k), (self.values, self.value_scales, v)):
-            q, s = quantize_kv(x, pool.dtype)
-            _bytes(pool).index_copy_(0, rows, _bytes(q))  # (PyTorch has no index_copy_ for float8)
-            scales.index_copy_(0, rows, s)
+        kv_write_quant(self.keys, self.key_scales, rows, k)
+        kv_write_quant(self.values, self.value_scales, rows, v)
 
     def gather(self, rows: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of pool ``rows`` [L] as [L, Hkv, d] in ``dtype`` (dequantized when quantized)."""
@@ -113,7 +111,3 @@ class LayerKV:
         """One query per sequence over its history in these pools (see ``ops.paged_decode_attention``)."""
         return paged_decode_attention(q, self.keys, self.values, tables, lengths, block_size, scale,
                                       key_scales=self.key_scales, value_scales=self.value_scales)
-
-
-def _bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t

@@ -55,6 +55,8 @@ class NativeKernels:
         self._moe_experts = self._bind(lib.q35_moe_experts, [vp, ci, i64, i64, vp, vp, i64, vp, vp, i64, i64, vp, ci])
         self._linear_int8 = self._bind(lib.q35_linear_int8, [vp, ci, i64, vp, vp, vp, ci, i64, i64, i64, ci])
         self._linear_int8_q8 = self._bind(lib.q35_linear_int8_q8, [vp, ci, i64, vp, vp, vp, ci, i64, i64, i64, ci])
+        self._linear_int8_q8_multi = self._bind(lib.q35_linear_int8_q8_multi,
+                                                [vp, ci, i64, ci, vp, vp, vp, vp, ci, i64, i64, i64, ci])
         self._linear_fp8 = self._bind(lib.q35_linear_fp8, [vp, ci, i64, vp, vp, i64, i64, vp, ci, i64, i64, i64, ci])
         self._linear_int4 = self._bind(lib.q35_linear_int4, [vp, ci, i64, vp, vp, i64, vp, ci, i64, i64, i64, ci])
         self._linear_int4_q8 = self._bind(lib.q35_linear_int4_q8,
@@ -67,6 +69,7 @@ class NativeKernels:
         self._paged_decode_attention_quant = self._bind(
             lib.q35_paged_decode_attention_quant, [vp, ci, i64, vp, vp, ci, vp, vp, vp, i64, vp] + [i64] * 5
             + [cf, vp, ci])
+        self._kv_write_quant = self._bind(lib.q35_kv_write_quant, [vp, ci, i64, i64, i64, vp, vp, vp, ci])
 
     @staticmethod
     def _bind(f, argtypes):
@@ -121,6 +124,38 @@ class NativeKernels:
         and the products are summed in integers (gemm_bf16.c says why);
         :func:`qwen35.kernels.ops.linear_int8_q8_reference` defines the result."""
         return self._int8_product(self._linear_int8_q8, "linear_int8_q8", x, qweight, scale, out_dtype)
+
+    def linear_int8_q8_many(self, x: torch.Tensor, weights: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                            out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """:meth:`linear_int8_q8` of several int8 weights (``(qweight, scale)`` pairs) that read the same ``x``:
+        their outputs side by side in one [..., ΣN_i] tensor, each value as the one-weight call gives it."""
+        if not 1 <= len(weights) <= MAX_FUSED_WEIGHTS:
+            raise ValueError(f"linear_int8_q8_many takes 1..{MAX_FUSED_WEIGHTS} weights, got {len(weights)}")
+        _check_float(x)
+        K = x.shape[-1]
+        for q, s in weights:
+            if q.dtype != torch.int8 or q.dim() != 2 or not q.is_contiguous() or q.shape[1] != K \
+                    or s.shape != (q.shape[0],) or s.dtype != torch.float32 or not s.is_contiguous():
+                raise ValueError(f"linear_int8_q8_many needs contiguous int8 weights [N, {K}] and float32 scales "
+                                 f"[N], got {q.dtype} {tuple(q.shape)} and {s.dtype} {tuple(s.shape)}")
+        out_dtype = out_dtype or x.dtype
+        if out_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"linear_int8_q8_many writes float32 or bfloat16, not {out_dtype}")
+        x2 = _rows(x)
+        Ns = [q.shape[0] for q, _ in weights]
+        total = sum(Ns)
+        y = torch.empty(x2.shape[0], total, dtype=out_dtype)
+        if x2.shape[0] and total:
+            n = len(weights)
+            qs = (ctypes.c_void_p * n)(*[q.data_ptr() for q, _ in weights])
+            ss = (ctypes.c_void_p * n)(*[s.data_ptr() for _, s in weights])
+            rows = (ctypes.c_int64 * n)(*Ns)
+            rc = self._linear_int8_q8_multi(x2.data_ptr(), _bf(x2), x2.stride(0), n, qs, ss, rows, y.data_ptr(),
+                                            int(out_dtype == torch.bfloat16), total, x2.shape[0], K,
+                                            torch.get_num_threads())
+            if rc != 0:
+                raise RuntimeError(f"q35_linear_int8_q8_multi failed ({rc}) for M={x2.shape[0]} N={Ns} K={K}")
+        return y.reshape(*x.shape[:-1], total)
 
     def _int8_product(self, fn, name: str, x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                       out_dtype: torch.dtype | None) -> torch.Tensor:
@@ -407,6 +442,34 @@ class NativeKernels:
             if rc != 0:
                 raise RuntimeError(f"q35_paged_decode_attention failed ({rc})")
         return out
+
+    def kv_write_quant(self, pool: torch.Tensor, scales: torch.Tensor, rows: torch.Tensor, x: torch.Tensor) -> None:
+        """Quantize keys or values x [n, Hkv, d] (float32 or bf16) into rows ``rows`` [n] of an int8 or
+        float8_e4m3fn pool [R, Hkv, d] and their scales into ``scales`` [R, Hkv] float32, in place, with the
+        bytes :func:`qwen35.kernels.ops.quantize_kv` gives."""
+        _check_float(x)
+        kinds = {torch.int8: 2, torch.float8_e4m3fn: 3}
+        if pool.dtype not in kinds or pool.dim() != 3 or not pool.is_contiguous() or x.dim() != 3 \
+                or tuple(x.shape[1:]) != tuple(pool.shape[1:]):
+            raise ValueError(f"kv_write_quant: x [n, Hkv, d] and a contiguous int8 / float8_e4m3fn pool [R, Hkv, d] "
+                             f"needed, got x {tuple(x.shape)} and pool {pool.dtype} {tuple(pool.shape)}")
+        R, Hkv, d = pool.shape
+        if scales.dtype != torch.float32 or scales.shape != (R, Hkv) or not scales.is_contiguous():
+            raise ValueError(f"kv_write_quant: scales must be contiguous float32 [{R}, {Hkv}], got {scales.dtype} "
+                             f"{tuple(scales.shape)}")
+        n = x.shape[0]
+        rows = rows.to(torch.int64).contiguous()
+        if rows.shape != (n,):
+            raise ValueError(f"kv_write_quant: {n} rows of x need {n} pool rows, got {tuple(rows.shape)}")
+        if n == 0:
+            return
+        if int(rows.min()) < 0 or int(rows.max()) >= R:
+            raise ValueError(f"kv_write_quant: a pool row is outside 0..{R - 1}")
+        x = x.contiguous()
+        rc = self._kv_write_quant(x.data_ptr(), _bf(x), n, Hkv, d, rows.data_ptr(), pool.data_ptr(),
+                                  scales.data_ptr(), kinds[pool.dtype])
+        if rc != 0:
+            raise RuntimeError(f"q35_kv_write_quant failed ({rc})")
 
     def paged_decode_attention_quant(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                                      key_scales: torch.Tensor, value_scales: torch.Tensor, tables: torch.Tensor,

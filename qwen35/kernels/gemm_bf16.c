@@ -416,9 +416,21 @@ static void dot_i8(int R, const int8_t *q, const float *d, int64_t nd, const int
     }
 }
 
-int q35_linear_int8_q8(const void *x, int x_bf16, int64_t ldx, const int8_t *w, const float *scale, void *y,
-                       int y_bf16, int64_t M, int64_t N, int64_t K, int threads) {
-    if (M <= 0 || N <= 0 || K <= 0 || ldx < K) return -1;
+/* several int8 weights [N_i, K] that read the same activations, outputs side by side in the rows of y (row stride
+ * ldy >= ΣN_i), the activations rounded once; each value as the one-weight call computes it */
+int q35_linear_int8_q8_multi(const void *x, int x_bf16, int64_t ldx, int nw, const int8_t *const *ws,
+                             const float *const *scales, const int64_t *Ns, void *y, int y_bf16, int64_t ldy,
+                             int64_t M, int64_t K, int threads) {
+    if (M <= 0 || K <= 0 || ldx < K || nw < 1 || nw > MAX_WEIGHTS) return -1;
+    int64_t col0[MAX_WEIGHTS], first_item[MAX_WEIGHTS + 1], cols = 0;
+    first_item[0] = 0;
+    for (int i = 0; i < nw; i++) {
+        if (Ns[i] <= 0) return -1;
+        col0[i] = cols;
+        cols += Ns[i];
+        first_item[i + 1] = first_item[i] + (Ns[i] + Q8W_ROWS - 1) / Q8W_ROWS;
+    }
+    if (ldy < cols) return -1;
     const int64_t nd = (K + Q8W_BLOCK - 1) / Q8W_BLOCK, ldq = nd * Q8W_BLOCK;
     int8_t *q = (int8_t *)malloc((size_t)(M * ldq));
     float *d = (float *)malloc((size_t)(M * nd) * sizeof(float));
@@ -426,7 +438,7 @@ int q35_linear_int8_q8(const void *x, int x_bf16, int64_t ldx, const int8_t *w, 
         free(q), free(d);
         return -2;
     }
-    const int64_t nwork = (N + Q8W_ROWS - 1) / Q8W_ROWS;
+    const int64_t nwork = first_item[nw];
     if (threads < 1) threads = 1;
     if (threads > nwork) threads = (int)nwork;
 #pragma omp parallel num_threads(threads)
@@ -437,19 +449,28 @@ int q35_linear_int8_q8(const void *x, int x_bf16, int64_t ldx, const int8_t *w, 
                          x_bf16, K, q + m * ldq, d + m * nd);
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < nwork; b++) {
-            const int64_t nend = (b + 1) * Q8W_ROWS < N ? (b + 1) * Q8W_ROWS : N;
+            int wi = 0;
+            while (b >= first_item[wi + 1]) wi++;
+            const int64_t N = Ns[wi], n0 = (b - first_item[wi]) * Q8W_ROWS, nend = n0 + Q8W_ROWS < N ? n0 + Q8W_ROWS : N;
+            const int8_t *w = ws[wi];
+            const float *sc = scales[wi];
             for (int64_t m0 = 0; m0 < M; m0 += Q8W_R) {
                 const int R = (int)(M - m0 < Q8W_R ? M - m0 : Q8W_R);
-                for (int64_t n = b * Q8W_ROWS; n < nend; n++) {
+                for (int64_t n = n0; n < nend; n++) {
                     float out[Q8W_R];
                     dot_i8(R, q + m0 * ldq, d + m0 * nd, nd, w + n * K, K, out);
-                    for (int r = 0; r < R; r++) act_st(y, y_bf16, (m0 + r) * N + n, scale[n] * out[r]);
+                    for (int r = 0; r < R; r++) act_st(y, y_bf16, (m0 + r) * ldy + col0[wi] + n, sc[n] * out[r]);
                 }
             }
         }
     }
     free(q), free(d);
     return 0;
+}
+
+int q35_linear_int8_q8(const void *x, int x_bf16, int64_t ldx, const int8_t *w, const float *scale, void *y,
+                       int y_bf16, int64_t M, int64_t N, int64_t K, int threads) {
+    return q35_linear_int8_q8_multi(x, x_bf16, ldx, 1, &w, &scale, &N, y, y_bf16, N, M, K, threads);
 }
 
 /* ---- the routed experts of a sparse-MoE layer, for a few tokens ---------------------------------------------

@@ -252,6 +252,19 @@ def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     return linear_int8_reference(x, qweight, scale)
 
 
+def linear_int8_many(x: torch.Tensor, weights: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """``[linear_int8(x, q, s) for q, s in weights]`` for int8 weights that read the same x: with int8
+    activations on the native kernel, one call that rounds x once (each value as the one-weight product gives
+    it; the outputs are column slices of one tensor); otherwise one product each."""
+    if 1 < len(weights) <= MAX_FUSED_WEIGHTS and limits().q8_activations and x.device.type == "cpu":
+        kernels = _native_for(x)
+        if kernels is not None:
+            pairs = [(q, s if s.dtype == torch.float32 else s.float()) for q, s in weights]
+            y = kernels.linear_int8_q8_many(x, pairs)
+            return list(y.split([q.shape[0] for q, _ in weights], dim=-1))
+    return [linear_int8(x, q, s) for q, s in weights]
+
+
 # ---- 4-bit weights (group-wise, symmetric) ---------------------------------------------------------------------
 
 INT4_BAND_ELEMENTS = 1 << 24  # the many-row path dequantizes at most this many weights at a time (64 MiB float32)
@@ -602,6 +615,26 @@ def quantize_kv(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torc
     return y.clamp_(-qmax, qmax).to(dtype), scale
 
 
+def kv_write_quant_reference(pool: torch.Tensor, scales: torch.Tensor, rows: torch.Tensor, x: torch.Tensor) -> None:
+    """Store x [n, Hkv, d] quantized (:func:`quantize_kv`) at pool ``rows`` [n], its scales beside it."""
+    q, s = quantize_kv(x, pool.dtype)
+    if pool.dtype == torch.float8_e4m3fn:  # (PyTorch has no index_copy_ for float8)
+        pool.view(torch.uint8).index_copy_(0, rows, q.view(torch.uint8))
+    else:
+        pool.index_copy_(0, rows, q)
+    scales.index_copy_(0, rows, s)
+
+
+def kv_write_quant(pool: torch.Tensor, scales: torch.Tensor, rows: torch.Tensor, x: torch.Tensor) -> None:
+    """:func:`kv_write_quant_reference` in one native pass where the kernels load (the same bytes)."""
+    kernels = _native_for(x) if pool.device.type == "cpu" and pool.is_contiguous() and scales.is_contiguous() \
+        else None
+    if kernels is not None:
+        kernels.kv_write_quant(pool, scales, rows, x)
+        return
+    kv_write_quant_reference(pool, scales, rows, x)
+
+
 def dequantize_kv(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """q · scale (q [..., d] int8 or float8_e4m3fn, scale [...]) in float32, then cast to ``dtype``."""
     return (q.float() * scale.float()[..., None]).to(dtype)
@@ -643,7 +676,9 @@ __all__ = ["CPU_BF16_SWITCH", "CPU_KINDS", "KV_QUANT_MAX", "LIMITS", "Limits", "
            "deltanet_decode_", "deltanet_decode_reference_", "dequantize_fp8_blocks", "dequantize_int4",
            "dequantize_int4_reference", "dequantize_kv", "gated_rms_norm", "gated_rms_norm_reference",
            "grouped_experts", "host_has_native_bf16", "limits", "linear", "linear_fp8", "linear_fp8_reference",
-           "linear_int4", "linear_int4_many", "linear_int4_q8_reference", "linear_int4_reference", "linear_int8", "linear_int8_q8_reference",
+           "kv_write_quant", "kv_write_quant_reference", "linear_int4", "linear_int4_many",
+           "linear_int4_q8_reference", "linear_int4_reference", "linear_int8", "linear_int8_many",
+           "linear_int8_q8_reference",
            "linear_int8_reference", "linear_reference", "linears", "linears_reference", "moe_experts",
            "moe_experts_reference", "paged_decode_attention", "paged_decode_attention_quant_reference",
            "paged_decode_attention_reference", "quantize_activations_q8_reference", "quantize_kv", "rms_norm",

@@ -334,3 +334,52 @@ int q35_paged_decode_attention_quant(const void *q, int q_bf16, int64_t ldq, con
     return paged_decode(q, q_bf16, ldq, k, v, kv_kind, ks, vs, tables, max_blocks, lengths, n, H, Hkv, d, bs,
                         scale, out, threads);
 }
+
+/* ---- quantize-on-write for the quantized KV cache ------------------------------------------------------------
+ *
+ * Why: storing one decode token's keys or values took six small PyTorch operations per attention layer
+ * (|x|, max, divide, round, clamp, cast) and two indexed copies, which cost about what the int8 pools save on
+ * the reads at short context (benchmarks/RESULTS.md, session 7).  Here each (token, KV head) row is quantized
+ * straight into its pool row.  The arithmetic is qwen35.kernels.ops.quantize_kv's, so the bytes are the same:
+ * scale = max|row| / qmax (float32 division), q = x / scale (float32 division; scale 0 divides by 1), int8
+ * rounded half to even and clamped to ±127; e4m3 clamped to ±448 and rounded to nearest even (subnormals
+ * included, −0 kept, NaN to NaN) by bit arithmetic on the float32 value.
+ *
+ * x [n, Hkv, d] contiguous, float32 or bf16 (x_bf16); rows [n] pool rows; pool [R, Hkv, d] bytes; scales [R, Hkv]
+ * float32; kind KV_INT8 or KV_E4M3.  Returns 0, -1 on a bad kind. */
+static inline uint8_t f32_to_e4m3(float v) {
+    union { float f; uint32_t u; } b = {v};
+    const uint8_t sign = (uint8_t)((b.u >> 24) & 0x80);
+    const uint32_t a = b.u & 0x7FFFFFFFu;
+    if (a > 0x7F800000u) return (uint8_t)(sign | 0x7F); /* NaN */
+    union { uint32_t u; float f; } m = {a};
+    if (m.f < 0.015625f) /* below 2^-6: a subnormal of e4m3 (step 2^-9); 8 steps is 2^-6, the next code */
+        return (uint8_t)(sign | (uint8_t)nearbyintf(m.f * 512.0f));
+    /* normal: keep 3 mantissa bits, rounding to nearest even; a carry moves into the exponent as it should */
+    const uint32_t r = (a + 0x7FFFFu + ((a >> 20) & 1u)) >> 20; /* float32 exponent and 3 mantissa bits */
+    return (uint8_t)(sign | (uint8_t)(r - (120u << 3)));    /* rebias 127 -> 7 */
+}
+
+int q35_kv_write_quant(const void *x, int x_bf16, int64_t n, int64_t H, int64_t D, const int64_t *rows, uint8_t *pool,
+                       float *scales, int kind) {
+    if (kind != KV_INT8 && kind != KV_E4M3) return -1;
+    const float qmax = kind == KV_INT8 ? 127.0f : 448.0f;
+    for (int64_t t = 0; t < n; t++)
+        for (int64_t h = 0; h < H; h++) {
+            const int64_t src = (t * H + h) * D, dst = rows[t] * H + h;
+            float amax = 0.0f;
+            for (int64_t i = 0; i < D; i++) {
+                const float a = fabsf(act_ld(x, x_bf16, src + i));
+                amax = a > amax ? a : amax;
+            }
+            const float scale = amax / qmax, div = scale > 0.0f ? scale : 1.0f;
+            scales[dst] = scale;
+            uint8_t *out = pool + dst * D;
+            for (int64_t i = 0; i < D; i++) {
+                float q = act_ld(x, x_bf16, src + i) / div;
+                q = q > qmax ? qmax : q < -qmax ? -qmax : q;
+                out[i] = kind == KV_INT8 ? (uint8_t)(int8_t)nearbyintf(q) : f32_to_e4m3(q);
+            }
+        }
+    return 0;
+}

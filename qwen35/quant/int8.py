@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..kernels.ops import grouped_experts, linear_int8, swiglu
+from ..kernels.ops import grouped_experts, linear_int8, linear_int8_many, swiglu
 
 # tiny projections whose outputs steer everything downstream (decay, write strength, routing): kept exact; and
 # the MTP block's input projection, which the official FP8 release also leaves unconverted (model.mtp's decoder
@@ -47,6 +47,14 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = linear_int8(x, self.qweight, self.scale, self.scale_bf16)
         return y if self.bias is None else y + self.bias
+
+    @staticmethod
+    def project_many(x: torch.Tensor, layers: list[Int8Linear]) -> list[torch.Tensor]:
+        """``[layer(x) for layer in layers]`` (qwen35.model.linear.project): bias-free layers share one native
+        call; otherwise each is called."""
+        if any(m.bias is not None for m in layers):
+            return [m(x) for m in layers]
+        return linear_int8_many(x, [(m.qweight, m.scale) for m in layers])
 
 
 class Int8Experts(nn.Module):

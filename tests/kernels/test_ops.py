@@ -275,6 +275,65 @@ def test_linear_int8_equals_the_dequantized_product(native_kernels, cpu_kind, x_
 
 
 @needs_native
+def test_linear_int8_several_weights_in_one_call_equal_one_call_each(native_kernels):
+    """Every ISA variant: linear_int8_q8_many gives each output the bits of its own one-weight call."""
+    from qwen35.quant.int8 import quantize_rows
+
+    g = torch.Generator().manual_seed(11)
+    weights = [quantize_rows(torch.randn(n, 200, generator=g) * 0.05) for n in (37, 8, 64)]
+    for M in (1, 5, 50):
+        for dtype in DTYPES:
+            x = torch.randn(M, 200, generator=g).to(dtype)
+            y = native_kernels.linear_int8_q8_many(x, weights)
+            want = torch.cat([native_kernels.linear_int8_q8(x, q, s) for q, s in weights], dim=-1)
+            assert y.shape == (M, 109) and torch.equal(y, want)
+            assert all(torch.equal(a, b) for a, b in zip(ops.linear_int8_many(x, weights), want.split([37, 8, 64], -1)))
+    with pytest.raises(ValueError, match="int8 weights"):
+        native_kernels.linear_int8_q8_many(x, [(weights[0][0].short(), weights[0][1])])
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn])
+def test_kv_write_quant_gives_the_bytes_of_the_reference(native_kernels, dtype):
+    """Every ISA variant: the native quantize-on-write stores the bytes and scales ops.quantize_kv gives, on
+    rows of every magnitude (e4m3 subnormals, all-zero rows, -0, one huge value), float32 and bf16 input — and,
+    with a row whose scale is exactly 1, on every e4m3 value, the midpoints between neighbours (ties to even)
+    and points just beside them."""
+    g = torch.Generator().manual_seed(3)
+    R, H, D = 80, 2, 256
+    x = torch.randn(40, H, D, generator=g) * torch.logspace(-12, 3, 40)[:, None, None]
+    x[3] = 0
+    x[4, 0, :5] = -0.0
+    x[5, 1, 7] = 1e30
+    if dtype == torch.float8_e4m3fn:
+        codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
+        grid = codes[codes.isfinite() & (codes >= 0)].sort().values  # 0 .. 448
+        mids = (grid[1:] + grid[:-1]) / 2
+        probe = torch.cat([grid, mids, mids.nextafter(torch.tensor(0.0)), mids.nextafter(torch.tensor(1e9))])
+        probe = torch.cat([probe, -probe])
+        rows_needed = -(-probe.numel() // (D - 1))
+        extra = torch.zeros(rows_needed, H, D)
+        extra[..., 0] = 448.0  # the row maximum: scale exactly 1, so the stored value is the probe itself
+        flat = extra[:, 0, 1:].reshape(-1)
+        flat[:probe.numel()] = probe
+        extra[:, 0, 1:] = flat.view(rows_needed, D - 1)
+        x = torch.cat([x, extra])
+    rows = torch.randperm(R, generator=g)[:x.shape[0]]
+    for xd in DTYPES:
+        xs = x.to(xd)
+        got_pool, got_scales = torch.zeros(R, H, D, dtype=dtype), torch.full((R, H), -1.0)
+        want_pool, want_scales = got_pool.clone(), got_scales.clone()
+        ops.kv_write_quant(got_pool, got_scales, rows, xs)
+        ops.kv_write_quant_reference(want_pool, want_scales, rows, xs)
+        assert torch.equal(got_pool.view(torch.uint8), want_pool.view(torch.uint8))
+        assert torch.equal(got_scales, want_scales)
+    with pytest.raises(ValueError, match="outside"):
+        native_kernels.kv_write_quant(got_pool, got_scales, torch.tensor([R]), x[:1])
+    with pytest.raises(ValueError, match="int8 / float8_e4m3fn pool"):
+        native_kernels.kv_write_quant(got_pool.float(), got_scales, rows[:1], x[:1])
+
+
+@needs_native
 def test_linear_int8_rejects_bad_weights(native_kernels):
     x = torch.randn(2, 16)
     for product in (native_kernels.linear_int8, native_kernels.linear_int8_q8):
