@@ -7,11 +7,14 @@ Each table answers one question the limits table depends on, on *this* machine (
              (sets norm_max_elements and gated_norm_max_elements)
   attention  paged decode attention at depth L: native in place | gather + SDPA (decode_attention_min_keys)
   moe        a MoE layer's routed experts for M tokens: native | the grouped PyTorch loop (moe_max_tokens)
+  quant      int4 (group 32) and int8 weight products at M rows: int8 activations (the default,
+             q8_activations) | the float32 native kernel | dequantize + PyTorch float32 GEMM; the lm_head shape
+             (248,320 x 1,024) at 1 and 16 rows
 
 Shapes are Qwen3.5-0.8B's (hidden 1024, MLP 3584, 8 q / 2 kv heads x 256) and 35B-A3B's experts (256 x 512,
 top 8).  Times are medians of --reps calls, in microseconds.
 
-  python benchmarks/bench_ops.py [--threads 2] [--only linear,norm,attention,moe]
+  python benchmarks/bench_ops.py [--threads 2] [--only linear,norm,attention,moe,quant]
 """
 
 from __future__ import annotations
@@ -111,11 +114,36 @@ def bench_moe(k, reps: int) -> None:
           ["tokens", "native", "PyTorch loop"], rows)
 
 
+def bench_quant(k, reps: int) -> None:
+    from qwen35.kernels import ops
+    from qwen35.quant.int4 import quantize_groups
+    from qwen35.quant.int8 import quantize_rows
+
+    rows = []
+    shapes = [(3584, 1024, (1, 16, 64, 512)), (1024, 3584, (1, 16, 64, 512)), (248320, 1024, (1, 16))]
+    for N, K, Ms in shapes:
+        w = torch.randn(N, K) * 0.02
+        q4, s4 = quantize_groups(w, 32)
+        q8, s8 = quantize_rows(w)
+        del w
+        for M in Ms:
+            x = torch.randn(M, K).bfloat16()
+            n = max(2, reps // (10 if N > 100000 or M >= 512 else 1))
+            rows.append([f"int4 {M} x {K} -> {N}", timed(lambda: k.linear_int4_q8(x, q4, s4, K, 32), n),
+                         timed(lambda: k.linear_int4(x, q4, s4, K, 32), n),
+                         timed(lambda: F.linear(x.float(), ops.dequantize_int4(q4, s4, K, 32)), n)])
+            rows.append([f"int8 {M} x {K} -> {N}", timed(lambda: k.linear_int8_q8(x, q8, s8), n),
+                         timed(lambda: k.linear_int8(x, q8, s8), n),
+                         timed(lambda: F.linear(x.float(), q8.float() * s8[:, None]), n)])
+    table("int4 (group 32) / int8 weight products, bf16 activations (us)",
+          ["weight rows x in -> out", "int8 activations", "float32 kernel", "dequantize + float32 GEMM"], rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--only", default="linear,norm,attention,moe")
+    p.add_argument("--only", default="linear,norm,attention,moe,quant")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     from qwen35 import kernels
@@ -129,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{a.threads} threads")
     with torch.inference_mode():
         for name in a.only.split(","):
-            {"linear": bench_linear, "norm": bench_norm, "attention": bench_attention, "moe": bench_moe}[name](k, a.reps)
+            {"linear": bench_linear, "norm": bench_norm, "attention": bench_attention, "moe": bench_moe,
+             "quant": bench_quant}[name](k, a.reps)
     return 0
 
 

@@ -52,7 +52,7 @@ class Limits:
     # stream a 1-byte weight and dequantize in registers) until benchmarks/bench_ops.py measures fp8 itself
     fp8_max_rows: int = 48
     # 4-bit products (qwen35/quant/int4.py) with fewer rows run on the native kernel; more dequantize the weight
-    # (band by band) for PyTorch's GEMM.  benchmarks/bench_ops.py --only int4 (see the int4 entry of RESULTS.md)
+    # (band by band) for PyTorch's GEMM.  benchmarks/bench_ops.py --only quant (see the int4 entry of RESULTS.md)
     int4_max_rows: int = 48
     # int8 activations: every int4 / int8 weight product, whatever its number of rows, rounds the activations
     # to int8 per block of 32 and sums in integers (NativeKernels.linear_int4_q8 / linear_int8_q8; about 2^-8
