@@ -146,10 +146,7 @@ class NativeKernels:
         total = sum(Ns)
         y = torch.empty(x2.shape[0], total, dtype=out_dtype)
         if x2.shape[0] and total:
-            n = len(weights)
-            qs = (ctypes.c_void_p * n)(*[q.data_ptr() for q, _ in weights])
-            ss = (ctypes.c_void_p * n)(*[s.data_ptr() for _, s in weights])
-            rows = (ctypes.c_int64 * n)(*Ns)
+            n, qs, ss, rows = _weight_arrays(weights, Ns)
             rc = self._linear_int8_q8_multi(x2.data_ptr(), _bf(x2), x2.stride(0), n, qs, ss, rows, y.data_ptr(),
                                             int(out_dtype == torch.bfloat16), total, x2.shape[0], K,
                                             torch.get_num_threads())
@@ -260,10 +257,7 @@ class NativeKernels:
         total = sum(Ns)
         y = torch.empty(x2.shape[0], total, dtype=out_dtype)
         if x2.shape[0] and total:
-            n = len(weights)
-            qs = (ctypes.c_void_p * n)(*[q.data_ptr() for q, _ in weights])
-            ss = (ctypes.c_void_p * n)(*[s.data_ptr() for _, s in weights])
-            rows = (ctypes.c_int64 * n)(*Ns)
+            n, qs, ss, rows = _weight_arrays(weights, Ns)
             rc = self._linear_int4_q8_multi(x2.data_ptr(), _bf(x2), x2.stride(0), n, qs, ss, rows, group_size,
                                             y.data_ptr(), int(out_dtype == torch.bfloat16), total, x2.shape[0],
                                             in_features, torch.get_num_threads())
@@ -524,6 +518,14 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < x2.shape[1]):
         x2 = x2.contiguous()
     return x2
+
+
+def _weight_arrays(weights: Sequence[tuple[torch.Tensor, torch.Tensor]], Ns: list[int]):
+    """(count, weight pointers, scale pointers, output rows) of (weight, scales) pairs, as the *_multi kernels
+    take them."""
+    n = len(weights)
+    return (n, (ctypes.c_void_p * n)(*[q.data_ptr() for q, _ in weights]),
+            (ctypes.c_void_p * n)(*[s.data_ptr() for _, s in weights]), (ctypes.c_int64 * n)(*Ns))
 
 
 def _bf(t: torch.Tensor) -> int:

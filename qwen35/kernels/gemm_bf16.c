@@ -184,15 +184,8 @@ int q35_linear_bf16_multi(const void *x_in, int x_bf16, int64_t ldx, int nw, con
     if (M <= 0 || K <= 0 || ldx < K || nw < 1 || nw > MAX_WEIGHTS || NB > 3) return -1;
     int64_t col0[MAX_WEIGHTS], first_block[MAX_WEIGHTS + 1];
     const int64_t rows_per_block = M == 1 ? GEMV_NB : NB;
-    int64_t total_cols = 0;
-    first_block[0] = 0;
-    for (int i = 0; i < nw; i++) {
-        if (Ns[i] <= 0) return -1;
-        col0[i] = total_cols;
-        total_cols += Ns[i];
-        first_block[i + 1] = first_block[i] + (Ns[i] + rows_per_block - 1) / rows_per_block;
-    }
-    if (ldy < total_cols) return -1;
+    const int64_t total_cols = multi_plan(nw, Ns, rows_per_block, col0, first_block);
+    if (total_cols < 0 || ldy < total_cols) return -1;
     /* bf16 activations are widened once up front for the one-row and small-block paths; the widened-weight path
      * (M > MB) reads them in place */
     const int x_in_place = x_bf16 && M > MB;
@@ -210,8 +203,7 @@ int q35_linear_bf16_multi(const void *x_in, int x_bf16, int64_t ldx, int nw, con
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < nblocks; b++) {
             if (M > MB && !wscratch) continue;
-            int wi = 0;
-            while (b >= first_block[wi + 1]) wi++;
+            const int wi = multi_item(first_block, b);
             const int64_t N = Ns[wi], n0 = (b - first_block[wi]) * rows_per_block;
             const uint16_t *w = ws[wi] + n0 * K;
             const int64_t c = col0[wi] + n0;
@@ -328,27 +320,7 @@ int q35_linear_int8(const void *x_in, int x_bf16, int64_t ldx, const int8_t *w, 
 
 /* one activation row x [K] into q [nd · 32] (zero past K) and d [nd] */
 static void round_row_q8(const void *x, int x_bf16, int64_t K, int8_t *q, float *d) {
-    const float round_magic = 12582912.0f; /* 1.5 · 2^23: (v + m) − m rounds |v| < 2^22 half to even */
-    const int64_t nd = (K + Q8W_BLOCK - 1) / Q8W_BLOCK;
-    for (int64_t b = 0; b < nd; b++) {
-        const int64_t k0 = b * Q8W_BLOCK, k1 = k0 + Q8W_BLOCK < K ? k0 + Q8W_BLOCK : K;
-        float amax = 0.0f;
-        for (int64_t k = k0; k < k1; k++) {
-            const float a = act_ld(x, x_bf16, k), m = a < 0 ? -a : a;
-            if (m > amax) amax = m;
-        }
-        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-        for (int64_t k = k0; k < k0 + Q8W_BLOCK; k++) {
-            int v = 0;
-            if (k < k1) {
-                volatile float t = act_ld(x, x_bf16, k) * inv; /* rounded to float32 first, as the reference */
-                v = (int)((t + round_magic) - round_magic);
-                v = v > 127 ? 127 : v < -127 ? -127 : v;
-            }
-            q[k] = (int8_t)v;
-        }
-        d[b] = amax / 127.0f;
-    }
+    for (int64_t b = 0; b * Q8W_BLOCK < K; b++) d[b] = round_block_q8(x, x_bf16, b * Q8W_BLOCK, K, q + b * Q8W_BLOCK);
 }
 
 /* R activation rows (q stride nd·32, d stride nd) times one int8 weight row w [K]: out[r], before the row scale */
@@ -422,15 +394,9 @@ int q35_linear_int8_q8_multi(const void *x, int x_bf16, int64_t ldx, int nw, con
                              const float *const *scales, const int64_t *Ns, void *y, int y_bf16, int64_t ldy,
                              int64_t M, int64_t K, int threads) {
     if (M <= 0 || K <= 0 || ldx < K || nw < 1 || nw > MAX_WEIGHTS) return -1;
-    int64_t col0[MAX_WEIGHTS], first_item[MAX_WEIGHTS + 1], cols = 0;
-    first_item[0] = 0;
-    for (int i = 0; i < nw; i++) {
-        if (Ns[i] <= 0) return -1;
-        col0[i] = cols;
-        cols += Ns[i];
-        first_item[i + 1] = first_item[i] + (Ns[i] + Q8W_ROWS - 1) / Q8W_ROWS;
-    }
-    if (ldy < cols) return -1;
+    int64_t col0[MAX_WEIGHTS], first_item[MAX_WEIGHTS + 1];
+    const int64_t cols = multi_plan(nw, Ns, Q8W_ROWS, col0, first_item);
+    if (cols < 0 || ldy < cols) return -1;
     const int64_t nd = (K + Q8W_BLOCK - 1) / Q8W_BLOCK, ldq = nd * Q8W_BLOCK;
     int8_t *q = (int8_t *)malloc((size_t)(M * ldq));
     float *d = (float *)malloc((size_t)(M * nd) * sizeof(float));
@@ -449,8 +415,7 @@ int q35_linear_int8_q8_multi(const void *x, int x_bf16, int64_t ldx, int nw, con
                          x_bf16, K, q + m * ldq, d + m * nd);
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < nwork; b++) {
-            int wi = 0;
-            while (b >= first_item[wi + 1]) wi++;
+            const int wi = multi_item(first_item, b);
             const int64_t N = Ns[wi], n0 = (b - first_item[wi]) * Q8W_ROWS, nend = n0 + Q8W_ROWS < N ? n0 + Q8W_ROWS : N;
             const int8_t *w = ws[wi];
             const float *sc = scales[wi];

@@ -317,28 +317,15 @@ int q35_dequantize_int4(const uint8_t *w, const uint16_t *scales, int64_t G, voi
  * c [Kp / G] = 8 · Σ_{blocks of the group} d · Σ q */
 static void quantize_row_q8(const void *x, int x_bf16, int64_t K, int64_t Kp, int64_t G, int8_t *xq, float *d,
                             float *c) {
-    const float round_magic = 12582912.0f; /* 1.5 · 2^23: (v + m) − m rounds |v| < 2^22 half to even */
     for (int64_t g = 0; g < Kp / G; g++) c[g] = 0.0f;
     for (int64_t k0 = 0; k0 < Kp; k0 += Q8_BLOCK) {
-        float amax = 0.0f;
-        for (int64_t k = k0; k < k0 + Q8_BLOCK && k < K; k++) {
-            const float a = act_ld(x, x_bf16, k);
-            const float m = a < 0 ? -a : a;
-            if (m > amax) amax = m;
-        }
-        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f, scale = amax / 127.0f;
+        int8_t q[Q8_BLOCK];
+        const float scale = round_block_q8(x, x_bf16, k0, K, q);
         int sum = 0;
-        for (int64_t k = k0; k < k0 + Q8_BLOCK; k++) {
-            int q = 0;
-            if (k < K) {
-                /* the product rounded to float32 first, as the reference: no FMA contraction into the add */
-                volatile float v = act_ld(x, x_bf16, k) * inv;
-                q = (int)((v + round_magic) - round_magic);
-                q = q > 127 ? 127 : q < -127 ? -127 : q;
-            }
+        for (int64_t k = k0; k < k0 + Q8_BLOCK; k++) { /* into the weight's order (see above) */
             const int64_t r64 = k % QBLOCK, p = r64 / 16, h = (r64 / 8) & 1, j = r64 % 8;
-            xq[k - r64 + 32 * h + 4 * j + p] = (int8_t)q;
-            sum += q;
+            xq[k - r64 + 32 * h + 4 * j + p] = q[k - k0];
+            sum += q[k - k0];
         }
         d[k0 / Q8_BLOCK] = scale;
         c[k0 / G] += 8.0f * scale * (float)sum;
@@ -469,15 +456,9 @@ int q35_linear_int4_q8_multi(const void *x, int x_bf16, int64_t ldx, int nw, con
     if (M <= 0 || K <= 0 || ldx < K || G < 32 || (G & (G - 1)) || nw < 1 || nw > Q8_MAX_WEIGHTS) return -1;
     const int64_t span = G > QBLOCK ? G : QBLOCK, row_bytes = (K + span - 1) / span * span / 2,
                   Kp = row_bytes * 2, ngroups = Kp / G, nd = Kp / Q8_BLOCK;
-    int64_t col0[Q8_MAX_WEIGHTS], first_item[Q8_MAX_WEIGHTS + 1], cols = 0;
-    first_item[0] = 0;
-    for (int i = 0; i < nw; i++) {
-        if (Ns[i] <= 0) return -1;
-        col0[i] = cols;
-        cols += Ns[i];
-        first_item[i + 1] = first_item[i] + (Ns[i] + GEMV_ROWS - 1) / GEMV_ROWS;
-    }
-    if (ldy < cols) return -1;
+    int64_t col0[Q8_MAX_WEIGHTS], first_item[Q8_MAX_WEIGHTS + 1];
+    const int64_t cols = multi_plan(nw, Ns, GEMV_ROWS, col0, first_item);
+    if (cols < 0 || ldy < cols) return -1;
     int8_t *xq = (int8_t *)malloc((size_t)(M * Kp));
     float *d = (float *)malloc((size_t)(M * nd) * sizeof(float)), *c = (float *)malloc((size_t)(M * ngroups) * sizeof(float));
     if (!xq || !d || !c) {
@@ -497,8 +478,7 @@ int q35_linear_int4_q8_multi(const void *x, int x_bf16, int64_t ldx, int nw, con
         /* (the implicit barrier: every row is rounded before any product reads it) */
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < nwork; b++) {
-            int wi = 0;
-            while (b >= first_item[wi + 1]) wi++;
+            const int wi = multi_item(first_item, b);
             const int64_t N = Ns[wi], n0 = (b - first_item[wi]) * GEMV_ROWS,
                           nend = n0 + GEMV_ROWS < N ? n0 + GEMV_ROWS : N;
             const uint8_t *w = ws[wi];

@@ -142,4 +142,50 @@ static inline vec vexp(vec x) { return expf(x); }
 static inline vec vround_bf16(vec a) { return round_bf16(a); }
 #endif
 
+/* One block of 32 activations k0 .. k0+31 of a row (values past K are 0) rounded to int8 as
+ * qwen35.kernels.ops.quantize_activations_q8_reference defines it: q = round_half_even(x · (127 / amax)) in
+ * −127..127 (the product rounded to float32 first), returning the block scale d = amax / 127 (0, and q 0, for an
+ * all-zero block).  Shared by the int8-activation products of int4.c and gemm_bf16.c. */
+static inline float round_block_q8(const void *x, int x_bf16, int64_t k0, int64_t K, int8_t *q) {
+    const float round_magic = 12582912.0f; /* 1.5 · 2^23: (v + m) − m rounds |v| < 2^22 half to even */
+    const int64_t k1 = k0 + 32 < K ? k0 + 32 : K;
+    float amax = 0.0f;
+    for (int64_t k = k0; k < k1; k++) {
+        const float a = act_ld(x, x_bf16, k), m = a < 0 ? -a : a;
+        if (m > amax) amax = m;
+    }
+    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    for (int64_t k = k0; k < k0 + 32; k++) {
+        int v = 0;
+        if (k < k1) {
+            volatile float t = act_ld(x, x_bf16, k) * inv; /* no FMA contraction into the add below */
+            v = (int)((t + round_magic) - round_magic);
+            v = v > 127 ? 127 : v < -127 ? -127 : v;
+        }
+        q[k - k0] = (int8_t)v;
+    }
+    return amax / 127.0f;
+}
+
+/* Work items of several weights in one call (the *_multi products): weight i has Ns[i] output rows, cut into
+ * items of `per` rows; col0[i] is its first output column, first[i] its first item (first[nw] = all items).
+ * Returns the total columns, or -1 when a weight has no rows.  multi_item finds the weight of item b. */
+static inline int64_t multi_plan(int nw, const int64_t *Ns, int64_t per, int64_t *col0, int64_t *first) {
+    int64_t cols = 0;
+    first[0] = 0;
+    for (int i = 0; i < nw; i++) {
+        if (Ns[i] <= 0) return -1;
+        col0[i] = cols;
+        cols += Ns[i];
+        first[i + 1] = first[i] + (Ns[i] + per - 1) / per;
+    }
+    return cols;
+}
+
+static inline int multi_item(const int64_t *first, int64_t b) {
+    int wi = 0;
+    while (b >= first[wi + 1]) wi++;
+    return wi;
+}
+
 #endif
