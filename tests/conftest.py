@@ -24,8 +24,8 @@ def cpu_kind(request, monkeypatch):
 
 @pytest.fixture(params=kernels.runnable_isas() or ["none"])
 def native_kernels(request, monkeypatch):
-    """The native library of every instruction-set variant this host can execute (native, avx512, avx2, scalar as
-    the CPU allows): a test taking this fixture runs once per variant.  Off x86-64 there are no native kernels
+    """The native library of every instruction-set variant this host can execute (native, avx512bf16, avx512,
+    avx2, scalar as the CPU allows): a test taking this fixture runs once per variant.  Off x86-64 there are no native kernels
     (PyTorch serves every op), so there is nothing to run."""
     if request.param == "none":
         pytest.skip("native kernels are written for x86-64")

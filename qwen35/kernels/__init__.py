@@ -6,7 +6,7 @@ rule on the slot pool (gated_delta_step.c), the layer norms in one pass each (fu
 that reads the paged KV cache in place (paged_attention.c), products with 4-bit weights (int4.c) and
 block-FP8 weights (gemm_fp8.c), sharing
 bf16.h and the vector layer simd.h; each source says why it exists.  The library is built once per source version, CPU and instruction-set variant
-(``$QWEN35_NATIVE_ISA``: native, avx512, avx2, scalar) into the cache folder (``$QWEN35_CACHE`` or
+(``$QWEN35_NATIVE_ISA``: native, avx512bf16, avx512, avx2, scalar) into the cache folder (``$QWEN35_CACHE`` or
 ``~/.cache/qwen35``), then loaded.  Without a compiler, on a CPU it does not fit, or with
 ``QWEN35_NATIVE_KERNELS=0``, :func:`native` returns ``None`` and callers use PyTorch; nothing requires the
 kernels.  Which op runs natively is decided in :mod:`qwen35.kernels.ops`, nowhere else.
@@ -47,6 +47,7 @@ class NativeKernels:
         i64, vp, ci, cf = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
         self._linear_bf16_multi = self._bind(lib.q35_linear_bf16_multi,
                                              [vp, ci, i64, ci, vp, vp, vp, ci, i64, i64, i64, ci])
+        self._causal_conv1d_silu = self._bind(lib.q35_causal_conv1d_silu, [vp, ci, vp, vp, vp, vp] + [i64] * 4 + [ci])
         self._deltanet_decode = self._bind(lib.q35_deltanet_decode,
                                            [vp, i64, vp, vp, ci, i64, vp, vp] + [i64] * 5 + [vp] * 3 + [ci])
         self._rms_norm = self._bind(lib.q35_rms_norm, [vp, i64, vp, ci, vp, ci, cf, cf, i64, i64, ci])
@@ -363,6 +364,34 @@ class NativeKernels:
         if rc != 0:
             raise RuntimeError(f"{f.__name__} failed ({rc})")
 
+    def causal_conv1d_silu(self, x: torch.Tensor, weight: torch.Tensor, window: torch.Tensor | None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """SiLU(causal depthwise conv) of a chunk of tokens, token-major: x [B, T, C], weight [C, 1, K] (or
+        [C, K]), window [B, C, K-1] (the inputs before the chunk; None = zeros), all float32 or all bf16.  Returns
+        the activations [B, T, C] and the new window [B, C, K-1] (the last K-1 inputs), in x's dtype."""
+        if x.dim() != 3:
+            raise ValueError(f"causal_conv1d_silu takes x [B, T, C], got {tuple(x.shape)}")
+        B, T, C = x.shape
+        K = weight.shape[-1]
+        tensors = [x, weight] + ([] if window is None else [window])
+        if len({t.dtype for t in tensors}) != 1 or x.dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError("causal_conv1d_silu: x, weight and window must share float32 or bf16, got "
+                             f"{sorted(str(t.dtype) for t in tensors)}")
+        if weight.numel() != C * K or not 1 <= K <= 16 or (window is not None and window.shape != (B, C, K - 1)):
+            raise ValueError(f"causal_conv1d_silu: inconsistent shapes x {tuple(x.shape)} weight "
+                             f"{tuple(weight.shape)} window {None if window is None else tuple(window.shape)}")
+        x, weight = x.contiguous(), weight.contiguous()
+        window = None if window is None else window.contiguous()
+        y = torch.empty_like(x)
+        new_window = torch.empty(B, C, K - 1, dtype=x.dtype)
+        if B and T:
+            rc = self._causal_conv1d_silu(x.data_ptr(), _bf(x), None if window is None else window.data_ptr(),
+                                          weight.data_ptr(), y.data_ptr(), new_window.data_ptr(), B, T, C, K,
+                                          torch.get_num_threads())
+            if rc != 0:
+                raise RuntimeError(f"q35_causal_conv1d_silu failed ({rc}) for x {tuple(x.shape)} K={K}")
+        return y, new_window
+
     def deltanet_decode_(self, qkv: torch.Tensor, conv_weight: torch.Tensor, windows: torch.Tensor,
                          states: torch.Tensor, slots: torch.Tensor, n_k: int, g: torch.Tensor, beta: torch.Tensor
                          ) -> torch.Tensor:
@@ -574,11 +603,13 @@ def _cpu_flags() -> set[str]:
 # that runs it (an AVX-512 machine tests its avx512, avx2 and scalar code; an AVX2 machine the last two).
 ISA_VARIANTS: dict[str, list[str]] = {
     "native": ["-march=native"],
+    "avx512bf16": ["-march=x86-64-v4", "-mavx512bf16"],  # AVX-512 and its bf16 dot product (vdpbf16ps)
     "avx512": ["-march=x86-64-v4"],  # AVX-512 F/BW/CD/DQ/VL
     "avx2": ["-march=x86-64-v3"],  # AVX2, FMA, F16C, BMI2
     "scalar": ["-march=x86-64"],  # SSE2 only: the portable C loops
 }
-_ISA_NEEDS = {"avx512": {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}, "avx2": {"avx2", "fma", "f16c"},
+_AVX512 = {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+_ISA_NEEDS = {"avx512bf16": _AVX512 | {"avx512_bf16"}, "avx512": _AVX512, "avx2": {"avx2", "fma", "f16c"},
               "scalar": set(), "native": set()}
 ISA_SWITCH = "QWEN35_NATIVE_ISA"
 

@@ -172,6 +172,107 @@ static const float *float_rows(const void *x_in, int x_bf16, int64_t *ldx, int64
 
 const char *q35_isa(void) { return ISA; }
 
+#ifdef HAVE_DPBF16
+/* ---- bf16 activation rows on CPUs with AVX512-BF16 ---------------------------------------------------------
+ *
+ * Why: with bf16 activations (a bf16 model) no value needs widening: vdpbf16ps multiplies 32 bf16 pairs and adds
+ * them, pairwise, into 16 float32 lanes — one instruction where the float32 path spends a load, a widening shift
+ * and an FMA per 16 weights and has to widen the activation rows first.  Measured on a 2-core AMD EPYC with
+ * AVX512-BF16 (benchmarks/RESULTS.md, session 10).  The products of two bf16 values are exact in float32 and the
+ * sums are float32, as on the FMA path; the instruction flushes subnormal inputs and results to zero, which bf16
+ * weights and activations of a working model do not reach (tests/kernels compare it with the float32 reference).
+ *
+ * K is walked in steps of 32; a shorter last step loads with a mask (zeros contribute nothing), so every K is
+ * exact without a scalar tail. */
+static inline __m512 dp_load(const uint16_t *p, int64_t left) {
+    const __mmask32 m = left >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << left) - 1u);
+    return _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(m, p));
+}
+static inline __m512 dp(__m512 acc, __m512 a, __m512 b) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
+}
+
+static inline void put(void *y, int y_bf16, int64_t i, float v) {
+    if (y_bf16)
+        ((uint16_t *)y)[i] = f32_to_bf16(v);
+    else
+        ((float *)y)[i] = v;
+}
+
+/* one activation row against nb weight rows, each row in one sequential stream (as gemv_rows) */
+static void dp_gemv_rows(const uint16_t *x, const uint16_t *w, int64_t K, int nb, void *y, int y_bf16) {
+    for (int j = 0; j < nb; j++) {
+        const uint16_t *wr = w + j * K;
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        int64_t k = 0;
+        for (; k + 64 <= K; k += 64) {
+            a0 = dp(a0, dp_load(x + k, 32), dp_load(wr + k, 32));
+            a1 = dp(a1, dp_load(x + k + 32, 32), dp_load(wr + k + 32, 32));
+        }
+        for (; k < K; k += 32) a0 = dp(a0, dp_load(x + k, K - k), dp_load(wr + k, K - k));
+        put(y, y_bf16, j, _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)));
+    }
+}
+
+/* mb activation rows (<= MB, stride ldx) times nb weight rows (<= NB): the MB x NB accumulators stay in registers
+ * (mb and nb are constants at every call site, see dp_block) */
+static inline __attribute__((always_inline)) void dp_micro(const int mb, const int nb, const uint16_t *x, int64_t ldx,
+                                                           const uint16_t *w, int64_t K, void *y, int64_t ldy,
+                                                           int y_bf16) {
+    __m512 acc[MB][NB];
+#pragma GCC unroll 8
+    for (int i = 0; i < mb; i++)
+#pragma GCC unroll 4
+        for (int j = 0; j < nb; j++) acc[i][j] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 32) {
+        const int64_t left = K - k;
+        __m512 wv[NB];
+#pragma GCC unroll 4
+        for (int j = 0; j < nb; j++) wv[j] = dp_load(w + j * K + k, left);
+#pragma GCC unroll 8
+        for (int i = 0; i < mb; i++) {
+            const __m512 xv = dp_load(x + i * ldx + k, left);
+#pragma GCC unroll 4
+            for (int j = 0; j < nb; j++) acc[i][j] = dp(acc[i][j], xv, wv[j]);
+        }
+    }
+    for (int i = 0; i < mb; i++)
+        for (int j = 0; j < nb; j++) put(y, y_bf16, i * ldy + j, _mm512_reduce_add_ps(acc[i][j]));
+}
+
+#define DP_NB(m, n) case n: dp_micro(m, n, x, ldx, w, K, y, ldy, y_bf16); return;
+#define DP_MB(m) case m: switch (nb) { DP_NB(m, 1) DP_NB(m, 2) DP_NB(m, 3) } return;
+static void dp_block(int mb, int nb, const uint16_t *x, int64_t ldx, const uint16_t *w, int64_t K, void *y,
+                     int64_t ldy, int y_bf16) {
+    switch (mb) { DP_MB(1) DP_MB(2) DP_MB(3) DP_MB(4) DP_MB(5) DP_MB(6) DP_MB(7) DP_MB(8) }
+}
+
+/* q35_linear_bf16_multi for bf16 x: the same work items (blocks of weight rows split between threads) */
+static void dp_linear_multi(const uint16_t *x, int64_t ldx, int nw, const uint16_t *const *ws, const int64_t *Ns,
+                            const int64_t *col0, const int64_t *first_block, int64_t rows_per_block, void *y,
+                            int y_bf16, int64_t ldy, int64_t M, int64_t K, int threads) {
+    const int64_t nblocks = first_block[nw];
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < nblocks; b++) {
+        const int wi = multi_item(first_block, b);
+        const int64_t N = Ns[wi], n0 = (b - first_block[wi]) * rows_per_block;
+        const uint16_t *w = ws[wi] + n0 * K;
+        const int64_t c = col0[wi] + n0;
+        const int nb = (int)(N - n0 < rows_per_block ? N - n0 : rows_per_block);
+        if (M == 1) {
+            dp_gemv_rows(x, w, K, nb, y_bf16 ? (void *)((uint16_t *)y + c) : (void *)((float *)y + c), y_bf16);
+            continue;
+        }
+        for (int64_t m0 = 0; m0 < M; m0 += MB) {
+            const int mb = (int)(M - m0 < MB ? M - m0 : MB);
+            const int64_t at = m0 * ldy + c;
+            dp_block(mb, nb, x + m0 * ldx, ldx, w, K, y_bf16 ? (void *)((uint16_t *)y + at) : (void *)((float *)y + at),
+                     ldy, y_bf16);
+        }
+    }
+}
+#endif
+
 /* y = x · [W_0 | W_1 | …]ᵀ: several weights that read the same activations (a layer's input projections) in one
  * call, their outputs side by side in the rows of y (weight i's columns start where weight i−1's end).  One
  * parallel region and one widening of x serve them all.  x is float32, or bf16 when x_bf16 (widened here once,
@@ -186,6 +287,14 @@ int q35_linear_bf16_multi(const void *x_in, int x_bf16, int64_t ldx, int nw, con
     const int64_t rows_per_block = M == 1 ? GEMV_NB : NB;
     const int64_t total_cols = multi_plan(nw, Ns, rows_per_block, col0, first_block);
     if (total_cols < 0 || ldy < total_cols) return -1;
+    if (threads < 1) threads = 1;
+#ifdef HAVE_DPBF16
+    if (x_bf16) {
+        dp_linear_multi((const uint16_t *)x_in, ldx, nw, ws, Ns, col0, first_block, rows_per_block, y, y_bf16, ldy, M,
+                        K, threads > first_block[nw] ? (int)first_block[nw] : threads);
+        return 0;
+    }
+#endif
     /* bf16 activations are widened once up front for the one-row and small-block paths; the widened-weight path
      * (M > MB) reads them in place */
     const int x_in_place = x_bf16 && M > MB;

@@ -11,9 +11,11 @@ Each op here is three things behind one signature:
 The model files call these ops and read as math; nothing outside this module looks at the CPU kind.
 
 CPU kind.  x86 CPUs come in two kinds as far as bf16 goes.  With native bf16 arithmetic (AVX512-BF16, AMX),
-PyTorch's oneDNN bf16 products run on the hardware.  Without it (AVX-512 or AVX2 only), PyTorch emulates bf16
-products at a fraction of its float32 speed, so few-row products go to the native kernel (bf16 weights widened
-in registers, float32 FMAs) and prompt-sized ones widen the weight to float32 first.  ``QWEN35_CPU_BF16`` picks
+PyTorch's oneDNN bf16 products run on the hardware; the native kernel (vdpbf16ps) still streams a weight faster
+for the few activation rows of decoding, so products of fewer than ``linear_max_rows`` rows go to it.  Without
+it (AVX-512 or AVX2 only), PyTorch emulates bf16 products at a fraction of its float32 speed, so few-row products
+go to the native kernel (bf16 weights widened in registers, float32 FMAs) and prompt-sized ones widen the weight
+to float32 first.  ``QWEN35_CPU_BF16`` picks
 the kind: ``auto`` (default) reads /proc/cpuinfo, ``native`` / ``emulated`` force one, so either dispatch path
 runs — and is tested — on any machine (forcing ``native`` where the hardware emulates bf16 is slow, not wrong).
 """
@@ -60,6 +62,9 @@ class Limits:
     # row's result independent of its batch: a decode step gives the bits of the full forward.  False: the
     # float32 products (few rows native, more dequantize for PyTorch's GEMM), exact to the dequantized weight.
     q8_activations: bool = True
+    # the DeltaNet conv + SiLU of a prompt chunk in one pass (q35_causal_conv1d_silu); session 10, 2-core EPYC
+    # with AVX512-BF16, 512 tokens of the 0.8B shape: see benchmarks/RESULTS.md
+    conv_prefill: bool = True
 
 
 # Each number points at what set it (benchmarks/RESULTS.md has the runs).
@@ -83,9 +88,13 @@ LIMITS: dict[str, Limits] = {
         decode_attention_min_keys=1,
     ),
     "native": Limits(
-        # issue 14's run on an AVX512-BF16/AMX Xeon: PyTorch's bf16 GEMV there streams 9.5-23 GB/s and its
-        # GEMMs reach 0.7-2.2 TFLOP/s (AMX), so products stay with PyTorch on this kind
-        linear_max_rows=0, widen_min_rows=None,
+        # 2-core AMD EPYC with AVX512-BF16, no AMX (session 10, benchmarks/bench_ops.py --only linear, 2 threads):
+        # the native product with bf16 rows (vdpbf16ps, gemm_bf16.c) against PyTorch's oneDNN bf16 GEMM is 2.5-2.8x
+        # faster at 1 row (the 248,320-row lm_head from DRAM: 13.9 against 20.4 ms), 2.1-2.6x at 2, 1.05-1.5x at 4,
+        # even to 0.8x at 8, 0.5-0.65x at 16 (oneDNN's packed GEMM reaches ~450 GFLOP/s there, ours ~280).  issue
+        # 14's AMX Xeon: PyTorch's bf16 GEMV streamed only 9.5-23 GB/s, its GEMMs 0.7-2.2 TFLOP/s (AMX) — so
+        # few-row products are native and the rest stay with PyTorch on this kind
+        linear_max_rows=8, widen_min_rows=None,
         # int8 decode is bound by streaming the weights on either kind; PyTorch's int8 kernel streamed no
         # faster than bf16 here (RESULTS.md, session 4)
         int8_max_rows=48,
@@ -512,19 +521,57 @@ def moe_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, g
     return moe_experts_reference(x, experts, weights, gate_up, down)
 
 
+# ---- Gated DeltaNet causal conv -------------------------------------------------------------------------------
+
+def causal_conv1d_silu_reference(x: torch.Tensor, weight: torch.Tensor, window: torch.Tensor | None
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """SiLU(depthwise causal conv1d) of x [B, T, C] (token-major, as the input projection writes it) with weight
+    [C, 1, K] and window [B, C, K-1] (the K-1 inputs before x; None = zeros).  Returns the activations [B, T, C]
+    and the new window (the last K-1 inputs, history included), both in x's dtype."""
+    x = x.transpose(1, 2)  # [B, C, T]
+    K = weight.shape[-1]
+    if window is None:
+        window = x.new_zeros(x.shape[0], x.shape[1], K - 1)
+    full = torch.cat([window.to(x.dtype), x], dim=-1)
+    if x.shape[-1] == 1:  # decode: one dot product per channel beats conv1d's setup cost
+        y = (full * weight[:, 0, :]).sum(-1, keepdim=True)
+    else:
+        # K shifted multiply-adds in float32 rather than F.conv1d(groups=C): PyTorch's grouped bf16 conv1d takes
+        # 0.4-0.9 s for a [6144, 512] prompt chunk on AVX2 CPUs (20-190x the float32 sum), and the bf16 result
+        # of the float32 sum rounds to the same values (checked bit for bit at 64-2,048 tokens)
+        T = x.shape[-1]
+        wide = full.float()
+        w = weight[:, 0, :].float()
+        y = wide[..., :T] * w[:, :1]
+        for k in range(1, K):
+            y.addcmul_(wide[..., k:k + T], w[:, k:k + 1])
+        y = y.to(x.dtype)
+    return F.silu(y).transpose(1, 2), full[..., full.shape[-1] - (K - 1):]
+
+
+def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, window: torch.Tensor | None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`causal_conv1d_silu_reference`, natively for a prompt chunk (one pass over x instead of six, see
+    q35_causal_conv1d_silu); decode steps go through :func:`deltanet_decode_`."""
+    if limits().conv_prefill and x.shape[1] > 1 and x.dtype == weight.dtype:
+        kernels = _native_for(x, weight, *([] if window is None else [window]))
+        if kernels is not None:
+            return kernels.causal_conv1d_silu(x, weight, None if window is None else window.to(x.dtype))
+    return causal_conv1d_silu_reference(x, weight, window)
+
+
 # ---- Gated DeltaNet decode step -------------------------------------------------------------------------------
 
 def deltanet_decode_reference_(qkv: torch.Tensor, conv_weight: torch.Tensor, windows: torch.Tensor,
                                states: torch.Tensor, slots: torch.Tensor, n_k: int, g: torch.Tensor,
                                beta: torch.Tensor) -> torch.Tensor:
-    # the model's own conv and recurrent rule (imported here: the model imports this module)
-    from qwen35.model.deltanet import causal_conv1d  # noqa: PLC0415
+    # the model's own recurrent rule (imported here: the model imports this module)
     from qwen35.model.gated_delta_rule import gated_delta_rule_recurrent  # noqa: PLC0415
 
     n = qkv.shape[0]
     _, Hv, dk, dv = states.shape
-    act, window = causal_conv1d(qkv[:, :, None], conv_weight, windows.index_select(0, slots))
-    q, k, v = act[:, :, 0].split([n_k * dk, n_k * dk, Hv * dv], dim=-1)
+    act, window = causal_conv1d_silu_reference(qkv[:, None], conv_weight, windows.index_select(0, slots))
+    q, k, v = act[:, 0].split([n_k * dk, n_k * dk, Hv * dv], dim=-1)
     o, state = gated_delta_rule_recurrent(q.reshape(n, 1, n_k, dk), k.reshape(n, 1, n_k, dk),
                                           v.reshape(n, 1, Hv, dv), g[:, None], beta[:, None],
                                           states.index_select(0, slots))

@@ -12,7 +12,14 @@
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
+#if defined(__AVX512BF16__)
+/* vdpbf16ps: 32 bf16 products summed pairwise into 16 float32 lanes in one instruction (gemm_bf16.c uses it for
+ * bf16 activation rows) */
+#define ISA "avx512bf16"
+#define HAVE_DPBF16 1
+#else
 #define ISA "avx512"
+#endif
 #define VL 16
 typedef __m512 vec;
 static inline vec vzero(void) { return _mm512_setzero_ps(); }

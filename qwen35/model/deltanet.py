@@ -15,39 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwen35.kernels.ops import deltanet_decode_
+from qwen35.kernels.ops import causal_conv1d_silu, deltanet_decode_
 
 from ..config import TextConfig
 from .context import ForwardContext
 from .gated_delta_rule import gated_delta_rule_chunked, gated_delta_rule_recurrent
 from .linear import Linear, project
 from .norm import GatedRMSNorm
-
-
-def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, window: torch.Tensor | None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Depthwise causal conv + SiLU. x [B, C, T], weight [C, 1, K], window [B, C, K-1] (None = zeros).
-
-    Returns the activations [B, C, T] and the new window (the last K-1 inputs, history included).
-    """
-    K = weight.shape[-1]
-    if window is None:
-        window = x.new_zeros(x.shape[0], x.shape[1], K - 1)
-    full = torch.cat([window.to(x.dtype), x], dim=-1)
-    if x.shape[-1] == 1:  # decode: one dot product per channel beats conv1d's setup cost
-        y = (full * weight[:, 0, :]).sum(-1, keepdim=True)
-    else:
-        # K shifted multiply-adds in float32 rather than F.conv1d(groups=C): PyTorch's grouped bf16 conv1d takes
-        # 0.4-0.9 s for a [6144, 512] prompt chunk on AVX2 CPUs (20-190x the float32 sum), and the bf16 result
-        # of the float32 sum rounds to the same values (checked bit for bit at 64-2,048 tokens)
-        T = x.shape[-1]
-        wide = full.float()
-        w = weight[:, 0, :].float()
-        y = wide[..., :T] * w[:, :1]
-        for k in range(1, K):
-            y.addcmul_(wide[..., k:k + T], w[:, k:k + 1])
-        y = y.to(x.dtype)
-    return F.silu(y), full[..., full.shape[-1] - (K - 1):]
 
 
 class GatedDeltaNet(nn.Module):
@@ -93,8 +67,8 @@ class GatedDeltaNet(nn.Module):
             state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The stateful part for sequences that share a batch: conv from ``window``, delta rule from ``state``."""
         b, t, _ = qkv.shape
-        act, window = causal_conv1d(qkv.transpose(1, 2), self.conv1d.weight, window)
-        q, k, v = act.transpose(1, 2).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        act, window = causal_conv1d_silu(qkv, self.conv1d.weight, window)
+        q, k, v = act.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         q = q.reshape(b, t, self.n_k, self.dk)
         k = k.reshape(b, t, self.n_k, self.dk)
         v = v.reshape(b, t, self.n_v, self.dv)

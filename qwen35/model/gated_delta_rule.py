@@ -86,7 +86,7 @@ def gated_delta_rule_chunked(
     """C tokens per step (WY/UT form). Returns (o [B, T, Hv, d_v] in v's dtype, final state fp32).
 
     Within a chunk, with Γ the chunk-local cumulative log-decay:
-        A_ij = β_i (k_i·k_j) e^{Γ_i − Γ_j}  (i > j),   (I + A) [W | U] = [β e^Γ K | β V]
+        A_ij = β_i (k_i·k_j) e^{Γ_i − Γ_j}  (i > j),   W = (I + A)^-1 β e^Γ K,   U = (I + A)^-1 β V
         V' = U − W S;   O = (Q e^Γ) S + (Q Kᵀ ⊙ e^{Γ_i − Γ_j})_{i≥j} V';   S ← e^{Γ_C} S + (K e^{Γ_C − Γ})ᵀ V'
     Zero padding to a multiple of C (β = 0, g = 0) leaves the state untouched.
     """
@@ -123,28 +123,28 @@ def gated_delta_rule_chunked(
     # e^{Γ_i − Γ_j} on and below the diagonal; the upper triangle is masked before exp so it cannot overflow
     decay = (gamma[..., :, None] - gamma[..., None, :]).masked_fill(~causal, float("-inf")).exp()
     kt = k.transpose(-1, -2)
-    # the triangular solve wants column-major operands: build Aᵀ (K Kᵀ is symmetric) and the right-hand side
-    # transposed, so that their transposed views are column-major and LAPACK takes them without copies
-    At = ((k @ kt) * decay.transpose(-1, -2) * beta[..., None, :]).triu(1)
+    A = ((k @ kt) * decay * beta[..., :, None]).tril(-1)
+    # (I + A)^-1 once (a C x C right-hand side), then two batched matmuls for W and U: a third less time than one
+    # triangular solve against the [C, d_k + d_v] right-hand side, which LAPACK walks column by column for each of
+    # the B·Hv·N small systems (measured for a 512-token chunk of the 0.8B shape on a 2-core EPYC: 19 vs 25-31 ms
+    # per layer), and no concatenation or transposed copies of the operands
+    eye = torch.eye(C, dtype=dt, device=v.device)
+    inv = torch.linalg.solve_triangular(A + eye, eye.expand_as(A), upper=False, unitriangular=True)
     e_gamma = gamma.exp()
-    rhs_t = torch.cat([kt * (beta * e_gamma)[..., None, :], v.transpose(-1, -2) * beta[..., None, :]], dim=-2)
-    WU = torch.linalg.solve_triangular(At.transpose(-1, -2), rhs_t.transpose(-1, -2), upper=False,
-                                       unitriangular=True)
+    W = inv @ (k * (beta * e_gamma)[..., None])  # [BH, N, C, dk]
+    U = inv @ (v * beta[..., None])  # [BH, N, C, dv]
     attn = (q @ kt) * decay  # intra-chunk, causal incl. diagonal
-    # rows [W; Q e^Γ] both read the incoming state: one matmul per chunk serves both
-    reads = torch.cat([WU[..., :dk], q * e_gamma[..., None]], dim=-2)  # [BH, N, 2C, dk]
-    U = WU[..., dk:]
+    q_decayed = q * e_gamma[..., None]
     k_to_end = (k * (gamma[..., -1:] - gamma).exp()[..., None]).transpose(-1, -2)  # [BH, N, dk, C]
     chunk_decay = gamma[..., -1].exp()[..., None, None]  # [BH, N, 1, 1]
 
-    # unbind, not reads[:, n]: under autograd each indexing op's backward allocates and zeroes a gradient of the
-    # whole tensor, N times per call (quadratic in the chunk count); unbind's backward is one stack
+    # unbind, not W[:, n]: under autograd each indexing op's backward allocates and zeroes a gradient of the whole
+    # tensor, N times per call (quadratic in the chunk count); unbind's backward is one stack
     outs = []
-    for read_n, u_n, attn_n, k_n, decay_n in zip(reads.unbind(1), U.unbind(1), attn.unbind(1),
-                                                 k_to_end.unbind(1), chunk_decay.unbind(1)):
-        read = read_n @ S  # [BH, 2C, dv]
-        v_new = u_n - read[:, :C]
-        outs.append(torch.baddbmm(read[:, C:], attn_n, v_new))
+    for w_n, qd_n, u_n, attn_n, k_n, decay_n in zip(W.unbind(1), q_decayed.unbind(1), U.unbind(1), attn.unbind(1),
+                                                    k_to_end.unbind(1), chunk_decay.unbind(1)):
+        v_new = u_n - w_n @ S  # [BH, C, dv]
+        outs.append(torch.baddbmm(qd_n @ S, attn_n, v_new))
         S = torch.baddbmm(S * decay_n, k_n, v_new)
     out = torch.stack(outs, dim=1)  # [BH, N, C, dv]
     o = out.view(B, Hv, L, dv)[:, :, :T].transpose(1, 2).to(out_dtype)

@@ -23,9 +23,12 @@ def reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 @needs_native
 @pytest.mark.parametrize("M", [1, 2, 3, 5, 8, 9, 16, 17, 47])
 @pytest.mark.parametrize("N,K", [(1, 16), (2, 33), (3, 64), (7, 1), (37, 100), (64, 1024), (130, 257)])
-def test_linear_bf16_equals_float64_product(native_kernels, M, N, K):
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_linear_bf16_equals_float64_product(native_kernels, M, N, K, x_dtype):
+    """Both activation types: float32 rows (widened weights, FMAs) and bf16 rows (on an AVX512-BF16 build, the
+    vdpbf16ps path, whose masked last step covers every K)."""
     g = torch.Generator().manual_seed(M * 1000 + N * 10 + K)
-    x = torch.randn(M, K, generator=g)
+    x = torch.randn(M, K, generator=g).to(x_dtype)
     w = torch.randn(N, K, generator=g).bfloat16()
     y = native_kernels.linear_bf16(x, w)
     assert y.dtype == torch.float32 and y.shape == (M, N)
@@ -74,11 +77,12 @@ def test_switch_turns_the_kernels_off(monkeypatch):
         kernels.reset()
 
 
-NATIVE_ROWS = ops.LIMITS["emulated"].linear_max_rows
+# each CPU kind's cut-off between the native product and the next path, from both sides
+EDGE_ROWS = sorted({1, 4, 64} | {lim.linear_max_rows + d for lim in ops.LIMITS.values() for d in (-1, 0)} - {-1, 0})
 
 
 @needs_native
-@pytest.mark.parametrize("rows", [1, 4, NATIVE_ROWS - 1, NATIVE_ROWS, 64])
+@pytest.mark.parametrize("rows", EDGE_ROWS)
 def test_linear_dispatch_matches_float32_on_every_path(native_kernels, cpu_kind, rows):
     """Whatever path a row count takes (native, widened or PyTorch bf16), linear() of bf16 operands equals the
     float32 product of the same bf16 values up to the final rounding to bf16."""
@@ -103,15 +107,20 @@ def test_linear_with_gradients_never_takes_the_native_path(native_kernels, cpu_k
 @needs_native
 @pytest.mark.parametrize("M", [1, 5, 16])
 def test_linear_bf16_takes_and_returns_bf16(native_kernels, M):
-    """bf16 activations are widened exactly; a bf16 result is the float32 result rounded to nearest even, as
-    PyTorch rounds."""
+    """A bf16 result is the float32 result of the same call rounded to nearest even, as PyTorch rounds.  bf16
+    activations are widened exactly: without AVX512-BF16 they give the float32 rows' bits; with it (vdpbf16ps,
+    pairs of products summed in another order) the same sum to float32 rounding."""
     x = torch.randn(M, 200).bfloat16()
     w = torch.randn(70, 200).bfloat16()
-    y32 = native_kernels.linear_bf16(x.float(), w)
+    y32 = native_kernels.linear_bf16(x, w)
     y16 = native_kernels.linear_bf16(x, w, out_dtype=torch.bfloat16)
     assert y16.dtype == torch.bfloat16
     assert torch.equal(y16, y32.to(torch.bfloat16))
-    assert torch.equal(native_kernels.linear_bf16(x, w), y32)
+    y_float_rows = native_kernels.linear_bf16(x.float(), w)
+    if native_kernels.isa == "avx512bf16":
+        assert torch.allclose(y32, y_float_rows, rtol=1e-5, atol=1e-4)
+    else:
+        assert torch.equal(y32, y_float_rows)
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         native_kernels.linear_bf16(x, w, out_dtype=torch.float16)
 
@@ -128,12 +137,11 @@ def _deltanet_case(dtype, seed=0, P=6, Hk=2, Hv=4, dk=16, dv=8, n=3, Kc=4):
 
 def _deltanet_reference(c):
     """PyTorch's path: gather, conv, recurrent rule, scatter."""
-    from qwen35.model.deltanet import causal_conv1d
     from qwen35.model.gated_delta_rule import gated_delta_rule_recurrent
 
     n, Hk, Hv, dk, dv = c["n"], c["Hk"], c["Hv"], c["dk"], c["dv"]
-    act, window = causal_conv1d(c["qkv"][:, :, None], c["conv"], c["windows"][c["slots"]])
-    q, k, v = act[:, :, 0].split([Hk * dk, Hk * dk, Hv * dv], dim=-1)
+    act, window = ops.causal_conv1d_silu_reference(c["qkv"][:, None], c["conv"], c["windows"][c["slots"]])
+    q, k, v = act[:, 0].split([Hk * dk, Hk * dk, Hv * dv], dim=-1)
     o, state = gated_delta_rule_recurrent(q.reshape(n, 1, Hk, dk), k.reshape(n, 1, Hk, dk),
                                           v.reshape(n, 1, Hv, dv), c["gate"][:, None], c["beta"][:, None],
                                           c["states"][c["slots"]].clone())
@@ -170,3 +178,39 @@ def test_deltanet_kernels_reject_bad_slots_and_shapes(native_kernels):
     with pytest.raises(ValueError, match="share float32 or bf16"):
         native_kernels.deltanet_decode_(c["qkv"].bfloat16(), c["conv"], c["windows"], c["states"], c["slots"],
                                         c["Hk"], c["gate"], c["beta"])
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,T,C,with_window", [(1, 64, 96, True), (2, 5, 37, True), (3, 2, 100, False),
+                                              (2, 70, 64, False), (1, 2, 17, True)])
+def test_causal_conv1d_silu_equals_the_reference(native_kernels, dtype, B, T, C, with_window):
+    """The prompt-side conv + SiLU: bf16 activations bit for bit (the float32 sum in tap order, rounded, then
+    SiLU rounded); float32 ones to the exp's 2 ulp; the new window (copies of inputs, history included when the
+    chunk is shorter than it) exactly."""
+    g = torch.Generator().manual_seed(B * 100 + T)
+    x = torch.randn(B, T, C, generator=g).to(dtype)
+    w = (torch.randn(C, 1, 4, generator=g) * 0.5).to(dtype)
+    window = torch.randn(B, C, 3, generator=g).to(dtype) if with_window else None
+    act_ref, window_ref = ops.causal_conv1d_silu_reference(x, w, window)
+    act, new_window = native_kernels.causal_conv1d_silu(x, w, window)
+    assert act.shape == (B, T, C) and act.dtype == dtype
+    assert torch.equal(new_window, window_ref)
+    if dtype == torch.bfloat16:
+        assert torch.equal(act, act_ref)
+    else:
+        assert torch.allclose(act, act_ref, rtol=1e-6, atol=1e-5)  # PyTorch may fuse the tap adds (FMA)
+
+
+@needs_native
+def test_causal_conv1d_silu_dispatch_and_bad_input(native_kernels, cpu_kind):
+    x = torch.randn(2, 9, 40).bfloat16()
+    w = torch.randn(40, 1, 4).bfloat16()
+    window = torch.randn(2, 40, 3)  # a float32 window on a bf16 model: the op converts it, as the reference does
+    act, new_window = ops.causal_conv1d_silu(x, w, window)
+    act_ref, window_ref = ops.causal_conv1d_silu_reference(x, w, window)
+    assert torch.equal(act, act_ref) and torch.equal(new_window, window_ref)
+    with pytest.raises(ValueError, match="share float32 or bf16"):
+        native_kernels.causal_conv1d_silu(x, w.float(), None)
+    with pytest.raises(ValueError, match="inconsistent shapes"):
+        native_kernels.causal_conv1d_silu(x, w, torch.randn(2, 40, 2).bfloat16())

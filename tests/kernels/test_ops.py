@@ -137,21 +137,26 @@ def test_cpu_kind_switch(monkeypatch):
 
 
 @needs_native
-def test_native_plan_keeps_products_in_pytorch(monkeypatch, cpu_kind):
-    """The native-bf16 plan never sends a product to the widening kernel; the emulated plan does at one row."""
+def test_each_plan_sends_few_row_products_to_the_kernel_and_the_rest_to_pytorch(monkeypatch, cpu_kind):
+    """Both plans send products of fewer than linear_max_rows rows to the native kernel (the emulated plan for
+    every few-row product, the native-bf16 plan for decode-sized ones, where vdpbf16ps outstreams oneDNN) and
+    larger ones elsewhere."""
     calls = []
     k = kernels.native()
     assert k is not None, "an x86-64 machine with a C compiler must build the native kernels"
-    monkeypatch.setattr(type(k), "linear_bf16", lambda self, *a, **kw: calls.append(a) or torch.zeros(1, 4))
+    monkeypatch.setattr(type(k), "linear_bf16", lambda self, x, *a, **kw: calls.append(x.shape[0]) or
+                        torch.zeros(x.shape[0], 4, dtype=x.dtype))
+    cut = ops.limits().linear_max_rows
     with torch.inference_mode():
-        ops.linear(torch.randn(1, 8), torch.randn(4, 8).bfloat16())
-    assert len(calls) == (1 if cpu_kind == "emulated" else 0)
+        for rows in (1, cut - 1, cut, cut + 5):
+            ops.linear(torch.randn(rows, 8), torch.randn(4, 8).bfloat16())
+    assert calls == [r for r in (1, cut - 1) if r > 0]
 
 
 def test_isa_switch_names_bad_and_unrunnable_variants(monkeypatch):
     monkeypatch.setenv(kernels.ISA_SWITCH, "avx9000")
     kernels.reset()
-    with pytest.raises(ValueError, match="QWEN35_NATIVE_ISA='avx9000'.*native, avx512, avx2, scalar"):
+    with pytest.raises(ValueError, match="QWEN35_NATIVE_ISA='avx9000'.*native, avx512bf16, avx512, avx2, scalar"):
         kernels.native()
     missing = [isa for isa in kernels.ISA_VARIANTS if isa not in kernels.runnable_isas()]
     if missing and kernels.runnable_isas():
