@@ -241,9 +241,11 @@ class LLMEngine:
             starts = list(itertools.accumulate([0] + counts[:-1]))
             plain = [i for i, n in enumerate(counts) if n == 1]
             if plain:
-                rows = torch.tensor([starts[i] for i in plain], dtype=torch.long)
                 group = [seqs[i] for i in plain]
-                result = self.sampler(logits[rows], [s.params for s in group], [s.output_ids for s in group],
+                # every row a plain decode (the usual step): the logits as they are, not a gathered copy
+                picked = logits if len(plain) == logits.shape[0] else \
+                    logits[torch.tensor([starts[i] for i in plain], dtype=torch.long)]
+                result = self.sampler(picked, [s.params for s in group], [s.output_ids for s in group],
                                       [s.generator for s in group], vocab_limit=self.vocab_limit,
                                       min_tokens_mask_ids=[self._blocked(s) for s in group],
                                       allowed_token_mask=self._grammar_mask(group))

@@ -67,7 +67,9 @@ class Sampler:
         token_ids = torch.empty(batch, dtype=torch.long, device=x.device)
 
         greedy_rows = [i for i in range(batch) if greedy[i]]
-        if greedy_rows:
+        if len(greedy_rows) == batch:  # the whole batch: no gathered copy of the [batch, vocab] logits
+            token_ids = x.argmax(dim=-1)
+        elif greedy_rows:
             idx = _index(greedy_rows, x.device)
             token_ids[idx] = x[idx].argmax(dim=-1)
 
