@@ -603,13 +603,15 @@ def _cpu_flags() -> set[str]:
 # that runs it (an AVX-512 machine tests its avx512, avx2 and scalar code; an AVX2 machine the last two).
 ISA_VARIANTS: dict[str, list[str]] = {
     "native": ["-march=native"],
-    "avx512bf16": ["-march=x86-64-v4", "-mavx512bf16"],  # AVX-512 and its bf16 dot product (vdpbf16ps)
+    # AVX-512 with its bf16 and int8 dot products (vdpbf16ps, vpdpbusd): every CPU with AVX512-BF16 (Cooper Lake,
+    # Sapphire Rapids and later Xeons, AMD Zen 4 and later) also has AVX512-VNNI
+    "avx512bf16": ["-march=x86-64-v4", "-mavx512bf16", "-mavx512vnni"],
     "avx512": ["-march=x86-64-v4"],  # AVX-512 F/BW/CD/DQ/VL
     "avx2": ["-march=x86-64-v3"],  # AVX2, FMA, F16C, BMI2
     "scalar": ["-march=x86-64"],  # SSE2 only: the portable C loops
 }
 _AVX512 = {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
-_ISA_NEEDS = {"avx512bf16": _AVX512 | {"avx512_bf16"}, "avx512": _AVX512, "avx2": {"avx2", "fma", "f16c"},
+_ISA_NEEDS = {"avx512bf16": _AVX512 | {"avx512_bf16", "avx512_vnni"}, "avx512": _AVX512, "avx2": {"avx2", "fma", "f16c"},
               "scalar": set(), "native": set()}
 ISA_SWITCH = "QWEN35_NATIVE_ISA"
 
