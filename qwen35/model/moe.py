@@ -10,10 +10,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from qwen35.kernels.ops import moe_experts, swiglu
+from qwen35.kernels.ops import linear, moe_experts, swiglu
 
 from ..config import TextConfig
 from .linear import Linear, project
@@ -47,7 +46,7 @@ class Router(nn.Module):
         """x [N, H] -> the routing of each token.  ``experts`` [N, k] (routing replay, as RL trainers do with
         the experts an inference engine chose): take these ids instead of the top-k; their weights are this
         router's own probabilities of them, renormalised, so the router still gets its gradient."""
-        logits = F.linear(x, self.weight)
+        logits = linear(x, self.weight)
         probs = torch.softmax(logits.float(), dim=-1)
         if experts is None:
             top, idx = probs.topk(self.top_k, dim=-1)
