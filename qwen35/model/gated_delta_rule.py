@@ -81,9 +81,14 @@ def _to_chunks(x: torch.Tensor, heads: int, length: int, dtype: torch.dtype = to
 
 def gated_delta_rule_chunked(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-    state: torch.Tensor | None = None, chunk_size: int = 64,
+    state: torch.Tensor | None = None, chunk_size: int = 32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """C tokens per step (WY/UT form). Returns (o [B, T, Hv, d_v] in v's dtype, final state fp32).
+
+    C = 32 by default (the reference uses 64; the result is the same up to float32 summation order): a 512-token
+    chunk of the 0.8B shape's layer took 26 against 35 ms (medians of six interleaved runs, 2-core AVX512-BF16
+    EPYC, session 10) — the (I + A) inverse and the intra-chunk products grow with C², the per-chunk state updates
+    only with the number of chunks.
 
     Within a chunk, with Γ the chunk-local cumulative log-decay:
         A_ij = β_i (k_i·k_j) e^{Γ_i − Γ_j}  (i > j),   W = (I + A)^-1 β e^Γ K,   U = (I + A)^-1 β V
