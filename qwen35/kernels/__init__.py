@@ -134,16 +134,12 @@ class NativeKernels:
             raise ValueError(f"linear_int8_q8_many takes 1..{MAX_FUSED_WEIGHTS} weights, got {len(weights)}")
         _check_float(x)
         K = x.shape[-1]
-        for q, s in weights:
-            if q.dtype != torch.int8 or q.dim() != 2 or not q.is_contiguous() or q.shape[1] != K \
-                    or s.shape != (q.shape[0],) or s.dtype != torch.float32 or not s.is_contiguous():
-                raise ValueError(f"linear_int8_q8_many needs contiguous int8 weights [N, {K}] and float32 scales "
-                                 f"[N], got {q.dtype} {tuple(q.shape)} and {s.dtype} {tuple(s.shape)}")
+        Ns = [self._check_int8("linear_int8_q8_many", q, s, K) for q, s in weights]
+        weights = [(q, s.contiguous()) for q, s in weights]
         out_dtype = out_dtype or x.dtype
         if out_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"linear_int8_q8_many writes float32 or bfloat16, not {out_dtype}")
         x2 = _rows(x)
-        Ns = [q.shape[0] for q, _ in weights]
         total = sum(Ns)
         y = torch.empty(x2.shape[0], total, dtype=out_dtype)
         if x2.shape[0] and total:
@@ -155,14 +151,21 @@ class NativeKernels:
                 raise RuntimeError(f"q35_linear_int8_q8_multi failed ({rc}) for M={x2.shape[0]} N={Ns} K={K}")
         return y.reshape(*x.shape[:-1], total)
 
+    @staticmethod
+    def _check_int8(name: str, qweight: torch.Tensor, scale: torch.Tensor, K: int) -> int:
+        """The output rows N of a contiguous int8 weight [N, K] with float32 scales [N]; ValueError otherwise."""
+        N = qweight.shape[0] if qweight.dim() == 2 else 0
+        if qweight.dtype != torch.int8 or qweight.dim() != 2 or not qweight.is_contiguous() or qweight.shape[1] != K \
+                or scale.shape != (N,) or scale.dtype != torch.float32:
+            raise ValueError(f"{name} needs contiguous int8 weights [N, {K}] and float32 scales [N], "
+                             f"got {qweight.dtype} {tuple(qweight.shape)} and {scale.dtype} {tuple(scale.shape)}")
+        return N
+
     def _int8_product(self, fn, name: str, x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                       out_dtype: torch.dtype | None) -> torch.Tensor:
         _check_float(x)
-        N, K = qweight.shape if qweight.dim() == 2 else (0, 0)
-        if qweight.dtype != torch.int8 or qweight.dim() != 2 or not qweight.is_contiguous() or K != x.shape[-1] \
-                or scale.shape != (N,) or scale.dtype != torch.float32:
-            raise ValueError(f"{name} needs contiguous int8 weights [N, {x.shape[-1]}] and float32 scales [N], "
-                             f"got {qweight.dtype} {tuple(qweight.shape)} and {scale.dtype} {tuple(scale.shape)}")
+        K = x.shape[-1]
+        N = self._check_int8(name, qweight, scale, K)
         out_dtype = out_dtype or x.dtype
         if out_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"{name} writes float32 or bfloat16, not {out_dtype}")

@@ -192,13 +192,6 @@ static inline __m512 dp(__m512 acc, __m512 a, __m512 b) {
     return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
 }
 
-static inline void put(void *y, int y_bf16, int64_t i, float v) {
-    if (y_bf16)
-        ((uint16_t *)y)[i] = f32_to_bf16(v);
-    else
-        ((float *)y)[i] = v;
-}
-
 /* one activation row against nb weight rows, each row in one sequential stream (as gemv_rows) */
 static void dp_gemv_rows(const uint16_t *x, const uint16_t *w, int64_t K, int nb, void *y, int y_bf16) {
     for (int j = 0; j < nb; j++) {
@@ -210,7 +203,7 @@ static void dp_gemv_rows(const uint16_t *x, const uint16_t *w, int64_t K, int nb
             a1 = dp(a1, dp_load(x + k + 32, 32), dp_load(wr + k + 32, 32));
         }
         for (; k < K; k += 32) a0 = dp(a0, dp_load(x + k, K - k), dp_load(wr + k, K - k));
-        put(y, y_bf16, j, _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)));
+        act_st(y, y_bf16, j, _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)));
     }
 }
 
@@ -237,7 +230,7 @@ static inline __attribute__((always_inline)) void dp_micro(const int mb, const i
         }
     }
     for (int i = 0; i < mb; i++)
-        for (int j = 0; j < nb; j++) put(y, y_bf16, i * ldy + j, _mm512_reduce_add_ps(acc[i][j]));
+        for (int j = 0; j < nb; j++) act_st(y, y_bf16, i * ldy + j, _mm512_reduce_add_ps(acc[i][j]));
 }
 
 #define DP_NB(m, n) case n: dp_micro(m, n, x, ldx, w, K, y, ldy, y_bf16); return;
@@ -287,11 +280,13 @@ int q35_linear_bf16_multi(const void *x_in, int x_bf16, int64_t ldx, int nw, con
     const int64_t rows_per_block = M == 1 ? GEMV_NB : NB;
     const int64_t total_cols = multi_plan(nw, Ns, rows_per_block, col0, first_block);
     if (total_cols < 0 || ldy < total_cols) return -1;
+    const int64_t nblocks = first_block[nw];
     if (threads < 1) threads = 1;
+    if (threads > nblocks) threads = (int)nblocks;
 #ifdef HAVE_DPBF16
     if (x_bf16) {
         dp_linear_multi((const uint16_t *)x_in, ldx, nw, ws, Ns, col0, first_block, rows_per_block, y, y_bf16, ldy, M,
-                        K, threads > first_block[nw] ? (int)first_block[nw] : threads);
+                        K, threads);
         return 0;
     }
 #endif
@@ -301,9 +296,6 @@ int q35_linear_bf16_multi(const void *x_in, int x_bf16, int64_t ldx, int nw, con
     float *scratch = NULL;
     const void *x = x_in_place ? x_in : (const void *)float_rows(x_in, x_bf16, &ldx, M, K, &scratch);
     if (!x) return -2;
-    const int64_t nblocks = first_block[nw];
-    if (threads < 1) threads = 1;
-    if (threads > nblocks) threads = (int)nblocks;
     int rc = 0;
 #pragma omp parallel num_threads(threads) reduction(min : rc)
     {
